@@ -1,0 +1,1 @@
+"""dcngen: a code-generating compiler for deformable convolution kernels."""

@@ -1,0 +1,185 @@
+"""DCNConfig: the validated, hashable description of one deformable-convolution kernel."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+OPS = ("dcnv4", "dcnv3")
+BACKENDS = ("template", "tvm")
+CPU_DTYPES = ("float32", "float64", "bfloat16")
+CUDA_DTYPES = ("float32", "float64", "float16", "bfloat16")
+CUDA_ARCHS = ("sm_75", "sm_80", "sm_86", "sm_87", "sm_89", "sm_90", "sm_100", "sm_103", "sm_120")
+
+Pair = tuple[int, int]
+
+
+def as_pair(name: str, value: Any) -> Pair:
+    """`3`, `(3, 5)`, `"3"` or `"3x5"` -> (3, 5); anything else is a ConfigError for `name`."""
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(-?\d+)\s*(?:[x,]\s*(-?\d+)\s*)?", value)
+        if not m:
+            raise ConfigError(name, f"expected an int or 'HxW', got {value!r}")
+        a = int(m.group(1))
+        return (a, int(m.group(2)) if m.group(2) is not None else a)
+    if isinstance(value, bool):
+        raise ConfigError(name, f"expected an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        return (int(value[0]), int(value[1]))
+    raise ConfigError(name, f"expected an int or a pair of ints, got {value!r}")
+
+
+def canonical_target(target: str) -> str:
+    """'cpu', 'cuda:sm_90' or 'cuda' (the visible GPU's architecture) -> canonical target string."""
+    t = str(target).strip().lower()
+    if t == "cpu":
+        return "cpu"
+    if t == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("target", "'cuda' means the visible GPU's architecture, but no GPU is visible; name one, e.g. 'cuda:sm_90'")
+        major, minor = torch.cuda.get_device_capability()
+        t = f"cuda:sm_{major}{minor}"
+    m = re.fullmatch(r"cuda:(sm_\d+)", t)
+    if not m:
+        raise ConfigError("target", f"expected 'cpu', 'cuda' or 'cuda:sm_XY', got {target!r}")
+    if m.group(1) not in CUDA_ARCHS:
+        raise ConfigError("target", f"architecture {m.group(1)} is not supported; choose one of {', '.join(CUDA_ARCHS)}")
+    return t
+
+
+@dataclass(frozen=True)
+class DCNConfig:
+    """One kernel configuration. Spatial fields accept an int or an (h, w) pair and are stored as pairs.
+
+    `params` holds generator parameters (vector width, threads per block, ...); empty means the
+    generator's heuristic (or a tuning record) decides.
+    """
+
+    op: str = "dcnv4"
+    group: int = 4
+    group_channels: int = 16
+    kernel_size: Pair = (3, 3)
+    stride: Pair = (1, 1)
+    padding: Pair = (1, 1)
+    dilation: Pair = (1, 1)
+    offset_scale: float = 1.0
+    remove_center: bool = False
+    dtype: str = "float32"
+    target: str = "cpu"
+    backend: str = "template"
+    params: tuple[tuple[str, int], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalisation)
+        if self.op not in OPS:
+            raise ConfigError("op", f"expected one of {', '.join(OPS)}, got {self.op!r}")
+        for name in ("group", "group_channels"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(name, f"must be a positive int, got {v!r}")
+        for name, low in (("kernel_size", 1), ("stride", 1), ("padding", 0), ("dilation", 1)):
+            pair = as_pair(name, getattr(self, name))
+            if min(pair) < low:
+                raise ConfigError(name, f"must be >= {low}, got {pair[0]}x{pair[1]}")
+            set_(name, pair)
+        try:
+            scale = float(self.offset_scale)
+        except (TypeError, ValueError):
+            raise ConfigError("offset_scale", f"must be a number, got {self.offset_scale!r}") from None
+        if not math.isfinite(scale):
+            raise ConfigError("offset_scale", f"must be finite, got {scale}")
+        set_("offset_scale", scale)
+        if not isinstance(self.remove_center, bool):
+            raise ConfigError("remove_center", f"must be a bool, got {self.remove_center!r}")
+        kh, kw = self.kernel_size
+        if self.remove_center and (kh != kw or kh % 2 == 0 or kh == 1):
+            raise ConfigError("remove_center", f"needs an odd square kernel larger than 1x1, got {kh}x{kw}")
+        if self.backend not in BACKENDS:
+            raise ConfigError("backend", f"expected one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        set_("target", canonical_target(self.target))
+        allowed = CPU_DTYPES if self.target == "cpu" else CUDA_DTYPES
+        dtype = str(self.dtype).replace("torch.", "")
+        dtype = {"fp32": "float32", "fp64": "float64", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32", "double": "float64"}.get(dtype, dtype)
+        if dtype not in allowed:
+            raise ConfigError("dtype", f"{self.dtype!r} is not available on target {self.target}; choose one of {', '.join(allowed)}")
+        set_("dtype", dtype)
+        params = self.params.items() if isinstance(self.params, Mapping) else self.params
+        try:
+            items = tuple(sorted((str(k), int(v)) for k, v in params))
+        except (TypeError, ValueError):
+            raise ConfigError("params", f"must map names to ints, got {self.params!r}") from None
+        set_("params", items)
+
+    # ---- derived quantities -------------------------------------------------------------
+    @property
+    def channels(self) -> int:
+        return self.group * self.group_channels
+
+    @property
+    def points(self) -> tuple[Pair, ...]:
+        """The sampling points (i, j) in kernel order: width index i outer, height index j inner."""
+        kh, kw = self.kernel_size
+        pts = tuple((i, j) for i in range(kw) for j in range(kh))
+        if self.remove_center:
+            pts = tuple(p for p in pts if p != (kw // 2, kh // 2))
+        return pts
+
+    @property
+    def num_points(self) -> int:
+        return len(self.points)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.target.startswith("cuda")
+
+    @property
+    def arch(self) -> str | None:
+        return self.target.split(":", 1)[1] if self.is_cuda else None
+
+    @property
+    def param_dict(self) -> dict[str, int]:
+        return dict(self.params)
+
+    def output_size(self, height: int, width: int) -> Pair:
+        """(Ho, Wo) for an input of (height, width); may be <= 0 when the kernel does not fit."""
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        return ((height + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1, (width + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1)
+
+    @property
+    def min_offset_mask_channels(self) -> int:
+        """DCNv4: the packed offset_mask needs at least G*P*3 channels."""
+        return self.group * self.num_points * 3
+
+    @property
+    def padded_offset_mask_channels(self) -> int:
+        """The official module's packed width: ceil(3*G*P / 8) * 8."""
+        return -(-self.min_offset_mask_channels // 8) * 8
+
+    def replace(self, **changes: Any) -> "DCNConfig":
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return DCNConfig(**values)
+
+    @property
+    def key(self) -> str:
+        """Canonical, human-readable key: equal configs have equal keys."""
+        pair = lambda p: f"{p[0]}x{p[1]}"  # noqa: E731
+        scale = repr(self.offset_scale).replace(".", "p").replace("-", "m")
+        key = (
+            f"{self.op}_g{self.group}_c{self.group_channels}_k{pair(self.kernel_size)}_s{pair(self.stride)}"
+            f"_p{pair(self.padding)}_d{pair(self.dilation)}_os{scale}{'_rc' if self.remove_center else ''}"
+            f"_{self.dtype}_{self.target.replace(':', '-')}_{self.backend}"
+        )
+        if self.params:
+            key += "_" + "_".join(f"{k}{v}" for k, v in self.params)
+        return key

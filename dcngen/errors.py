@@ -1,0 +1,39 @@
+"""Typed errors: each one says what was wrong and where."""
+
+
+class DCNGenError(Exception):
+    """Base class of every error dcngen raises on purpose."""
+
+
+class ConfigError(DCNGenError, ValueError):
+    """A DCNConfig field that cannot work; names the field and the reason."""
+
+    def __init__(self, field: str, reason: str):
+        self.field = field
+        self.reason = reason
+        super().__init__(f"invalid config field '{field}': {reason}")
+
+
+class InputError(DCNGenError, ValueError):
+    """A tensor passed to an op that does not match what the config expects."""
+
+
+class BuildError(DCNGenError, RuntimeError):
+    """A compiler failure; carries the command, the source path and the compiler's message."""
+
+    def __init__(self, message: str, *, command: str = "", source_path: str = "", log: str = ""):
+        self.command = command
+        self.source_path = source_path
+        self.log = log
+        parts = [message]
+        if command:
+            parts.append(f"command: {command}")
+        if source_path:
+            parts.append(f"source: {source_path}")
+        if log:
+            parts.append(f"compiler output:\n{log.strip()}")
+        super().__init__("\n".join(parts))
+
+
+class CacheError(DCNGenError, OSError):
+    """The artifact cache cannot be used (unwritable, full)."""

@@ -1,0 +1,16 @@
+"""One module per source language: `version()`, `compile(source, out_dir) -> metadata`, `load(path)`.
+
+`compile` writes `out_dir/<LIBRARY>` and returns JSON-able metadata (e.g. the ptxas report);
+`load` returns an object whose `forward`/`backward` take torch tensors (see ops.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+LIBRARY = "kernel.so"
+
+
+def compiler_for(language: str) -> ModuleType:
+    return importlib.import_module(f"{__name__}.{language}")

@@ -1,0 +1,21 @@
+"""Template backend, CPU: renders templates/cpu/dcn.cc.j2 for the host compiler."""
+
+from __future__ import annotations
+
+from ..config import DCNConfig
+from ..source import KernelSource
+from .jinja import render, resolve_params
+
+SCALAR_TYPE = {"float32": "float", "float64": "double", "bfloat16": "dcn::bf16_t"}
+
+# Tunable parameters and their bounds (see `dcngen tune`).
+PARAM_BOUNDS = {"pixel_chunk": (1, 1024)}
+DEFAULT_PARAMS = {"pixel_chunk": 16}
+
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=fast")
+
+
+def generate(cfg: DCNConfig) -> KernelSource:
+    params = resolve_params(cfg, DEFAULT_PARAMS, PARAM_BOUNDS)
+    text = render("cpu/dcn.cc.j2", cfg, scalar_type=SCALAR_TYPE[cfg.dtype], params=params)
+    return KernelSource(config=cfg, language="cpp", text=text, flags=FLAGS, params=tuple(sorted(params.items())))

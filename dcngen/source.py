@@ -1,0 +1,40 @@
+"""KernelSource: what a generator produces (text and how to compile it), before any disk or compiler."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from .config import DCNConfig
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """Generated kernel text plus everything the builder needs to turn it into an artifact.
+
+    language selects the compiler module (`dcngen/compilers/<language>.py`): "cpp" (host C++
+    through tvm-ffi), "cuda" (nvcc), "tvm" (TVMScript compiled by TVM for llvm).
+    Every artifact exports `forward(x, offset, mask, out)` and
+    `backward(x, offset, mask, grad_out, grad_x, grad_offset, grad_mask)` (see ops.py).
+    """
+
+    config: DCNConfig
+    language: str
+    text: str
+    flags: tuple[str, ...] = ()
+    params: tuple[tuple[str, int], ...] = ()  # the generator parameters actually used
+    extra: str = field(default="{}")  # JSON: language-specific metadata (launch geometry, ...)
+
+    @property
+    def name(self) -> str:
+        """Readable artifact-name prefix, e.g. dcnv4_float32_cpu_template."""
+        c = self.config
+        return f"{c.op}_{c.dtype}_{c.target.replace('cuda:', '')}_{c.backend}"
+
+    @property
+    def extra_meta(self) -> dict:
+        return json.loads(self.extra)
+
+    @property
+    def suffix(self) -> str:
+        return {"cpp": ".cc", "cuda": ".cu", "tvm": ".py"}.get(self.language, ".txt")

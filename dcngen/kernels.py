@@ -1,0 +1,46 @@
+"""The in-process table of loaded kernels: DCNConfig -> loaded artifact, built on first use (JIT)."""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+import torch
+
+from .build import Artifact, build, load
+from .config import DCNConfig
+from .generators import generate
+
+_loaded: dict[DCNConfig, object] = {}
+_lock = threading.Lock()
+
+
+def build_config(cfg: DCNConfig) -> Artifact:
+    """Generate and build (or find in the cache) the artifact of `cfg`."""
+    return build(generate(cfg))
+
+
+def kernel_for(cfg: DCNConfig):
+    """The loaded kernel of `cfg` (`.forward`, `.backward`), building it on first use."""
+    mod = _loaded.get(cfg)
+    if mod is None:
+        with _lock:
+            mod = _loaded.get(cfg)
+            if mod is None:
+                mod = _loaded[cfg] = load(build_config(cfg))
+    return mod
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_target(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"cuda:sm_{major}{minor}"
+
+
+def target_of(device: torch.device) -> str:
+    """The DCNConfig target for tensors on `device`."""
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda":
+        return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
+    raise ValueError(f"dcngen has no kernels for device type {device.type!r}")

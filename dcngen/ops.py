@@ -1,0 +1,245 @@
+"""Torch custom ops `dcngen::dcnv4` / `dcngen::dcnv3` (+ their backward ops) and the public functions.
+
+Layouts (SPEC.md): channels-last. input (N, H, W, G*C); DCNv4 offset_mask (N, Ho, Wo, >= G*P*3)
+packed per group as [x0 y0 ... x(P-1) y(P-1) m0 ... m(P-1)]; DCNv3 offset (N, Ho, Wo, G*P*2) and
+mask (N, Ho, Wo, G*P). Output (N, Ho, Wo, G*C). One argument order from the public function to
+the op schema to the generated kernel; one input check shared by the real op and its fake.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import torch
+
+from .config import DCNConfig, as_pair
+from .errors import ConfigError, InputError
+from .kernels import kernel_for, target_of
+
+_TORCH_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+@functools.lru_cache(maxsize=1024)
+def _config(op, kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, offset_scale, remove_center, backend, dtype, target) -> DCNConfig:
+    return DCNConfig(
+        op=op, group=group, group_channels=group_channels, kernel_size=(kh, kw), stride=(sh, sw), padding=(ph, pw),
+        dilation=(dh, dw), offset_scale=offset_scale, remove_center=remove_center, dtype=dtype, target=target, backend=backend,
+    )
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_inputs(op: str, args: Sequence, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> DCNConfig:
+    """Validate the tensors against the op's arguments; returns the kernel's DCNConfig.
+
+    args: (kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, offset_scale, remove_center, backend).
+    Raises InputError naming the tensor and what was expected.
+    """
+    kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, offset_scale, remove_center, backend = args
+    tensors = {"input": input, "offset_mask" if op == "dcnv4" else "offset": offset}
+    if op == "dcnv3":
+        tensors["mask"] = mask
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise InputError(f"{name} must be 4-D and channels-last, got shape {_shape(t)}")
+        if t.dtype != input.dtype:
+            raise InputError(f"{name} has dtype {t.dtype} but input has {input.dtype}; all tensors must share one dtype")
+        if t.device != input.device:
+            raise InputError(f"{name} is on {t.device} but input is on {input.device}; all tensors must share one device")
+    if input.dtype not in _TORCH_DTYPES:
+        raise InputError(f"input dtype {input.dtype} is not supported; use one of {', '.join(map(str, _TORCH_DTYPES))}")
+    try:
+        target = target_of(input.device)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    try:
+        cfg = _config(op, kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, float(offset_scale), bool(remove_center), backend, _TORCH_DTYPES[input.dtype], target)
+    except ConfigError as e:
+        if e.field == "dtype":
+            raise InputError(f"input dtype {input.dtype} has no kernel on {input.device}: {e.reason}") from None
+        raise
+    n, h, w, channels = input.shape
+    if channels != cfg.channels:
+        raise InputError(f"input must be (N, H, W, group*group_channels) = (N, H, W, {cfg.channels}), got {_shape(input)}")
+    ho, wo = cfg.output_size(h, w)
+    if ho <= 0 or wo <= 0:
+        raise InputError(f"a {kh}x{kw} kernel (dilation {dh}x{dw}, padding {ph}x{pw}) does not fit an input of {h}x{w}")
+    g, p = cfg.group, cfg.num_points
+    if op == "dcnv4":
+        expect = f"(N, Ho, Wo, >= group*points*3) = ({n}, {ho}, {wo}, >= {3 * g * p})"
+        if tuple(offset.shape[:3]) != (n, ho, wo) or offset.shape[3] < 3 * g * p:
+            raise InputError(f"offset_mask must be {expect}, got {_shape(offset)}")
+    else:
+        for name, t, last in (("offset", offset, 2 * g * p), ("mask", mask, g * p)):
+            if tuple(t.shape) != (n, ho, wo, last):
+                raise InputError(f"{name} must be (N, Ho, Wo, {'group*points*2' if name == 'offset' else 'group*points'}) = ({n}, {ho}, {wo}, {last}), got {_shape(t)}")
+    return cfg
+
+
+def _forward(cfg: DCNConfig, input, offset, mask):
+    n, h, w, _ = input.shape
+    ho, wo = cfg.output_size(h, w)
+    out = input.new_empty((n, ho, wo, cfg.channels))
+    if out.numel():
+        kernel_for(cfg).forward(input.contiguous(), offset.contiguous(), mask.contiguous(), out)
+    return out
+
+
+def _backward(cfg: DCNConfig, grad_out, input, offset, mask, packed: bool):
+    """(grad_input, grad_offset, grad_mask); for DCNv4 (packed) grad_offset is grad_mask."""
+    input, offset, grad_out = input.contiguous(), offset.contiguous(), grad_out.contiguous()
+    grad_input = torch.empty_like(input)
+    if packed:
+        mask = offset
+        grad_mask = grad_offset = torch.zeros_like(offset) if offset.shape[3] > cfg.min_offset_mask_channels else torch.empty_like(offset)
+    else:
+        mask = mask.contiguous()
+        grad_offset, grad_mask = torch.empty_like(offset), torch.empty_like(mask)
+    if grad_out.numel():
+        kernel_for(cfg).backward(input, offset, mask, grad_out, grad_input, grad_offset, grad_mask)
+    else:  # nothing flows back from an empty output
+        for t in (grad_input, grad_offset, grad_mask):
+            t.zero_()
+    return grad_input, grad_offset, grad_mask
+
+
+_ARGS = (
+    "int kernel_h, int kernel_w, int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, "
+    "int group, int group_channels, float offset_scale, bool remove_center, str backend"
+)
+
+torch.library.define("dcngen::dcnv4", f"(Tensor input, Tensor offset_mask, {_ARGS}) -> Tensor")
+torch.library.define("dcngen::dcnv4_backward", f"(Tensor grad_output, Tensor input, Tensor offset_mask, {_ARGS}) -> (Tensor, Tensor)")
+torch.library.define("dcngen::dcnv3", f"(Tensor input, Tensor offset, Tensor mask, {_ARGS}) -> Tensor")
+torch.library.define("dcngen::dcnv3_backward", f"(Tensor grad_output, Tensor input, Tensor offset, Tensor mask, {_ARGS}) -> (Tensor, Tensor, Tensor)")
+
+
+@torch.library.impl("dcngen::dcnv4", "CompositeExplicitAutograd")
+def _dcnv4_impl(input, offset_mask, *args):
+    return _forward(check_inputs("dcnv4", args, input, offset_mask, offset_mask), input, offset_mask, offset_mask)
+
+
+@torch.library.impl("dcngen::dcnv4_backward", "CompositeExplicitAutograd")
+def _dcnv4_backward_impl(grad_output, input, offset_mask, *args):
+    cfg = check_inputs("dcnv4", args, input, offset_mask, offset_mask)
+    grad_input, grad_offset_mask, _ = _backward(cfg, grad_output, input, offset_mask, None, packed=True)
+    return grad_input, grad_offset_mask
+
+
+@torch.library.impl("dcngen::dcnv3", "CompositeExplicitAutograd")
+def _dcnv3_impl(input, offset, mask, *args):
+    return _forward(check_inputs("dcnv3", args, input, offset, mask), input, offset, mask)
+
+
+@torch.library.impl("dcngen::dcnv3_backward", "CompositeExplicitAutograd")
+def _dcnv3_backward_impl(grad_output, input, offset, mask, *args):
+    return _backward(check_inputs("dcnv3", args, input, offset, mask), grad_output, input, offset, mask, packed=False)
+
+
+def _fake_output(op, input, offset, mask, args):
+    cfg = check_inputs(op, args, input, offset, mask)
+    n, h, w, _ = input.shape
+    ho, wo = cfg.output_size(h, w)
+    return input.new_empty((n, ho, wo, cfg.channels))
+
+
+@torch.library.register_fake("dcngen::dcnv4")
+def _dcnv4_fake(input, offset_mask, *args):
+    return _fake_output("dcnv4", input, offset_mask, offset_mask, args)
+
+
+@torch.library.register_fake("dcngen::dcnv3")
+def _dcnv3_fake(input, offset, mask, *args):
+    return _fake_output("dcnv3", input, offset, mask, args)
+
+
+@torch.library.register_fake("dcngen::dcnv4_backward")
+def _dcnv4_backward_fake(grad_output, input, offset_mask, *args):
+    check_inputs("dcnv4", args, input, offset_mask, offset_mask)
+    return torch.empty_like(input), torch.empty_like(offset_mask)
+
+
+@torch.library.register_fake("dcngen::dcnv3_backward")
+def _dcnv3_backward_fake(grad_output, input, offset, mask, *args):
+    check_inputs("dcnv3", args, input, offset, mask)
+    return torch.empty_like(input), torch.empty_like(offset), torch.empty_like(mask)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[: ctx.num_tensors])
+    ctx.args = inputs[ctx.num_tensors :]
+
+
+def _dcnv4_setup(ctx, inputs, output):
+    ctx.num_tensors = 2
+    _setup(ctx, inputs, output)
+
+
+def _dcnv3_setup(ctx, inputs, output):
+    ctx.num_tensors = 3
+    _setup(ctx, inputs, output)
+
+
+def _grad(op_backward):
+    def backward(ctx, grad_output):
+        grads = op_backward(grad_output, *ctx.saved_tensors, *ctx.args)
+        return (*grads, *([None] * len(ctx.args)))
+
+    return backward
+
+
+torch.library.register_autograd("dcngen::dcnv4", _grad(torch.ops.dcngen.dcnv4_backward), setup_context=_dcnv4_setup)
+torch.library.register_autograd("dcngen::dcnv3", _grad(torch.ops.dcngen.dcnv3_backward), setup_context=_dcnv3_setup)
+
+
+def _op_args(kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center, backend) -> tuple:
+    (kh, kw), (sh, sw) = as_pair("kernel_size", kernel_size), as_pair("stride", stride)
+    (ph, pw), (dh, dw) = as_pair("padding", padding), as_pair("dilation", dilation)
+    return (kh, kw, sh, sw, ph, pw, dh, dw, int(group), int(group_channels), float(offset_scale), bool(remove_center), str(backend))
+
+
+def dcnv4(
+    input: torch.Tensor,
+    offset_mask: torch.Tensor,
+    kernel_size=3,
+    stride=1,
+    padding=1,
+    dilation=1,
+    group: int = 4,
+    group_channels: int = 16,
+    offset_scale: float = 1.0,
+    remove_center: bool = False,
+    backend: str = "template",
+) -> torch.Tensor:
+    """DCNv4. input (N, H, W, G*C), offset_mask (N, Ho, Wo, >= G*P*3) packed -> (N, Ho, Wo, G*C).
+
+    Channels of offset_mask past G*P*3 are ignored (and get zero gradient). Spatial arguments take
+    an int or (h, w). The kernel for this configuration is built on first use and cached.
+    """
+    args = _op_args(kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center, backend)
+    return torch.ops.dcngen.dcnv4(input, offset_mask, *args)
+
+
+def dcnv3(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor,
+    kernel_size=3,
+    stride=1,
+    padding=1,
+    dilation=1,
+    group: int = 4,
+    group_channels: int = 16,
+    offset_scale: float = 1.0,
+    remove_center: bool = False,
+    backend: str = "template",
+) -> torch.Tensor:
+    """DCNv3. input (N, H, W, G*C), offset (N, Ho, Wo, G*P*2) as [g][k][x, y], mask (N, Ho, Wo, G*P)
+    -> (N, Ho, Wo, G*C). The mask is used as given (the DCNv3 module applies the softmax)."""
+    args = _op_args(kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center, backend)
+    return torch.ops.dcngen.dcnv3(input, offset, mask, *args)

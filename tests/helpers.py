@@ -1,0 +1,70 @@
+"""Shared test helpers: configs from the golden vectors, random inputs, relative errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dcngen.config import DCNConfig
+
+VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "dcnv4_torchvision.npz"
+
+
+def golden_cases() -> list[tuple[str, dict]]:
+    """[(case name, {config, input, offset_mask, output, grad_output, grad_input, grad_offset_mask})]."""
+    data = np.load(VECTORS)
+    names = sorted({k.split("/")[0] for k in data.files})
+    return [(n, {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(n + "/")}) for n in names]
+
+
+def golden_config(case: dict, **overrides) -> DCNConfig:
+    c = json.loads(str(case["config"]))
+    fields = dict(
+        kernel_size=(c["kernel_h"], c["kernel_w"]), stride=(c["stride_h"], c["stride_w"]), padding=(c["pad_h"], c["pad_w"]),
+        dilation=(c["dilation_h"], c["dilation_w"]), group=c["group"], group_channels=c["group_channels"],
+        offset_scale=c["offset_scale"], remove_center=bool(c["remove_center"]),
+    )
+    fields.update(overrides)
+    return DCNConfig(**fields)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (NaN anywhere in actual -> inf)."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if not torch.isfinite(actual).all():
+        return float("inf")
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-300)).item()
+
+
+def random_inputs(cfg: DCNConfig, n: int, h: int, w: int, *, dtype=torch.float64, offset_range: float = 2.5, generator=None, device="cpu"):
+    """Random x (N, H, W, G*C), offset (N, Ho, Wo, G, P, 2) and mask (N, Ho, Wo, G, P).
+
+    Offsets are fractional (never near integers) and reach `offset_range` pixels past the
+    dilation grid, so samples cross the image borders.
+    """
+    g, p = cfg.group, cfg.num_points
+    ho, wo = cfg.output_size(h, w)
+    kw = dict(dtype=torch.float64, generator=generator)
+    x = torch.randn(n, h, w, g * cfg.group_channels, **kw)
+    whole = torch.randint(-int(offset_range), int(offset_range) + 1, (n, ho, wo, g, p, 2), generator=generator).double()
+    frac = 0.1 + 0.8 * torch.rand(n, ho, wo, g, p, 2, **kw)  # keeps clear of integer grid lines
+    offset = whole + frac
+    mask = torch.randn(n, ho, wo, g, p, **kw)
+    return tuple(t.to(dtype=dtype, device=device) for t in (x, offset, mask))
+
+
+def dcnv4_packed(cfg: DCNConfig, offset: torch.Tensor, mask: torch.Tensor, pad_to: int | None = None) -> torch.Tensor:
+    """offset (N, Ho, Wo, G, P, 2), mask (N, Ho, Wo, G, P) -> packed offset_mask (N, Ho, Wo, Cpad)."""
+    n, ho, wo = offset.shape[:3]
+    packed = torch.cat((offset.flatten(-2), mask), dim=-1).reshape(n, ho, wo, -1)
+    pad = (pad_to or cfg.padded_offset_mask_channels) - packed.shape[-1]
+    return torch.nn.functional.pad(packed, (0, pad)).contiguous()
+
+
+def dcnv3_split(offset: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """offset (N, Ho, Wo, G, P, 2), mask (N, Ho, Wo, G, P) -> (N, Ho, Wo, G*P*2), (N, Ho, Wo, G*P)."""
+    n, ho, wo = offset.shape[:3]
+    return offset.reshape(n, ho, wo, -1).contiguous(), mask.reshape(n, ho, wo, -1).contiguous()

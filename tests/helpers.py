@@ -10,7 +10,7 @@ import torch
 
 from dcngen.config import DCNConfig
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "dcnv4_torchvision.npz"
+VECTORS = Path(__file__).resolve().parent / "data" / "dcnv4_torchvision.npz"  # golden vectors computed by torchvision
 
 
 def golden_cases() -> list[tuple[str, dict]]:

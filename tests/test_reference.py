@@ -1,0 +1,73 @@
+"""The reference against things it is not built from: torchvision's golden vectors, F.conv2d, exact shifts."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import golden_cases, golden_config, random_inputs, rel_err
+
+from dcngen import reference
+from dcngen.config import DCNConfig
+
+CASES = golden_cases()
+
+
+@pytest.mark.parametrize("name,case", CASES, ids=[n for n, _ in CASES])
+def test_matches_torchvision_vectors(name, case):
+    cfg = golden_config(case, dtype="float64")
+    x = torch.tensor(case["input"], requires_grad=True)
+    om = torch.tensor(case["offset_mask"], requires_grad=True)
+    out = reference.dcnv4(cfg, x, om)
+    out.backward(torch.tensor(case["grad_output"]))
+    assert rel_err(out, torch.tensor(case["output"])) < 1e-12
+    assert rel_err(x.grad, torch.tensor(case["grad_input"])) < 1e-12
+    assert rel_err(om.grad, torch.tensor(case["grad_offset_mask"])) < 1e-12
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [((3, 3), 1, 1, 1), ((3, 5), 2, (1, 2), (2, 1)), ((1, 1), 1, 0, 1)])
+def test_zero_offsets_constant_weights_is_depthwise_conv(kernel, stride, padding, dilation):
+    """Zero offsets and a weight w_k per point == depthwise conv2d whose kernel holds w_k (same for all channels)."""
+    cfg = DCNConfig(group=2, group_channels=3, kernel_size=kernel, stride=stride, padding=padding, dilation=dilation, dtype="float64")
+    n, h, w = 2, 9, 11
+    x = torch.randn(n, h, w, cfg.channels, dtype=torch.float64)
+    ho, wo = cfg.output_size(h, w)
+    weights = torch.randn(cfg.num_points, dtype=torch.float64)
+    offset = torch.zeros(n, ho, wo, cfg.group, cfg.num_points, 2, dtype=torch.float64)
+    mask = weights.expand(n, ho, wo, cfg.group, cfg.num_points)
+    out = reference.dcn_core(cfg, x, offset, mask)
+    kh, kw = cfg.kernel_size
+    kernel_hw = torch.zeros(kh, kw, dtype=torch.float64)
+    for k, (i, j) in enumerate(cfg.points):
+        kernel_hw[j, i] = weights[k]
+    conv = F.conv2d(x.permute(0, 3, 1, 2), kernel_hw.expand(cfg.channels, 1, kh, kw), stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation, groups=cfg.channels)
+    assert rel_err(out, conv.permute(0, 2, 3, 1)) < 1e-13
+
+
+def test_integer_offsets_are_exact_shifts():
+    """A 1x1 kernel with integer offsets (dx, dy) reads x[ho + dy, wo + dx] (zero outside)."""
+    cfg = DCNConfig(group=1, group_channels=4, kernel_size=1, padding=0, dtype="float64")
+    x = torch.randn(1, 6, 7, 4, dtype=torch.float64)
+    for dx, dy in [(0, 0), (1, 0), (0, -2), (3, 2), (-7, 0)]:
+        offset = torch.tensor([float(dx), float(dy)], dtype=torch.float64).expand(1, 6, 7, 1, 1, 2)
+        out = reference.dcn_core(cfg, x, offset, torch.ones(1, 6, 7, 1, 1, dtype=torch.float64))
+        expected = torch.zeros_like(x)
+        for ho in range(6):
+            for wo in range(7):
+                if 0 <= ho + dy < 6 and 0 <= wo + dx < 7:
+                    expected[0, ho, wo] = x[0, ho + dy, wo + dx]
+        assert (out - expected).abs().max() < 1e-14  # grid normalisation rounds at ~1e-16
+
+
+def test_offset_scale_scales_the_grid_and_offsets():
+    """s multiplies the dilation-grid term too: 3x3 with s=2, padding 1 samples where dilation 2, padding 2 does
+    (px = wo - 1 + 2i either way; zero offsets)."""
+    base = dict(group=1, group_channels=2, kernel_size=3, dtype="float64")
+    a, b = DCNConfig(offset_scale=2.0, padding=1, **base), DCNConfig(dilation=2, padding=2, **base)
+    x, offset, mask = random_inputs(a, 1, 8, 8)
+    offset = torch.zeros_like(offset)
+    assert rel_err(reference.dcn_core(a, x, offset, mask), reference.dcn_core(b, x, offset, mask)) < 1e-14
+
+
+def test_gradcheck_float64():
+    cfg = DCNConfig(group=2, group_channels=2, kernel_size=(3, 5), stride=(2, 1), padding=(1, 2), dtype="float64", offset_scale=1.5)
+    x, offset, mask = (t.requires_grad_() for t in random_inputs(cfg, 1, 5, 6))
+    assert torch.autograd.gradcheck(lambda *a: reference.dcn_core(cfg, *a), (x, offset, mask))

@@ -1,0 +1,111 @@
+"""Template backend, CUDA: renders templates/cuda/dcn.cu.j2 for nvcc.
+
+Parameters (cfg.params; defaults from `default_params`):
+  vec / bwd_vec        channels per thread, forward / backward (power of two)
+  pixels / bwd_pixels  output pixels per block; threads per block = pixels * G * lanes, where
+                       lanes = next_pow2(ceil(C / vec)) threads share one (pixel, group)
+  unroll               unroll factor of the loop over sampling points
+  deterministic        1: input gradient accumulated in int64 fixed point (bitwise reproducible)
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..config import DCNConfig
+from ..errors import ConfigError
+from ..source import KernelSource
+from .jinja import render, resolve_params
+
+SCALAR_TYPE = {"float32": "float", "float64": "double", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+DL_DTYPE = {"float32": "kDLFloat, 32, 1", "float64": "kDLFloat, 64, 1", "float16": "kDLFloat, 16, 1", "bfloat16": "kDLBfloat, 16, 1"}
+ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
+
+PARAM_BOUNDS = {
+    "vec": (1, 64),
+    "pixels": (1, 1024),
+    "bwd_vec": (1, 64),
+    "bwd_pixels": (1, 1024),
+    "unroll": (1, 64),
+    "deterministic": (0, 1),
+}
+MAX_THREADS = 1024
+MAX_VEC_BYTES = 128  # registers: 4 corners x vec values per thread
+TARGET_THREADS = 256  # default block size to aim for
+
+FLAGS = ("-O3", "-std=c++17", "-lineinfo")
+
+
+def next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def lanes(cfg: DCNConfig, vec: int) -> int:
+    """Threads per (pixel, group) for `vec` channels per thread."""
+    return next_pow2(-(-cfg.group_channels // vec))
+
+
+def _default_vec(cfg: DCNConfig) -> int:
+    """16-byte vectors where the group channels allow, never more than 32 lanes per group."""
+    size = ITEMSIZE[cfg.dtype]
+    c = cfg.group_channels
+    vec = min(16 // size, c & -c)  # largest power of two dividing C, capped at 16 bytes
+    while lanes(cfg, vec) > 32:
+        vec *= 2
+    return vec
+
+
+def default_params(cfg: DCNConfig) -> dict[str, int]:
+    vec = _default_vec(cfg)
+    per_pixel = cfg.group * lanes(cfg, vec)
+    pixels = max(1, TARGET_THREADS // per_pixel) if per_pixel <= MAX_THREADS else 1
+    return {
+        "vec": vec,
+        "pixels": pixels,
+        "bwd_vec": vec,
+        "bwd_pixels": pixels,
+        "unroll": min(cfg.num_points, 9) if cfg.num_points <= 9 else 1,
+        "deterministic": 0,
+    }
+
+
+def _check(cfg: DCNConfig, params: dict[str, int]) -> dict:
+    """Reject parameter combinations the shell cannot run; returns the launch geometry."""
+    size = ITEMSIZE[cfg.dtype]
+    geometry = {}
+    for prefix in ("", "bwd_"):
+        vec, pixels = params[f"{prefix}vec"], params[f"{prefix}pixels"]
+        if vec & (vec - 1):
+            raise ConfigError("params", f"{prefix}vec={vec} must be a power of two")
+        if vec * size > MAX_VEC_BYTES:
+            raise ConfigError("params", f"{prefix}vec={vec} is {vec * size} bytes of {cfg.dtype} per thread; at most {MAX_VEC_BYTES}")
+        n_lanes = lanes(cfg, vec)
+        if n_lanes > 32:
+            raise ConfigError("params", f"{prefix}vec={vec} needs {n_lanes} threads per group for group_channels={cfg.group_channels}; at most 32 (raise {prefix}vec)")
+        threads = pixels * cfg.group * n_lanes
+        if threads > MAX_THREADS:
+            raise ConfigError(
+                "params" if cfg.params else "group",
+                f"{prefix}pixels={pixels} x group={cfg.group} x {n_lanes} lanes = {threads} threads per block; at most {MAX_THREADS}",
+            )
+        geometry[f"{prefix or 'fwd_'}threads"] = threads
+        geometry[f"{prefix or 'fwd_'}lanes"] = n_lanes
+    return geometry
+
+
+def generate(cfg: DCNConfig) -> KernelSource:
+    if not cfg.is_cuda:
+        raise ConfigError("target", f"the CUDA template needs a cuda target, got {cfg.target!r}")
+    params = resolve_params(cfg, default_params(cfg), PARAM_BOUNDS)
+    geometry = _check(cfg, params)
+    text = render(
+        "cuda/dcn.cu.j2", cfg, scalar_type=SCALAR_TYPE[cfg.dtype], dl_dtype=DL_DTYPE[cfg.dtype], itemsize=ITEMSIZE[cfg.dtype], params=params
+    )
+    return KernelSource(
+        config=cfg,
+        language="cuda",
+        text=text,
+        flags=(*FLAGS, f"-arch={cfg.arch}"),
+        params=tuple(sorted(params.items())),
+        extra=json.dumps({"launch": geometry}),
+    )

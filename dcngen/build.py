@@ -57,16 +57,42 @@ def _sha256_file(path: Path) -> str:
 def artifact_key(source: KernelSource) -> str:
     """Readable prefix + hash of everything that determines the compiled library."""
     compiler = compiler_for(source.language)
-    payload = json.dumps([GENERATOR_VERSION, source.language, source.text, list(source.flags), compiler.version(), settings.sanitize()])
+    parts = [GENERATOR_VERSION, source.language, source.text, list(source.flags), compiler.version(), settings.sanitize()]
+    if settings.sanitize():  # the sanitizer flags the compiler adds are part of the binary too
+        parts.append(list(getattr(compiler, "SANITIZE_FLAGS", ())) + list(getattr(compiler, "SANITIZE_LDFLAGS", ())))
+    payload = json.dumps(parts)
     return f"{source.name}_{hashlib.sha256(payload.encode()).hexdigest()[:20]}"
 
 
-_fallback_warned = False
+_fallback_warned: set[str] = set()
+
+# Compiler messages that mean "the disk is full", not "the source is wrong".
+_DISK_FULL = ("No space left on device", "Disk quota exceeded", "Read-only file system")
+
+
+def _fallback_root() -> Path:
+    return Path(tempfile.gettempdir()) / f"dcngen-cache-{os.getuid()}"
+
+
+def _warn_fallback(root: Path, fallback: Path, reason: str) -> None:
+    if str(root) not in _fallback_warned:
+        warnings.warn(f"dcngen cache {root} is not usable ({reason}); using {fallback}", RuntimeWarning, stacklevel=4)
+        _fallback_warned.add(str(root))
+
+
+def _usable_fallback(root: Path, error: BaseException) -> Path:
+    fallback = _fallback_root()
+    try:
+        fallback.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=fallback, prefix=".probe-")
+        probe.close()
+    except OSError as e2:
+        raise CacheError(f"neither the cache {root} ({error}) nor the fallback {fallback} is writable: {e2}") from None
+    return fallback
 
 
 def cache_dir() -> Path:
     """The cache directory, created if needed; a temporary one (with a warning) if it is unusable."""
-    global _fallback_warned
     root = settings.cache_root()
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -74,14 +100,8 @@ def cache_dir() -> Path:
         probe.close()
         return root
     except OSError as e:
-        fallback = Path(tempfile.gettempdir()) / f"dcngen-cache-{os.getuid()}"
-        if not _fallback_warned:
-            warnings.warn(f"dcngen cache {root} is not writable ({e.strerror or e}); using {fallback}", RuntimeWarning, stacklevel=3)
-            _fallback_warned = True
-        try:
-            fallback.mkdir(parents=True, exist_ok=True)
-        except OSError as e2:
-            raise CacheError(f"neither the cache {root} nor the fallback {fallback} is writable: {e2}") from None
+        fallback = _usable_fallback(root, e)
+        _warn_fallback(root, fallback, e.strerror or str(e))
         return fallback
 
 
@@ -99,27 +119,59 @@ def _published(path: Path) -> Artifact | None:
 
 def lookup(source: KernelSource) -> Artifact | None:
     """The cached artifact of `source`, or None (no compiler run)."""
-    return _published(cache_dir() / artifact_key(source))
+    key = artifact_key(source)
+    return _published(settings.cache_root() / key) or _published(cache_dir() / key)
 
 
 def build(source: KernelSource) -> Artifact:
-    """Compile `source` unless an intact artifact for it is cached; return the artifact."""
+    """Compile `source` unless an intact artifact for it is cached; return the artifact.
+
+    Raises BuildError (with the compiler's message) when the source does not compile; nothing is
+    published then, and the source is kept under `<cache>/.failed/` for inspection. A cache that
+    cannot be written (read-only, full) falls back to a temporary directory with a warning.
+    """
+    if (art := _published(settings.cache_root() / artifact_key(source))) is not None:
+        return art  # a read-only cache still serves what it holds
     root = cache_dir()
+    try:
+        return _build_in(root, source)
+    except CacheError as e:
+        fallback = _usable_fallback(root, e)
+        if fallback == root:
+            raise
+        _warn_fallback(root, fallback, str(e).splitlines()[0])
+        return _build_in(fallback, source)
+
+
+def _build_in(root: Path, source: KernelSource) -> Artifact:
     key = artifact_key(source)
     final = root / key
     if (art := _published(final)) is not None:
         return art
-    locks = root / ".locks"
-    locks.mkdir(exist_ok=True)
-    with FileLock(str(locks / f"{key}.lock")):
+    try:
+        locks = root / ".locks"
+        locks.mkdir(exist_ok=True)
+        lock = FileLock(str(locks / f"{key}.lock"))
+        lock.acquire()
+    except OSError as e:
+        raise CacheError(f"cannot lock artifact {key} in {root}: {e}") from e
+    try:
         if (art := _published(final)) is not None:
             return art
-        stage = Path(tempfile.mkdtemp(prefix=f".stage-{key}-", dir=root))
+        for stale in root.glob(f".stage-{key}-*"):  # left by a builder that was killed (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        stage = None
         try:
+            stage = Path(tempfile.mkdtemp(prefix=f".stage-{key}-", dir=root))
             source_file = f"kernel{source.suffix}"
             (stage / source_file).write_text(source.text)
             started = time.perf_counter()
-            extra = compiler_for(source.language).compile(source, stage)
+            try:
+                extra = compiler_for(source.language).compile(source, stage)
+            except BuildError as e:
+                if any(s in e.log for s in _DISK_FULL):
+                    raise CacheError(f"cannot build artifact {key} in {root}: {e.log.strip().splitlines()[-1]}") from None
+                raise _keep_failed(root, key, source, e) from None
             lib = stage / LIBRARY
             if not lib.is_file():
                 raise BuildError(f"the {source.language} compiler produced no {LIBRARY}", source_path=str(stage / source_file))
@@ -139,17 +191,35 @@ def build(source: KernelSource) -> Artifact:
                 **extra,
             }
             (stage / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
-            if final.exists():  # a corrupt earlier artifact: replace it
-                shutil.rmtree(final)
+            if final.exists() or final.is_symlink():  # a corrupt earlier artifact: replace it
+                if final.is_dir() and not final.is_symlink():
+                    shutil.rmtree(final)
+                else:
+                    final.unlink()
             os.replace(stage, final)
         except OSError as e:
             raise CacheError(f"cannot write artifact {key} in {root}: {e}") from e
         finally:
-            shutil.rmtree(stage, ignore_errors=True)
+            if stage is not None:
+                shutil.rmtree(stage, ignore_errors=True)
+    finally:
+        lock.release()
     art = _published(final)
     if art is None:
         raise CacheError(f"artifact {final} failed its integrity check right after being built")
     return art
+
+
+def _keep_failed(root: Path, key: str, source: KernelSource, error: BuildError) -> BuildError:
+    """Copy the source that failed to compile to `<root>/.failed/<key><suffix>`; the error points there."""
+    kept = root / ".failed" / f"{key}{source.suffix}"
+    try:
+        kept.parent.mkdir(exist_ok=True)
+        kept.write_text(source.text)
+    except OSError:
+        return error
+    message = str(error).split("\n", 1)[0]
+    return BuildError(message, command=error.command, source_path=str(kept), log=error.log)
 
 
 def list_artifacts() -> list[Artifact]:
@@ -159,4 +229,7 @@ def list_artifacts() -> list[Artifact]:
 
 def load(artifact: Artifact):
     """Load an artifact's library; returns an object with `forward` and `backward`."""
-    return compiler_for(artifact.meta["language"]).load(artifact.library)
+    compiler = compiler_for(artifact.meta["language"])
+    if artifact.meta.get("sanitize"):
+        return compiler.load(artifact.library, sanitized=True)
+    return compiler.load(artifact.library)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from .. import settings
 from ..errors import BuildError
 from ..source import KernelSource
 from . import LIBRARY
@@ -34,23 +35,43 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# DCNGEN_SANITIZE=1: AddressSanitizer + UndefinedBehaviorSanitizer (float-cast-overflow too: an
+# out-of-range float -> int conversion of a sampling location is exactly the bug to catch), every
+# report fatal. Loading such a library needs the ASan runtime first: LD_PRELOAD=$(gcc
+# -print-file-name=libasan.so) and ASAN_OPTIONS=detect_leaks=0 (Python leaks by design).
+SANITIZE_FLAGS = ("-fsanitize=address,undefined,float-cast-overflow", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-g", "-O1")  # -O1: an -O3 sanitized build takes ~20 s
+SANITIZE_LDFLAGS = ("-fsanitize=address,undefined,float-cast-overflow",)
+
+
 def compile(source: KernelSource, out_dir: Path) -> dict:
     import tvm_ffi.cpp
 
     build_dir = out_dir / "build"
+    sanitize = settings.sanitize()
+    cflags = [*source.flags, *(SANITIZE_FLAGS if sanitize else ())]
+    ldflags = ["-fopenmp", *(SANITIZE_LDFLAGS if sanitize else ())]
     try:
         lib = tvm_ffi.cpp.build_inline(
             "kernel",
             cpp_sources=source.text,
-            extra_cflags=list(source.flags),
-            extra_ldflags=["-fopenmp"],
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
             build_directory=str(build_dir),
         )
     except Exception as e:  # tvm-ffi raises RuntimeError with ninja's output
-        raise BuildError("host C++ compilation failed", command="ninja (tvm_ffi.cpp.build_inline)", source_path=str(build_dir / "main.cpp"), log=str(e)) from None
+        command = f"ninja (tvm_ffi.cpp.build_inline) c++ {' '.join(cflags)} ... {' '.join(ldflags)}"
+        raise BuildError("host C++ compilation failed", command=command, source_path=str(build_dir / "main.cpp"), log=str(e)) from None
     shutil.copy2(lib, out_dir / LIBRARY)
     shutil.rmtree(build_dir, ignore_errors=True)
-    return {}
+    return {"sanitize": sanitize, "cflags": cflags, "ldflags": ldflags}
+
+
+def asan_runtime_loaded() -> bool:
+    """Whether this process runs with the AddressSanitizer runtime (needed to load a sanitized library)."""
+    try:
+        return "libasan" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
 
 
 class _Module:
@@ -64,5 +85,12 @@ class _Module:
         self.backward = self._mod["backward"]
 
 
-def load(path: Path) -> _Module:
+def load(path: Path, sanitized: bool = False) -> _Module:
+    """Load a built library. A sanitized one without the ASan runtime in the process would abort
+    the interpreter, so that is refused with a clear error instead."""
+    if sanitized and not asan_runtime_loaded():
+        raise BuildError(
+            f"{path} was built with DCNGEN_SANITIZE=1 and needs the AddressSanitizer runtime: run Python with "
+            "LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0, or unset DCNGEN_SANITIZE"
+        )
     return _Module(path)

@@ -1,0 +1,27 @@
+"""CUDA schedule of the DCN kernels in dcngen/tvm_defs.py (thread mapping and vector width).
+
+Forward: one thread per (output pixel, group, `vec` contiguous channels), 1-D blocks of
+`threads`; each thread loads its own offsets/weights, reads every corner as one vector of
+`vec` elements and accumulates in fp32 (fp64 for fp64).
+Backward: one thread per (output pixel, group) over all C channels (private offset/weight
+gradient reductions), fp32 atomicAdd scatter into the input-gradient accumulator; blocks of
+`threads`.
+
+Parameters (ints; PARAM_BOUNDS; records/cuda.json replays tuned values per config and arch):
+  threads  threads per block (both kernels)
+  vec      channels per forward thread; must divide group_channels
+"""
+
+from __future__ import annotations
+
+DEFAULTS = {"threads": 128}
+PARAM_BOUNDS = {"threads": (32, 1024), "vec": (1, 16)}
+
+VECTOR_BYTES = 16  # widest CUDA vector load (float4 / 8 halves)
+
+
+def default_params(cfg) -> dict:
+    """Heuristic: the widest vector (<= 16 bytes) that divides the group's channels."""
+    itemsize = {"float64": 8, "float32": 4}.get(cfg.dtype, 2)
+    vec = max(v for v in (1, 2, 4, 8) if cfg.group_channels % v == 0 and v * itemsize <= VECTOR_BYTES)
+    return {**DEFAULTS, "vec": vec}

@@ -1,0 +1,22 @@
+"""CPU (TVM llvm) schedule of the DCN kernels in dcngen/tvm_defs.py.
+
+Forward: parallel over chunks of output pixels; per (pixel, group) a local accumulator of the
+group's C channels; the P points outside, the channel loop vectorised inside.
+Backward: one parallel task per (image, group) (the race-free input-gradient scatter, see
+tvm_defs._backward_cpu); channel loops vectorised.
+
+Parameters (ints; searched by tuning within PARAM_BOUNDS, replayed from records/llvm.json):
+  pixels_per_task  output pixels per parallel work item of the forward
+  unroll_points    1 unrolls the loop over the P sampling points (forward)
+  vector           1 vectorises the channel loops (forward and backward)
+"""
+
+from __future__ import annotations
+
+DEFAULTS = {"pixels_per_task": 4, "unroll_points": 0, "vector": 1}
+PARAM_BOUNDS = {"pixels_per_task": (1, 4096), "unroll_points": (0, 1), "vector": (0, 1)}
+
+
+def default_params(cfg) -> dict:
+    """Heuristic parameters for `cfg` (a DCNConfig) when neither the user nor a record decides."""
+    return dict(DEFAULTS)

@@ -1,0 +1,261 @@
+"""dcngen.nn.DCNv4 / DCNv3: official state_dicts load strictly, outputs equal the SPEC.md
+composition (written here from the formulas, on the reference op), gradients reach every
+parameter, init, errors, reference fallback, torch.compile of a block."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dcngen.nn
+from dcngen import reference
+from dcngen.config import DCNConfig
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _rand(gen, *shape, std=1.0):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64) * std
+
+
+def official_dcnv4_state(channels, group, k, remove_center, dw_kernel_size, center_feature_scale, output_bias, without_pointwise, seed=0):
+    """Random weights under the official DCNv4 module's parameter names and shapes (SPEC.md 3)."""
+    gen = torch.Generator().manual_seed(seed)
+    c, g, p = channels, group, k * k - int(remove_center)
+    sd = {}
+    if dw_kernel_size is not None:
+        sd["offset_mask_dw.weight"] = _rand(gen, c, 1, dw_kernel_size, dw_kernel_size, std=0.3)
+        sd["offset_mask_dw.bias"] = _rand(gen, c, std=0.1)
+    width = math.ceil(3 * g * p / 8) * 8
+    sd["offset_mask.weight"] = _rand(gen, width, c, std=0.3)
+    sd["offset_mask.bias"] = _rand(gen, width, std=0.3)
+    if not without_pointwise:
+        sd["value_proj.weight"] = _rand(gen, c, c, std=c**-0.5)
+        sd["value_proj.bias"] = _rand(gen, c, std=0.1)
+        sd["output_proj.weight"] = _rand(gen, c, c, std=c**-0.5)
+        if output_bias:
+            sd["output_proj.bias"] = _rand(gen, c, std=0.1)
+    if center_feature_scale:
+        sd["center_feature_scale_proj_weight"] = _rand(gen, g, c, std=0.3)
+        sd["center_feature_scale_proj_bias"] = _rand(gen, g, std=0.3)
+    return sd
+
+
+def official_dcnv3_state(channels, group, k, remove_center, dw_kernel_size, center_feature_scale, seed=0):
+    """Random weights under the official DCNv3 module's parameter names and shapes (SPEC.md 2, LN norm)."""
+    gen = torch.Generator().manual_seed(seed)
+    c, g, p = channels, group, k * k - int(remove_center)
+    sd = {
+        "dw_conv.0.weight": _rand(gen, c, 1, dw_kernel_size, dw_kernel_size, std=0.3),
+        "dw_conv.0.bias": _rand(gen, c, std=0.1),
+        "dw_conv.1.1.weight": 1 + _rand(gen, c, std=0.1),
+        "dw_conv.1.1.bias": _rand(gen, c, std=0.1),
+        "offset.weight": _rand(gen, g * p * 2, c, std=0.3),
+        "offset.bias": _rand(gen, g * p * 2, std=0.3),
+        "mask.weight": _rand(gen, g * p, c, std=0.5),
+        "mask.bias": _rand(gen, g * p, std=0.5),
+        "input_proj.weight": _rand(gen, c, c, std=c**-0.5),
+        "input_proj.bias": _rand(gen, c, std=0.1),
+        "output_proj.weight": _rand(gen, c, c, std=c**-0.5),
+        "output_proj.bias": _rand(gen, c, std=0.1),
+    }
+    if center_feature_scale:
+        sd["center_feature_scale_proj_weight"] = _rand(gen, g, c, std=0.3)
+        sd["center_feature_scale_proj_bias"] = _rand(gen, g, std=0.3)
+    return sd
+
+
+def _cfg(op, channels, group, k, offset_scale, remove_center):
+    return DCNConfig(op=op, group=group, group_channels=channels // group, kernel_size=k, padding=k // 2, offset_scale=offset_scale, remove_center=remove_center, dtype="float64")
+
+
+def spec_dcnv4(sd, cfg, dw_kernel_size, inp, h, w):
+    """SPEC.md section 3 module forward, from the formulas: input (N, L, C) -> (N, L, C)."""
+    n, length, c = inp.shape
+    x = F.linear(inp, sd["value_proj.weight"], sd["value_proj.bias"]) if "value_proj.weight" in sd else inp
+    x = x.reshape(n, h, w, c)
+    om_in = inp.reshape(n, h, w, c)
+    if dw_kernel_size is not None:
+        om_in = F.conv2d(om_in.permute(0, 3, 1, 2), sd["offset_mask_dw.weight"], sd["offset_mask_dw.bias"], padding=(dw_kernel_size - 1) // 2, groups=c).permute(0, 2, 3, 1)
+    om = F.linear(om_in, sd["offset_mask.weight"], sd["offset_mask.bias"])
+    y = reference.dcnv4(cfg, x, om)
+    if "center_feature_scale_proj_weight" in sd:
+        a = torch.sigmoid(y @ sd["center_feature_scale_proj_weight"].T + sd["center_feature_scale_proj_bias"])
+        a = a.repeat_interleave(cfg.group_channels, dim=-1)
+        y = y * (1 - a) + x * a
+    y = y.reshape(n, length, c)
+    if "output_proj.weight" in sd:
+        y = F.linear(y, sd["output_proj.weight"], sd.get("output_proj.bias"))
+    return y
+
+
+def spec_dcnv3(sd, cfg, dw_kernel_size, inp):
+    """SPEC.md section 2 module forward, from the formulas: input (N, H, W, C) -> (N, H, W, C)."""
+    n, h, w, c = inp.shape
+    g, p = cfg.group, cfg.num_points
+    x = F.linear(inp, sd["input_proj.weight"], sd["input_proj.bias"])
+    x1 = F.conv2d(inp.permute(0, 3, 1, 2), sd["dw_conv.0.weight"], sd["dw_conv.0.bias"], padding=(dw_kernel_size - 1) // 2, groups=c)
+    x1 = F.gelu(F.layer_norm(x1.permute(0, 2, 3, 1), (c,), sd["dw_conv.1.1.weight"], sd["dw_conv.1.1.bias"], eps=1e-6))
+    offset = F.linear(x1, sd["offset.weight"], sd["offset.bias"])
+    mask = torch.softmax(F.linear(x1, sd["mask.weight"], sd["mask.bias"]).reshape(n, h, w, g, p), dim=-1).reshape(n, h, w, g * p)
+    y = reference.dcnv3(cfg, x, offset, mask)
+    if "center_feature_scale_proj_weight" in sd:
+        a = torch.sigmoid(x1 @ sd["center_feature_scale_proj_weight"].T + sd["center_feature_scale_proj_bias"])
+        y = y * (1 - a.repeat_interleave(cfg.group_channels, dim=-1)) + x * a.repeat_interleave(cfg.group_channels, dim=-1)
+    return F.linear(y, sd["output_proj.weight"], sd["output_proj.bias"])
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+# (channels, group, k, offset_scale, remove_center, dw_kernel_size, center_feature_scale, output_bias, without_pointwise, (H, W))
+DCNV4_CASES = [
+    (16, 2, 3, 1.0, False, 3, True, True, False, (5, 6)),  # group_channels 8: no %16 restriction
+    (16, 2, 5, 2.0, True, None, False, False, False, None),
+    (16, 2, 3, 1.0, False, 5, False, True, True, (4, 4)),
+]
+
+
+@pytest.mark.parametrize("case", DCNV4_CASES, ids=["k3_cfs_dw", "k5_rc_s2", "without_pointwise"])
+def test_dcnv4_official_state_dict_output_and_gradients(case):
+    c, g, k, s, rc, dwk, cfs, ob, wp, shape = case
+    sd = official_dcnv4_state(c, g, k, rc, dwk, cfs, ob, wp)
+    m = dcngen.nn.DCNv4(c, kernel_size=k, pad=k // 2, group=g, offset_scale=s, dw_kernel_size=dwk, center_feature_scale=cfs, remove_center=rc, output_bias=ob, without_pointwise=wp).double()
+    assert set(m.state_dict()) == set(sd)
+    m.load_state_dict(sd, strict=True)
+    h, w = shape or (5, 5)
+    inp = torch.randn(2, h * w, c, dtype=torch.float64, requires_grad=True)
+    out = m(inp, shape)
+    leaves = {k_: v.clone().requires_grad_() for k_, v in sd.items()}
+    inp2 = inp.detach().clone().requires_grad_()
+    expect = spec_dcnv4(leaves, _cfg("dcnv4", c, g, k, s, rc), dwk, inp2, h, w)
+    assert out.shape == (2, h * w, c)
+    assert _rel(out, expect) < 1e-10
+
+    weight = torch.randn_like(out)
+    (out * weight).sum().backward()
+    (expect * weight).sum().backward()
+    assert _rel(inp.grad, inp2.grad) < 1e-9
+    for name, param in m.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+        assert _rel(param.grad, leaves[name].grad) < 1e-9, name
+
+
+DCNV3_CASES = [
+    (16, 2, 3, 1.0, False, None, True),
+    (16, 2, 5, 2.0, True, 3, False),
+]
+
+
+@pytest.mark.parametrize("case", DCNV3_CASES, ids=["k3_cfs", "k5_rc_s2_dw3"])
+def test_dcnv3_official_state_dict_output_and_gradients(case):
+    c, g, k, s, rc, dwk, cfs = case
+    sd = official_dcnv3_state(c, g, k, rc, dwk or k, cfs)
+    m = dcngen.nn.DCNv3(c, kernel_size=k, dw_kernel_size=dwk, pad=k // 2, group=g, offset_scale=s, center_feature_scale=cfs, remove_center=rc).double()
+    assert set(m.state_dict()) == set(sd)
+    m.load_state_dict(sd, strict=True)
+    inp = torch.randn(2, 5, 6, c, dtype=torch.float64, requires_grad=True)
+    out = m(inp)
+    leaves = {k_: v.clone().requires_grad_() for k_, v in sd.items()}
+    inp2 = inp.detach().clone().requires_grad_()
+    expect = spec_dcnv3(leaves, _cfg("dcnv3", c, g, k, s, rc), dwk or k, inp2)
+    assert _rel(out, expect) < 1e-10
+
+    weight = torch.randn_like(out)
+    (out * weight).sum().backward()
+    (expect * weight).sum().backward()
+    assert _rel(inp.grad, inp2.grad) < 1e-9
+    for name, param in m.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+        assert _rel(param.grad, leaves[name].grad) < 1e-9, name
+
+
+def test_dcnv3_batchnorm_keys_and_defaults():
+    m = dcngen.nn.DCNv3(32, group=2, norm_layer="BN", act_layer="ReLU")
+    assert {k for k in m.state_dict() if k.startswith("dw_conv")} == {
+        "dw_conv.0.weight", "dw_conv.0.bias", "dw_conv.1.0.weight", "dw_conv.1.0.bias",
+        "dw_conv.1.0.running_mean", "dw_conv.1.0.running_var", "dw_conv.1.0.num_batches_tracked",
+    }
+    d = dcngen.nn.DCNv3()
+    assert (d.channels, d.kernel_size, d.dw_kernel_size, d.group, d.group_channels, d.offset_scale) == (64, 3, 3, 4, 16, 1.0)
+    assert d.offset.out_features == 72 and d.mask.out_features == 36
+    for layer in (d.offset, d.mask):
+        assert layer.weight.abs().sum() == 0 and layer.bias.abs().sum() == 0
+    for layer in (d.input_proj, d.output_proj):
+        bound = math.sqrt(6 / (2 * 64))
+        assert layer.bias.abs().sum() == 0 and 0 < layer.weight.abs().max() <= bound
+
+
+def test_dcnv4_defaults_init_and_zero_output():
+    d = dcngen.nn.DCNv4()
+    assert (d.channels, d.kernel_size, d.stride, d.pad, d.dilation, d.group, d.offset_scale) == (64, 3, 1, 1, 1, 4, 1.0)
+    assert d.offset_mask.out_features == 112 and d.K == 36
+    assert set(d.state_dict()) == {"offset_mask.weight", "offset_mask.bias", "value_proj.weight", "value_proj.bias", "output_proj.weight", "output_proj.bias"}
+    m = dcngen.nn.DCNv4(32, group=2)  # the example block's kernel config
+    out = m(torch.randn(2, 36, 32))
+    assert out.shape == (2, 36, 32) and out.abs().max() == 0  # zero offset_mask => zero weights
+    assert dcngen.nn.DCNv4(64, group=4, remove_center=True).offset_mask.out_features == 96
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="divisible"):
+        dcngen.nn.DCNv4(30, group=4)
+    with pytest.raises(ValueError, match="odd kernel"):
+        dcngen.nn.DCNv3(16, kernel_size=4, group=2, remove_center=True)
+    m = dcngen.nn.DCNv4(16, group=2, stride=2)
+    with pytest.raises(ValueError, match="output must keep"):
+        m(torch.randn(1, 16, 16))
+    with pytest.raises(ValueError, match="shape="):
+        dcngen.nn.DCNv4(16, group=2)(torch.randn(1, 12, 16))
+
+
+def test_reference_fallback_warns_once():
+    """float16 has no CPU kernel: the module warns once and computes with the reference."""
+    torch.manual_seed(0)
+    m = dcngen.nn.DCNv4(32, group=2)
+    with torch.no_grad():
+        m.offset_mask.weight.normal_(std=0.1)
+    x = torch.randn(1, 36, 32)
+    expect = m(x)
+    dcngen.nn._warned.clear()
+    m16 = m.half()
+    with pytest.warns(RuntimeWarning, match="PyTorch reference"):
+        out = m16(x.half())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m16(x.half())
+    assert out.dtype == torch.float16
+    assert _rel(out.float(), expect) < 1e-2
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("train_block", ROOT / "examples" / "train_block.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_compile_fullgraph_block_forward_backward():
+    torch.manual_seed(0)
+    block = _example().Block(32, group=2)
+    with torch.no_grad():
+        block.dcn.offset_mask.weight.normal_(std=0.1)
+    x = torch.randn(2, 6, 6, 32, requires_grad=True)
+    eager = block(x)
+    eager.square().sum().backward()
+    grads = [p.grad.clone() for p in block.parameters()]
+    block.zero_grad()
+    x2 = x.detach().clone().requires_grad_()
+    compiled = torch.compile(block, fullgraph=True)(x2)
+    compiled.square().sum().backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-4, atol=1e-4)
+    for p, g in zip(block.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-3, atol=1e-4)

@@ -196,13 +196,14 @@ def op_tensors(cfg: DCNConfig, case: Case, offset=None, mask=None) -> tuple[torc
     n, ho, wo = offset.shape[:3]
     x = case.x.to(dt).contiguous()
     if cfg.op == "dcnv4":
-        packed = torch.cat((offset.flatten(-2), mask), dim=-1).reshape(n, ho, wo, -1)
+        packed = torch.cat((offset.flatten(-2), mask), dim=-1).reshape(n, ho, wo, cfg.min_offset_mask_channels)
         # padding channels hold garbage (including NaN): they must be ignored
         pad = torch.full((n, ho, wo, case.extra_channels), float("nan"), dtype=torch.float64)
         if case.extra_channels > 1:
             pad[..., 0] = 1e30
         return x, torch.cat((packed, pad), dim=-1).to(dt).contiguous()
-    return x, offset.reshape(n, ho, wo, -1).to(dt).contiguous(), mask.reshape(n, ho, wo, -1).to(dt).contiguous()
+    g, p = cfg.group, cfg.num_points
+    return x, offset.reshape(n, ho, wo, g * p * 2).to(dt).contiguous(), mask.reshape(n, ho, wo, g * p).to(dt).contiguous()
 
 
 def reference_grads(cfg: DCNConfig, case: Case, offset=None, mask=None):

@@ -37,8 +37,10 @@ def _cpu_model() -> str:
 
 # DCNGEN_SANITIZE=1: AddressSanitizer + UndefinedBehaviorSanitizer (float-cast-overflow too: an
 # out-of-range float -> int conversion of a sampling location is exactly the bug to catch), every
-# report fatal. Loading such a library needs the ASan runtime first: LD_PRELOAD=$(gcc
-# -print-file-name=libasan.so) and ASAN_OPTIONS=detect_leaks=0 (Python leaks by design).
+# report fatal. Loading such a library needs the ASan runtime first: LD_PRELOAD="$(gcc
+# -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so.6)" (libstdc++ too, or ASan's
+# __cxa_throw interceptor aborts on the first C++ exception torch throws) and
+# ASAN_OPTIONS=detect_leaks=0 (Python leaks by design).
 SANITIZE_FLAGS = ("-fsanitize=address,undefined,float-cast-overflow", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-g", "-O1")  # -O1: an -O3 sanitized build takes ~20 s
 SANITIZE_LDFLAGS = ("-fsanitize=address,undefined,float-cast-overflow",)
 
@@ -91,6 +93,7 @@ def load(path: Path, sanitized: bool = False) -> _Module:
     if sanitized and not asan_runtime_loaded():
         raise BuildError(
             f"{path} was built with DCNGEN_SANITIZE=1 and needs the AddressSanitizer runtime: run Python with "
-            "LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0, or unset DCNGEN_SANITIZE"
+            "LD_PRELOAD=\"$(gcc -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so.6)\" "
+            "ASAN_OPTIONS=detect_leaks=0, or unset DCNGEN_SANITIZE"
         )
     return _Module(path)

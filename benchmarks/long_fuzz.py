@@ -1,0 +1,62 @@
+"""Long fuzz run: many random configs x random inputs, every available CPU backend, against the float64 reference.
+
+Same checks as tests/test_fuzz.py (NaN-poisoned direct kernel calls and the torch op, forward and
+backward), without pytest, with a running count and a JSON summary of every failure:
+
+    python benchmarks/long_fuzz.py --cases 10000 --configs 120 --seed 1 --out /tmp/long_fuzz.json
+
+(equivalently, through pytest: DCNGEN_FUZZ_CONFIGS=120 DCNGEN_FUZZ_CASES=10000 DCNGEN_FUZZ_SEED=1
+pytest tests/test_fuzz.py -q). `--cases` counts per backend. Exit status 1 if any case failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from fuzzkit import available_backends, check_case, config_pool, describe, per_config, random_case  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", type=int, default=10000, help="random cases per backend")
+    ap.add_argument("--configs", type=int, default=120, help="configs per backend (each one is a kernel build)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--backends", default=",".join(available_backends()))
+    ap.add_argument("--out", type=Path, default=Path("long_fuzz.json"))
+    args = ap.parse_args()
+
+    backends = [b for b in args.backends.split(",") if b]
+    pool = config_pool(args.configs, args.seed, backends)
+    each = per_config(args.cases, args.configs)
+    started = time.time()
+    done, failures = 0, []
+    for i, cfg in enumerate(pool):
+        rng = random.Random(f"{args.seed}-{cfg.key}")
+        for _ in range(each):
+            case = random_case(cfg, rng)
+            try:
+                problems = check_case(cfg, case)
+            except Exception:  # a crash of the op is a failure too (a segfault ends the run: rerun with the seed)
+                problems = [traceback.format_exc(limit=3)]
+            done += 1
+            if problems:
+                failures.append({"config": cfg.key, "case": case.label, "problems": problems})
+                print(f"FAIL {describe(cfg, case)}: {problems[0]}", flush=True)
+        print(f"[{i + 1}/{len(pool)}] {cfg.key}: {done} cases, {len(failures)} failures, {time.time() - started:.0f} s", flush=True)
+    summary = {"cases": done, "configs": len(pool), "backends": backends, "seed": args.seed, "failures": failures,
+               "seconds": round(time.time() - started, 1)}
+    args.out.write_text(json.dumps(summary, indent=2))
+    print(f"{done} cases over {len(pool)} configs ({', '.join(backends)}): {len(failures)} failures in {summary['seconds']} s -> {args.out}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

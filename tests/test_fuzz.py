@@ -1,0 +1,52 @@
+"""Property-based fuzzing of every available CPU backend against the float64 reference.
+
+Each test draws random inputs (shapes, offsets from tiny fractions to far outside the image,
+integer offsets, DCNv4 padding channels holding garbage) for one config of a bounded, seeded
+pool, runs the loaded kernel with NaN-poisoned outputs and the torch op (forward and autograd
+backward), and compares everything with dcngen.reference in float64.
+
+CI (default): DCNGEN_FUZZ_CONFIGS=20 configs per backend, DCNGEN_FUZZ_CASES=320 cases per
+backend, derandomized (the same cases every run).
+Long run (documented in benchmarks/long_fuzz.py, which also writes a JSON summary):
+
+    DCNGEN_FUZZ_CONFIGS=120 DCNGEN_FUZZ_CASES=10000 DCNGEN_FUZZ_SEED=1 pytest tests/test_fuzz.py -q
+
+DCNGEN_FUZZ_RANDOM=1 draws fresh examples each run instead of the derandomized ones.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+from fuzzkit import available_backends, check_case, config_pool, describe, fuzz_cases_total, per_config, random_case
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+CONFIGS = int(os.environ.get("DCNGEN_FUZZ_CONFIGS", 20))
+SEED = int(os.environ.get("DCNGEN_FUZZ_SEED", 0))
+CASES = fuzz_cases_total(320)  # per backend
+PER_CONFIG = per_config(CASES, CONFIGS)
+BACKENDS = available_backends()
+POOL = config_pool(CONFIGS, SEED, BACKENDS)
+RANDOM = os.environ.get("DCNGEN_FUZZ_RANDOM", "") not in ("", "0")
+
+
+def test_ci_subset_is_large_enough():
+    assert PER_CONFIG * len(POOL) >= 300
+    assert {c.dtype for c in POOL} == {"float64", "float32", "bfloat16"}
+    assert {c.op for c in POOL} == {"dcnv4", "dcnv3"}
+
+
+@pytest.mark.parametrize("cfg", POOL, ids=[c.key for c in POOL])
+def test_fuzz_against_reference(cfg):
+    @settings(max_examples=PER_CONFIG, deadline=None, derandomize=not RANDOM, database=None,
+              suppress_health_check=list(HealthCheck), print_blob=True)
+    @given(seed=st.integers(0, 2**62))
+    def run(seed):
+        case = random_case(cfg, random.Random(seed))
+        problems = check_case(cfg, case)
+        assert not problems, describe(cfg, case) + "\n" + "\n".join(problems)
+
+    run()

@@ -1,0 +1,75 @@
+"""Timing: two sides measured alternately in one run; report medians and the median of paired ratios."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Median milliseconds of each side and the median of the per-round ratios baseline / candidate."""
+
+    candidate_ms: float
+    baseline_ms: float
+    speedup: float
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _time_once(fn: Callable[[], object], device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def compare(candidate: Callable[[], object], baseline: Callable[[], object], *, rounds: int = 7, device: str = "cpu",
+            warmup: int = 1) -> Comparison:
+    """Time `candidate` and `baseline` alternately (`rounds` pairs, after `warmup` calls of each)."""
+    for _ in range(warmup):
+        candidate()
+        baseline()
+    cand, base = [], []
+    for r in range(rounds):
+        order = ((cand, candidate), (base, baseline)) if r % 2 == 0 else ((base, baseline), (cand, candidate))
+        for sink, fn in order:
+            sink.append(_time_once(fn, device))
+    ratios = [b / c for b, c in zip(base, cand)]
+    return Comparison(statistics.median(cand), statistics.median(base), statistics.median(ratios))
+
+
+def benchmark_config(cfg, n: int, h: int, w: int, *, rounds: int = 7) -> dict[str, Comparison]:
+    """Kernel vs the grid_sample reference for `cfg` at input (n, h, w): forward and forward+backward."""
+    from .verify import TORCH_DTYPE, random_problem, run_op, run_reference
+
+    device = "cuda" if cfg.is_cuda else "cpu"
+    problem = random_problem(cfg, n, h, w)
+    tensors = problem.op_inputs(TORCH_DTYPE[cfg.dtype], device)
+    grad_out = problem.grad_out.to(dtype=TORCH_DTYPE[cfg.dtype], device=device)
+
+    def forward(fn):
+        def run():
+            with torch.no_grad():
+                fn(cfg, tensors)
+        return run
+
+    def training(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+
+        def run():
+            fn(cfg, leaves).backward(grad_out)
+        return run
+
+    return {
+        "forward": compare(forward(run_op), forward(run_reference), rounds=rounds, device=device),
+        "forward+backward": compare(training(run_op), training(run_reference), rounds=rounds, device=device),
+    }

@@ -1,0 +1,193 @@
+"""`dcngen` command line: build, verify, bench, list, show, clean."""
+
+import inspect
+import json
+import shutil
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .config import DCNConfig
+from .errors import DCNGenError
+
+app = typer.Typer(help="Generate, build, verify and benchmark deformable convolution kernels.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+console = Console()
+
+# The config flags, named like the Python API; spatial ones take `3` or `3x5`.
+Op = Annotated[str, typer.Option("--op", help="dcnv4 | dcnv3")]
+Group = Annotated[int, typer.Option("--group", help="groups G")]
+GroupChannels = Annotated[int, typer.Option("--group-channels", help="channels per group C")]
+KernelSize = Annotated[str, typer.Option("--kernel-size", help="kernel, e.g. 3 or 3x5 (h x w)")]
+Stride = Annotated[str, typer.Option("--stride", help="stride, e.g. 1 or 2x1")]
+Padding = Annotated[str, typer.Option("--padding", help="padding, e.g. 1 or 1x2")]
+Dilation = Annotated[str, typer.Option("--dilation", help="dilation, e.g. 1 or 2x1")]
+OffsetScale = Annotated[float, typer.Option("--offset-scale", help="offset scale s")]
+RemoveCenter = Annotated[bool, typer.Option("--remove-center/--keep-center", help="skip the kernel centre point")]
+Dtype = Annotated[str, typer.Option("--dtype", help="float32 | float64 | bfloat16 | float16 (CUDA)")]
+Target = Annotated[str, typer.Option("--target", help="cpu | cuda | cuda:sm_80 | cuda:sm_90 | ...")]
+Backend = Annotated[str, typer.Option("--backend", help="template | tvm")]
+Param = Annotated[Optional[list[str]], typer.Option("--param", help="generator parameter NAME=INT (repeatable)")]
+Shape = Annotated[str, typer.Option("--shape", help="N x H x W of the input, e.g. 8x56x56")]
+
+
+def _fail(message: str) -> None:
+    """One line on stderr, exit code 2: the CLI never shows a traceback for bad input."""
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _config(op, group, group_channels, kernel_size, stride, padding, dilation, offset_scale, remove_center, dtype, target,
+            backend, param) -> DCNConfig:
+    params = []
+    for item in param or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            _fail(f"invalid config field 'params': expected NAME=INT, got {item!r}")
+        params.append((name.strip(), value.strip()))
+    try:
+        return DCNConfig(op=op, group=group, group_channels=group_channels, kernel_size=kernel_size, stride=stride,
+                         padding=padding, dilation=dilation, offset_scale=offset_scale, remove_center=remove_center,
+                         dtype=dtype, target=target, backend=backend, params=tuple(params))
+    except DCNGenError as e:
+        _fail(str(e))
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    parts = text.lower().replace(",", "x").split("x")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        _fail(f"invalid --shape {text!r}: expected N x H x W with positive ints, e.g. 8x56x56")
+    n, h, w = (int(p) for p in parts)
+    return n, h, w
+
+
+def _config_flags(op: Op = "dcnv4", group: Group = 4, group_channels: GroupChannels = 16, kernel_size: KernelSize = "3",
+                  stride: Stride = "1", padding: Padding = "1", dilation: Dilation = "1", offset_scale: OffsetScale = 1.0,
+                  remove_center: RemoveCenter = False, dtype: Dtype = "float32", target: Target = "cpu",
+                  backend: Backend = "template", param: Param = None) -> DCNConfig:
+    return _config(op, group, group_channels, kernel_size, stride, padding, dilation, offset_scale, remove_center, dtype,
+                   target, backend, param)
+
+
+def _config_command(fn):
+    """Decorator: the command takes every config flag (see _config_flags) plus its own options, and
+    `fn` receives the validated DCNConfig followed by its own options."""
+    flags = inspect.signature(_config_flags).parameters
+    own = list(inspect.signature(fn).parameters.values())[1:]
+
+    def command(**kwargs):
+        cfg = _config_flags(**{name: kwargs.pop(name) for name in flags})
+        try:
+            return fn(cfg, **kwargs)
+        except DCNGenError as e:
+            _fail(str(e))
+
+    command.__name__, command.__doc__ = fn.__name__, fn.__doc__
+    command.__signature__ = inspect.Signature(list(flags.values()) + own)
+    return command
+
+
+@app.command()
+@_config_command
+def build(cfg: DCNConfig) -> None:
+    """Generate and compile the kernel of a configuration; print where the artifact is."""
+    from .kernels import build_config
+
+    with console.status(f"building {cfg.key}"):
+        art = build_config(cfg)
+    console.print(f"[green]built[/] {cfg.key}")
+    console.print(str(art.path), highlight=False, soft_wrap=True)
+    for name in ("registers", "spill_stores"):
+        if name in art.meta:
+            console.print(f"{name}: {art.meta[name]}")
+
+
+@app.command()
+@_config_command
+def verify(cfg: DCNConfig, shape: Shape = "2x9x11", seed: Annotated[int, typer.Option(help="random seed")] = 0) -> None:
+    """Forward and every gradient against the float64 reference on random border-crossing inputs."""
+    from .verify import TOLERANCE, verify as run_verify
+
+    n, h, w = _shape(shape)
+    device = "cuda" if cfg.is_cuda else "cpu"
+    with console.status(f"verifying {cfg.key}"):
+        errors = run_verify(cfg, n, h, w, seed=seed, device=device)
+    tol = TOLERANCE[cfg.dtype]
+    table = Table(title=f"{cfg.key}  (N, H, W) = ({n}, {h}, {w}), tolerance {tol:g}")
+    table.add_column("tensor")
+    table.add_column("max rel. error", justify="right")
+    table.add_column("")
+    for name, err in errors.items():
+        table.add_row(name, f"{err:.3e}", "[green]PASS[/]" if err < tol else "[red]FAIL[/]")
+    console.print(table)
+    if not all(err < tol for err in errors.values()):
+        raise typer.Exit(1)
+
+
+@app.command()
+@_config_command
+def bench(cfg: DCNConfig, shape: Shape = "8x56x56", rounds: Annotated[int, typer.Option(help="timed rounds per side")] = 7) -> None:
+    """Time the kernel and the PyTorch reference in the same run (forward, forward+backward)."""
+    from .bench import benchmark_config
+
+    n, h, w = _shape(shape)
+    with console.status(f"benchmarking {cfg.key} at {n}x{h}x{w}"):
+        rows = benchmark_config(cfg, n, h, w, rounds=rounds)
+    table = Table(title=f"{cfg.key}  N={n} {h}x{w}")
+    for col in ("pass", "kernel ms", "reference ms", "speedup (median of paired ratios)"):
+        table.add_column(col, justify="right")
+    for name, c in rows.items():
+        table.add_row(name, f"{c.candidate_ms:.3f}", f"{c.baseline_ms:.3f}", f"{c.speedup:.1f}x")
+    console.print(table)
+
+
+@app.command("list")
+def list_cmd(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+    """List the cached artifacts."""
+    from .build import cache_dir, list_artifacts
+
+    arts = list_artifacts()
+    if as_json:
+        print(json.dumps([{"path": str(a.path), **a.meta} for a in arts], indent=2))
+        return
+    table = Table(title=f"artifacts in {cache_dir()}")
+    for col in ("config", "language", "params", "size", "build s", "path"):
+        table.add_column(col)
+    for a in arts:
+        m = a.meta
+        table.add_row(m["config_key"], m["language"], ",".join(f"{k}={v}" for k, v in m["params"].items()),
+                      f"{m['library_size'] // 1024} KiB", str(m["build_seconds"]), a.path.name)
+    console.print(table)
+
+
+@app.command()
+@_config_command
+def show(cfg: DCNConfig) -> None:
+    """Print the generated source of a configuration (nothing is compiled)."""
+    from .generators import generate
+
+    try:
+        sys.stdout.write(generate(cfg).text)
+    except DCNGenError as e:
+        _fail(str(e))
+
+
+@app.command()
+def clean(yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False) -> None:
+    """Delete every cached artifact."""
+    from .build import cache_dir
+
+    root = cache_dir()
+    if not yes and not typer.confirm(f"delete all artifacts under {root}?"):
+        raise typer.Exit(1)
+    for p in root.iterdir():
+        if p.name != ".gitignore":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    console.print(f"cleaned {root}")
+
+
+if __name__ == "__main__":
+    app()

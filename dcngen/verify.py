@@ -1,0 +1,95 @@
+"""Check a built kernel against the float64 reference on random, border-crossing inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import reference
+from .config import DCNConfig
+
+TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "float16": 5e-3, "bfloat16": 3e-2}
+TORCH_DTYPE = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One op call's inputs in float64 (x, offset, mask, grad_out) plus the config.
+
+    x (N, H, W, G*C); offset (N, Ho, Wo, G, P, 2) as (x, y); mask (N, Ho, Wo, G, P);
+    grad_out (N, Ho, Wo, G*C).
+    """
+
+    cfg: DCNConfig
+    x: torch.Tensor
+    offset: torch.Tensor
+    mask: torch.Tensor
+    grad_out: torch.Tensor
+
+    def op_inputs(self, dtype: torch.dtype, device="cpu") -> tuple[torch.Tensor, ...]:
+        """The op's tensors: DCNv4 (x, offset_mask), DCNv3 (x, offset, mask)."""
+        n, ho, wo = self.offset.shape[:3]
+        if self.cfg.op == "dcnv4":
+            packed = torch.cat((self.offset.flatten(-2), self.mask), dim=-1).reshape(n, ho, wo, -1)
+            packed = torch.nn.functional.pad(packed, (0, self.cfg.padded_offset_mask_channels - packed.shape[-1]))
+            tensors = (self.x, packed)
+        else:
+            tensors = (self.x, self.offset.reshape(n, ho, wo, -1), self.mask.reshape(n, ho, wo, -1))
+        return tuple(t.to(dtype=dtype, device=device).contiguous() for t in tensors)
+
+
+def random_problem(cfg: DCNConfig, n: int, h: int, w: int, *, offset_range: float = 2.5, seed: int = 0) -> Problem:
+    """Random inputs whose fractional offsets (quantised to 1/8, so exact in every dtype, and never on
+    a pixel line) reach `offset_range` pixels past the dilation grid: samples cross the borders."""
+    gen = torch.Generator().manual_seed(seed)
+    g, p = cfg.group, cfg.num_points
+    ho, wo = cfg.output_size(h, w)
+    whole = torch.randint(-int(offset_range), int(offset_range) + 1, (n, ho, wo, g, p, 2), generator=gen)
+    frac = torch.randint(1, 8, (n, ho, wo, g, p, 2), generator=gen) / 8
+    x = torch.randn(n, h, w, g * cfg.group_channels, generator=gen, dtype=torch.float64)
+    mask = torch.randn(n, ho, wo, g, p, generator=gen, dtype=torch.float64)
+    grad_out = torch.randn(n, ho, wo, g * cfg.group_channels, generator=gen, dtype=torch.float64)
+    return Problem(cfg, x, (whole + frac).double(), mask, grad_out)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|; inf if `actual` has a non-finite value."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if not torch.isfinite(actual).all():
+        return float("inf")
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-300)).item()
+
+
+def run_op(cfg: DCNConfig, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Call the public op of cfg.op on `tensors` with cfg's arguments."""
+    from . import ops
+
+    kwargs = dict(kernel_size=cfg.kernel_size, stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation, group=cfg.group,
+                  group_channels=cfg.group_channels, offset_scale=cfg.offset_scale, remove_center=cfg.remove_center, backend=cfg.backend)
+    return getattr(ops, cfg.op)(*tensors, **kwargs)
+
+
+def run_reference(cfg: DCNConfig, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return getattr(reference, cfg.op)(cfg, *tensors)
+
+
+def verify(cfg: DCNConfig, n: int = 2, h: int = 9, w: int = 11, *, seed: int = 0, device: str = "cpu") -> dict[str, float]:
+    """Max relative error of the forward output and of every gradient vs the float64 reference.
+
+    Returns {"output": e, "grad_input": e, "grad_offset_mask": e} (DCNv4) or {..., "grad_offset": e,
+    "grad_mask": e} (DCNv3). Compare with TOLERANCE[cfg.dtype].
+    """
+    problem = random_problem(cfg, n, h, w, seed=seed)
+    dtype = TORCH_DTYPE[cfg.dtype]
+    ours = [t.requires_grad_() for t in problem.op_inputs(dtype, device)]
+    # The reference runs on the same (rounded) values the kernel sees.
+    ref = [t.detach().double().cpu().requires_grad_() for t in ours]
+    out = run_op(cfg, tuple(ours))
+    out.backward(problem.grad_out.to(dtype=dtype, device=device))
+    expected = run_reference(cfg, tuple(ref))
+    expected.backward(problem.grad_out.to(dtype).double())
+    names = ("grad_input", "grad_offset_mask") if cfg.op == "dcnv4" else ("grad_input", "grad_offset", "grad_mask")
+    errors = {"output": rel_err(out, expected)}
+    errors.update({name: rel_err(a.grad, b.grad) for name, a, b in zip(names, ours, ref)})
+    return errors

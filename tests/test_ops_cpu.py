@@ -1,0 +1,206 @@
+"""The template CPU kernels through the torch ops: golden vectors, gradcheck, opcheck, torch.compile, bad input."""
+
+import pytest
+import torch
+from helpers import dcnv3_split, dcnv4_packed, golden_cases, golden_config, random_inputs, rel_err
+
+import dcngen.ops as ops
+from dcngen import reference
+from dcngen.config import DCNConfig
+from dcngen.errors import ConfigError, InputError
+
+CASES = golden_cases()
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+def op_kwargs(cfg: DCNConfig) -> dict:
+    return dict(kernel_size=cfg.kernel_size, stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation, group=cfg.group,
+                group_channels=cfg.group_channels, offset_scale=cfg.offset_scale, remove_center=cfg.remove_center, backend=cfg.backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", ["dcnv4", "dcnv3"])
+@pytest.mark.parametrize("name,case", CASES, ids=[n for n, _ in CASES])
+def test_golden_vectors(name, case, op, dtype):
+    cfg = golden_config(case)
+    t = lambda key: torch.tensor(case[key]).to(dtype)  # noqa: E731
+    x, om, grad_out = t("input").requires_grad_(), t("offset_mask"), t("grad_output")
+    if op == "dcnv4":
+        om.requires_grad_()
+        out = ops.dcnv4(x, om, **op_kwargs(cfg))
+        out.backward(grad_out)
+        grads = {"grad_offset_mask": om.grad}
+    else:
+        offset, mask = (v.detach().contiguous().requires_grad_() for v in reference.unpack_offset_mask(cfg, om))
+        out = ops.dcnv3(x, offset, mask, **op_kwargs(cfg))
+        out.backward(grad_out)
+        grads = {"grad_offset_mask": reference.pack_offset_mask(cfg, offset.grad, mask.grad, om.shape[-1])}
+    assert out.dtype == dtype and x.grad.dtype == dtype
+    expected = {k: torch.tensor(case[k]) for k in ("output", "grad_input", "grad_offset_mask")}
+    if dtype == torch.bfloat16:  # rounding the offsets to bf16 moves the samples: compare with the same inputs
+        x64, om64 = x.detach().double().requires_grad_(), om.detach().double().requires_grad_()
+        ref = reference.dcnv4(cfg, x64, om64)
+        ref.backward(grad_out.double())
+        expected = {"output": ref.detach(), "grad_input": x64.grad, "grad_offset_mask": om64.grad}
+    tol = TOL[dtype]
+    assert rel_err(out, expected["output"]) < tol
+    assert rel_err(x.grad, expected["grad_input"]) < tol
+    grad_om, expected_om = grads["grad_offset_mask"], expected["grad_offset_mask"]
+    if dtype == torch.bfloat16:
+        # bf16 offsets often land samples exactly on pixel lines, where the offset gradient is
+        # one-sided and grid_sample's normalisation may round to the other side: compare the
+        # weight gradients here; test_bfloat16_gradients covers the offset gradients.
+        grad_om, expected_om = (reference.split_offset_mask(cfg, t)[1] for t in (grad_om, expected_om))
+    assert rel_err(grad_om, expected_om) < tol
+
+
+def test_bfloat16_gradients():
+    """All bf16 gradients against the float64 reference on bf16-exact offsets clear of pixel lines."""
+    cfg = DCNConfig(group=2, group_channels=16, kernel_size=3, dtype="bfloat16")
+    gen = torch.Generator().manual_seed(3)
+    x, offset, mask = random_inputs(cfg, 2, 7, 6, generator=gen)
+    offset = (offset * 8).round() / 8  # multiples of 1/8 with fractions in [0.125, 0.875]: exact in bf16
+    om = dcnv4_packed(cfg, offset, mask).bfloat16()
+    x = x.bfloat16()
+    grad_out = torch.randn(2, 7, 6, 32, generator=gen).bfloat16()
+    x1, om1 = x.clone().requires_grad_(), om.clone().requires_grad_()
+    ops.dcnv4(x1, om1, group=2, group_channels=16).backward(grad_out)
+    x2, om2 = x.double().requires_grad_(), om.double().requires_grad_()
+    reference.dcnv4(cfg, x2, om2).backward(grad_out.double())
+    assert rel_err(x1.grad, x2.grad) < 2e-2
+    assert rel_err(om1.grad, om2.grad) < 2e-2
+
+
+GRADCHECK_CONFIGS = [
+    dict(kernel_size=(3, 5), group=2, group_channels=3),
+    dict(kernel_size=3, stride=2, group=1, group_channels=5),
+    dict(kernel_size=3, dilation=2, padding=2, group=2, group_channels=1),
+    dict(kernel_size=3, offset_scale=0.5, group=1, group_channels=16),
+    dict(kernel_size=5, padding=2, remove_center=True, group=2, group_channels=3, offset_scale=2.0),
+    dict(kernel_size=(1, 3), padding=(0, 1), stride=(1, 2), dilation=(1, 3), group=1, group_channels=64),
+]
+
+
+@pytest.mark.parametrize("op", ["dcnv4", "dcnv3"])
+@pytest.mark.parametrize("fields", GRADCHECK_CONFIGS, ids=lambda f: "-".join(f"{k}{v}" for k, v in f.items()))
+def test_gradcheck(fields, op):
+    cfg = DCNConfig(dtype="float64", **fields)
+    gen = torch.Generator().manual_seed(7)
+    x, offset, mask = random_inputs(cfg, 2, 5, 6, generator=gen)
+    if op == "dcnv4":
+        om = dcnv4_packed(cfg, offset, mask).requires_grad_()
+        inputs, fn = (x.requires_grad_(), om), lambda x, om: ops.dcnv4(x, om, **op_kwargs(cfg))
+        expected = reference.dcnv4(cfg, x, om)
+    else:
+        off, m = (t.requires_grad_() for t in dcnv3_split(offset, mask))
+        inputs, fn = (x.requires_grad_(), off, m), lambda x, o, m: ops.dcnv3(x, o, m, **op_kwargs(cfg))
+        expected = reference.dcnv3(cfg, x, off, m)
+    assert rel_err(fn(*inputs), expected) < 1e-10
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+def test_offset_mask_padding_is_ignored_and_gets_zero_grad():
+    cfg = DCNConfig(group=2, group_channels=4, dtype="float64")
+    x, offset, mask = random_inputs(cfg, 1, 5, 5)
+    om = dcnv4_packed(cfg, offset, mask, pad_to=cfg.min_offset_mask_channels + 5)
+    om[..., cfg.min_offset_mask_channels :] = float("nan")
+    om.requires_grad_()
+    out = ops.dcnv4(x, om, group=2, group_channels=4)
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+    assert (om.grad[..., cfg.min_offset_mask_channels :] == 0).all()
+
+
+def test_non_contiguous_inputs_are_accepted():
+    cfg = DCNConfig(group=2, group_channels=4, dtype="float64")
+    x, offset, mask = random_inputs(cfg, 2, 6, 5)
+    om = dcnv4_packed(cfg, offset, mask)
+    x_nc = x.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    om_nc = torch.cat((om, om), dim=-1)[..., : om.shape[-1]]
+    assert not x_nc.is_contiguous() and not om_nc.is_contiguous()
+    assert rel_err(ops.dcnv4(x_nc, om_nc, group=2, group_channels=4), reference.dcnv4(cfg, x, om)) < 1e-12
+
+
+def test_opcheck():
+    cfg = DCNConfig(group=2, group_channels=4, kernel_size=(3, 5), padding=(1, 2), dtype="float64")
+    x, offset, mask = random_inputs(cfg, 2, 5, 6)
+    args = (3, 5, 1, 1, 1, 2, 1, 1, 2, 4, 1.0, False, "template")
+    om = dcnv4_packed(cfg, offset, mask)
+    torch.library.opcheck(torch.ops.dcngen.dcnv4, (x.requires_grad_(), om.requires_grad_(), *args))
+    off, m = dcnv3_split(offset, mask)
+    torch.library.opcheck(torch.ops.dcngen.dcnv3, (x, off.requires_grad_(), m.requires_grad_(), *args))
+
+
+@pytest.mark.parametrize("op", ["dcnv4", "dcnv3"])
+def test_torch_compile_fullgraph(op):
+    cfg = DCNConfig(group=2, group_channels=4, dtype="float32")
+    x, offset, mask = random_inputs(cfg, 2, 6, 6, dtype=torch.float32)
+    if op == "dcnv4":
+        inputs = (x, dcnv4_packed(cfg, offset, mask))
+        fn = lambda x, om: ops.dcnv4(x, om, group=2, group_channels=4).square().sum()  # noqa: E731
+    else:
+        inputs = dcnv3_split(offset, mask)
+        inputs = (x, *inputs)
+        fn = lambda x, o, m: ops.dcnv3(x, o, m, group=2, group_channels=4).square().sum()  # noqa: E731
+    eager = [t.clone().requires_grad_() for t in inputs]
+    compiled = [t.clone().requires_grad_() for t in inputs]
+    fn(*eager).backward()
+    torch.compile(fn, fullgraph=True)(*compiled).backward()
+    for a, b in zip(eager, compiled):
+        assert rel_err(b.grad, a.grad) < 1e-5
+
+
+def test_empty_batch():
+    cfg = DCNConfig(group=2, group_channels=4)
+    x = torch.randn(0, 5, 5, 8, requires_grad=True)
+    om = torch.randn(0, 5, 5, cfg.padded_offset_mask_channels, requires_grad=True)
+    out = ops.dcnv4(x, om, group=2, group_channels=4)
+    assert out.shape == (0, 5, 5, 8)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and om.grad.shape == om.shape
+
+
+BAD_INPUTS = [
+    ("rank", lambda x, om: (x[0], om), "input must be 4-D"),
+    ("channels", lambda x, om: (x[..., :7], om), r"\(N, H, W, 8\)"),
+    ("offset_mask too few channels", lambda x, om: (x, om[..., :10]), "offset_mask must be"),
+    ("offset_mask spatial", lambda x, om: (x, om[:, :4]), "offset_mask must be"),
+    ("mixed dtypes", lambda x, om: (x, om.double()), "dtype"),
+    ("integer dtype", lambda x, om: (x.int(), om.int()), "dtype"),
+    ("float16 on cpu", lambda x, om: (x.half(), om.half()), "float16"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_raises_clear_error(name, mutate, message):
+    x = torch.randn(2, 5, 5, 8)
+    om = torch.randn(2, 5, 5, 56)
+    with pytest.raises(InputError, match=message):
+        ops.dcnv4(*mutate(x, om), group=2, group_channels=4)
+
+
+def test_bad_dcnv3_mask_shape():
+    x, off, mask = torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 36), torch.randn(1, 4, 4, 17)
+    with pytest.raises(InputError, match="mask must be"):
+        ops.dcnv3(x, off, mask, group=2, group_channels=4)
+
+
+def test_bad_config_raises_config_error():
+    x, om = torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 56)
+    with pytest.raises(ConfigError, match="remove_center"):
+        ops.dcnv4(x, om, kernel_size=4, remove_center=True, group=2, group_channels=4)
+    with pytest.raises(ConfigError, match="kernel_size"):
+        ops.dcnv4(x, om, kernel_size="3x", group=2, group_channels=4)
+
+
+def test_kernel_larger_than_input():
+    x, om = torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 56)
+    with pytest.raises(InputError, match="does not fit"):
+        ops.dcnv4(x, om, kernel_size=7, padding=0, group=2, group_channels=4)
+
+
+def test_errors_under_torch_compile_match_eager():
+    x, om = torch.randn(2, 5, 5, 8), torch.randn(2, 5, 5, 10)
+    fn = torch.compile(lambda x, om: ops.dcnv4(x, om, group=2, group_channels=4), fullgraph=True)
+    with pytest.raises(Exception, match="offset_mask must be"):
+        fn(x, om)

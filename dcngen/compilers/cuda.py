@@ -172,7 +172,7 @@ class _Module:
         x, out_, copy_back = _aligned(x), _aligned(out), None
         if out_ is not out:
             copy_back = out
-        self._forward(x, _aligned(offset), _aligned(mask), out_)
+        self._forward(x, offset, mask, out_)
         if copy_back is not None:
             copy_back.copy_(out_)
 

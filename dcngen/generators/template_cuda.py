@@ -4,7 +4,8 @@ Parameters (cfg.params; defaults from `default_params`):
   vec / bwd_vec        channels per thread, forward / backward (power of two)
   pixels / bwd_pixels  output pixels per block; threads per block = pixels * G * lanes, where
                        lanes = next_pow2(ceil(C / vec)) threads share one (pixel, group)
-  unroll               unroll factor of the loop over sampling points
+  unroll / bwd_unroll  unroll factor of the loop over sampling points, forward / backward
+  min_blocks           resident blocks per SM the register allocation must allow
   deterministic        1: input gradient accumulated in int64 fixed point (bitwise reproducible)
 """
 
@@ -27,6 +28,8 @@ PARAM_BOUNDS = {
     "bwd_vec": (1, 64),
     "bwd_pixels": (1, 1024),
     "unroll": (1, 64),
+    "bwd_unroll": (1, 64),
+    "min_blocks": (1, 32),
     "deterministic": (0, 1),
 }
 MAX_THREADS = 1024
@@ -64,7 +67,9 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
         "pixels": pixels,
         "bwd_vec": vec,
         "bwd_pixels": pixels,
-        "unroll": min(cfg.num_points, 9) if cfg.num_points <= 9 else 1,
+        "unroll": cfg.num_points if cfg.num_points <= 9 else 1,
+        "bwd_unroll": 2 if cfg.num_points <= 9 else 1,
+        "min_blocks": 1,
         "deterministic": 0,
     }
 

@@ -1,0 +1,349 @@
+"""One-shot GPU check of the CUDA template backend: build, verify, benchmark.
+
+Run on a machine with an NVIDIA GPU, torch (CUDA), nvcc and apache-tvm-ffi (TVM not needed):
+    python benchmarks/gpu_check.py
+1. Builds the CUDA variants (in parallel) for the visible GPU's architecture.
+2. Verifies forward and backward against the float64 reference (dcngen.reference) on random
+   inputs whose sampling points cross the image borders, with outputs pre-filled with NaN
+   (unwritten elements show up), for many configurations (fp32/fp16/bf16/fp64, DCNv3/DCNv4,
+   strides, dilation, remove_center, channel tails, deterministic mode, side streams).
+3. Times forward and backward (CUDA events, warm-up, medians) on the shapes of SPEC.md section 4
+   against the PyTorch reference (and the official DCNv4 package if importable), and reports the
+   achieved memory bandwidth against the card's peak.
+Prints a markdown report; also writes it to $OUT/gpu_results.md when $OUT is set.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")  # no JIT of torch's DLPack addon here
+
+import statistics
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dcngen import reference  # noqa: E402
+from dcngen.build import build, load  # noqa: E402
+from dcngen.config import DCNConfig  # noqa: E402
+from dcngen.generators import generate  # noqa: E402
+
+START = time.time()
+LINES: list[str] = []
+FAILURES: list[str] = []
+
+
+def log(line: str = "") -> None:
+    print(line, flush=True)
+    LINES.append(line)
+
+
+def peak_bandwidth(name: str) -> float | None:
+    """Peak DRAM bandwidth in bytes/s from the device name (None when unknown)."""
+    table = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H800", 3.35e12), ("A100", 2.0e12), ("L40", 0.864e12), ("B200", 8.0e12)]
+    for key, bw in table:
+        if key.lower() in name.lower():
+            return bw
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+def make_inputs(cfg: DCNConfig, n: int, h: int, w: int, dtype: torch.dtype, seed: int = 0):
+    """x (N, H, W, G*C); DCNv4: (offset_mask,), DCNv3: (offset, mask). Offsets are multiples of
+    1/64 plus 1/128 within [-2, 2): every sampling point lies >= 1/256 px away from pixel-grid
+    lines (no floor() ties between precisions) and many cross the borders."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dev = "cuda"
+    ho, wo = cfg.output_size(h, w)
+    gp = cfg.group * cfg.num_points
+    x = torch.randn(n, h, w, cfg.channels, generator=g, device=dev).to(dtype)
+    off = (torch.randint(-128, 128, (n, ho, wo, gp * 2), generator=g, device=dev).float() / 64 + 1 / 128).to(dtype)
+    mask = torch.randn(n, ho, wo, gp, generator=g, device=dev).to(dtype)
+    if cfg.op == "dcnv4":
+        return x, (reference.pack_offset_mask(cfg, off, mask),)
+    return x, (off, mask)
+
+
+def ref_grads(cfg, x, om, go):
+    """float64 reference output and gradients (autograd through dcngen.reference)."""
+    xs = x.double().requires_grad_(True)
+    oms = [t.double().requires_grad_(True) for t in om]
+    fn = reference.dcnv4 if cfg.op == "dcnv4" else reference.dcnv3
+    out = fn(cfg, xs, *oms)
+    out.backward(go.double())
+    return out.detach(), xs.grad, [t.grad for t in oms]
+
+
+def run_kernel(mod, cfg, x, om, go, stream=None):
+    """Our forward and backward with NaN-poisoned outputs (DCNv4 padding channels zeroed, as the op does)."""
+    ctx = torch.cuda.stream(stream) if stream is not None else torch.cuda.stream(torch.cuda.current_stream())
+    with ctx:
+        n, h, w, _ = x.shape
+        ho, wo = go.shape[1:3]
+        out = torch.full((n, ho, wo, cfg.channels), float("nan"), device=x.device, dtype=x.dtype)
+        offset, mask = (om[0], om[0]) if cfg.op == "dcnv4" else om
+        mod.forward(x, offset, mask, out)
+        gx = torch.full_like(x, float("nan"))
+        goms = [torch.full_like(t, float("nan")) for t in om]
+        if cfg.op == "dcnv4":
+            goms[0][..., cfg.min_offset_mask_channels :] = 0
+            mod.backward(x, offset, mask, go, gx, goms[0], goms[0])
+        else:
+            mod.backward(x, offset, mask, go, gx, goms[0], goms[1])
+    torch.cuda.synchronize()
+    return out, gx, goms
+
+
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| (inf when a has non-finite values)."""
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) if b.numel() else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# configurations
+def cuda_cfg(**kw) -> DCNConfig:
+    kw.setdefault("target", "cuda")
+    return DCNConfig(**kw)
+
+
+DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+# (name, config, (N, H, W))
+CHECKS = [
+    ("v4 bench-like", dict(group=4, group_channels=32, offset_scale=2.0), (2, 13, 17)),
+    ("v3 bench-like", dict(op="dcnv3", group=4, group_channels=32, offset_scale=2.0), (2, 13, 17)),
+    ("v4 G5 C16 os0.5", dict(group=5, group_channels=16, offset_scale=0.5), (3, 9, 11)),
+    ("v4 stride2 pad0", dict(group=4, group_channels=16, stride=2, padding=0), (2, 15, 12)),
+    ("v4 dil2 rc", dict(group=2, group_channels=16, dilation=2, padding=2, remove_center=True), (2, 10, 9)),
+    ("v3 5x5", dict(op="dcnv3", group=3, group_channels=24, kernel_size=5, padding=2), (1, 11, 10)),
+    ("v4 7x7", dict(group=2, group_channels=8, kernel_size=7, padding=3), (1, 12, 13)),
+    ("v4 3x5 rect", dict(group=2, group_channels=64, kernel_size=(3, 5), padding=(1, 2)), (1, 8, 9)),
+    ("v4 tail C20 vec8", dict(group=3, group_channels=20, params={"vec": 8, "bwd_vec": 8}), (2, 7, 9)),
+    ("v4 vec4 px7", dict(group=4, group_channels=32, params={"vec": 4, "pixels": 7, "bwd_pixels": 5}), (3, 7, 9)),
+    ("v4 G80 C16", dict(group=80, group_channels=16), (1, 6, 7)),
+    ("v4 deterministic", dict(group=4, group_channels=32, params={"deterministic": 1}), (2, 13, 17)),
+    ("v3 deterministic", dict(op="dcnv3", group=4, group_channels=16, kernel_size=5, padding=2, params={"deterministic": 1}), (2, 9, 8)),
+]
+CHECK_DTYPES = ("float32", "float16", "bfloat16")
+
+# benchmark shapes: (name, config, (N, H, W))
+BENCH = [
+    ("N64 56x56 G4 C32", dict(group=4, group_channels=32, offset_scale=2.0), (64, 56, 56)),
+    ("N1 200x320 G4 C32", dict(group=4, group_channels=32, offset_scale=2.0), (1, 200, 320)),
+    ("N1 200x320 G8 C16", dict(group=8, group_channels=16, offset_scale=2.0), (1, 200, 320)),
+    ("N64 28x28 G8 C32", dict(group=8, group_channels=32, offset_scale=2.0), (64, 28, 28)),
+]
+BENCH_DTYPES = ("float16", "float32")
+
+
+def build_all(cfgs: list[DCNConfig]) -> dict:
+    def one(cfg):
+        try:
+            return load(build(generate(cfg)))
+        except Exception as e:  # noqa: BLE001
+            return e
+
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 4)) as pool:
+        return dict(zip(cfgs, pool.map(one, cfgs)))
+
+
+# ---------------------------------------------------------------------------------------------
+def verify(mods: dict) -> None:
+    log("## Correctness (max |err| / max |ref| against the float64 reference)\n")
+    log("| check | dtype | out | grad x | grad offset(/mask) | grad mask | result |")
+    log("|---|---|---|---|---|---|---|")
+    for name, kw, (n, h, w) in CHECKS:
+        dtypes = CHECK_DTYPES + (("float64",) if name.startswith("v4 bench") else ())
+        for dt in dtypes:
+            cfg = cuda_cfg(dtype=dt, **kw)
+            mod = mods[cfg]
+            if isinstance(mod, Exception):
+                FAILURES.append(f"{name} {dt}: build failed: {mod}")
+                log(f"| {name} | {dt} | build failed | | | | FAIL |")
+                continue
+            try:
+                x, om = make_inputs(cfg, n, h, w, DT[dt])
+                ho, wo = cfg.output_size(h, w)
+                go = torch.randn(n, ho, wo, cfg.channels, device="cuda").to(DT[dt])
+                out, gx, goms = run_kernel(mod, cfg, x, om, go)
+                r_out, r_gx, r_goms = ref_grads(cfg, x, om, go)
+                errs = [rel_err(out, r_out), rel_err(gx, r_gx)] + [rel_err(a, b) for a, b in zip(goms, r_goms)]
+                tol = TOL[DT[dt]]
+                ok = all(e <= tol for e in errs)
+                extra = ""
+                if cfg.param_dict.get("deterministic"):
+                    out2, gx2, goms2 = run_kernel(mod, cfg, x, om, go)
+                    same = torch.equal(gx, gx2) and all(torch.equal(a, b) for a, b in zip(goms, goms2))
+                    ok &= same
+                    extra = " bitwise-repeatable" if same else " NOT REPEATABLE"
+                if name == "v4 bench-like" and dt == "float32":  # a side stream and the 7-argument backward
+                    s = torch.cuda.Stream()
+                    out3, gx3, _ = run_kernel(mod, cfg, x, om, go, stream=s)
+                    gx4 = torch.full_like(x, float("nan"))
+                    g4 = torch.zeros_like(om[0])
+                    mod._mod["backward"](x, om[0], om[0], go, gx4, g4, g4)
+                    torch.cuda.synchronize()
+                    same = torch.equal(out3, out) and rel_err(gx3, r_gx) <= tol and rel_err(gx4, r_gx) <= tol
+                    ok &= same
+                    extra += " side-stream+7-arg ok" if same else " SIDE STREAM / 7-ARG MISMATCH"
+                cells = [f"{e:.2e}" for e in errs] + ([""] if len(errs) == 3 else [])
+                log(f"| {name} | {dt} | " + " | ".join(cells) + f" | {'ok' if ok else 'FAIL'}{extra} |")
+                if not ok:
+                    FAILURES.append(f"{name} {dt}: errors {errs} (tol {tol}){extra}")
+            except Exception as e:  # noqa: BLE001
+                FAILURES.append(f"{name} {dt}: {e!r}")
+                log(f"| {name} | {dt} | error: {str(e).splitlines()[0][:80]} | | | | FAIL |")
+                traceback.print_exc()
+    log("")
+
+
+def cuda_time(fn, warmup: int = 3, reps: int = 15) -> float:
+    """Median milliseconds of fn() by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def official_dcnv4():
+    try:
+        from DCNv4 import functions  # noqa: PLC0415
+
+        return functions.DCNv4Function
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def benchmark(mods: dict) -> None:
+    props = torch.cuda.get_device_properties(0)
+    peak = peak_bandwidth(props.name)
+    official = official_dcnv4()
+    log(f"## Performance on {props.name} (peak {peak / 1e12 if peak else float('nan'):.2f} TB/s assumed)\n")
+    log("Bandwidth floor = bytes that must move (fwd: x, offset_mask, out; bwd: x, offset_mask, grad_out, grad_x, grad_offset_mask) / peak.")
+    log("'% floor' = floor time / measured time. Times are medians in microseconds.\n")
+    log("| shape | dtype | fwd us | fwd % floor | bwd us | bwd % floor | bwd/fwd | ref fwd us | ref bwd us | speedup fwd / bwd | official fwd / bwd us | check |")
+    log("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, kw, (n, h, w) in BENCH:
+        for dt in BENCH_DTYPES:
+            if time.time() - START > 200:
+                log(f"| {name} | {dt} | skipped (time budget) |||||||||||")
+                continue
+            cfg = cuda_cfg(dtype=dt, **kw)
+            mod = mods[cfg]
+            if isinstance(mod, Exception):
+                log(f"| {name} | {dt} | build failed ||||||||||| ")
+                continue
+            try:
+                bench_one(name, dt, cfg, mod, n, h, w, peak, official)
+            except Exception as e:  # noqa: BLE001
+                FAILURES.append(f"bench {name} {dt}: {e!r}")
+                log(f"| {name} | {dt} | error: {str(e).splitlines()[0][:80]} |||||||||||")
+                traceback.print_exc()
+    log("")
+
+
+def bench_one(name, dt, cfg, mod, n, h, w, peak, official) -> None:
+    torch.cuda.empty_cache()
+    dtype = DT[dt]
+    x, (om,) = make_inputs(cfg, n, h, w, dtype)
+    ho, wo = cfg.output_size(h, w)
+    out = torch.empty(n, ho, wo, cfg.channels, device="cuda", dtype=dtype)
+    go = torch.randn_like(out)
+    gx, gom = torch.empty_like(x), torch.zeros_like(om)
+    t_fwd = cuda_time(lambda: mod.forward(x, om, om, out))
+    t_bwd = cuda_time(lambda: mod.backward(x, om, om, go, gx, gom, gom))
+    es = x.element_size()
+    fwd_bytes = (x.numel() + om.numel() + out.numel()) * es
+    bwd_bytes = (2 * x.numel() + 2 * om.numel() + go.numel()) * es
+    pct = lambda b, t: f"{100 * b / peak / (t * 1e-3):.0f}%" if peak else "n/a"  # noqa: E731
+    # correctness at this shape: against the fp32 PyTorch reference on the same inputs
+    with torch.no_grad():
+        r = reference.dcnv4(cfg, x.float(), om.float())
+    check = rel_err(out, r)
+    ok = check <= max(TOL[dtype], 1e-4) * 2
+    if not ok:
+        FAILURES.append(f"bench {name} {dt}: output error {check:.2e}")
+    del r
+    # PyTorch reference timings
+    try:
+        xr, omr = x.clone().requires_grad_(True), om.clone().requires_grad_(True)
+        with torch.no_grad():
+            t_ref_fwd = cuda_time(lambda: reference.dcnv4(cfg, x, om), warmup=1, reps=5)
+        yr = reference.dcnv4(cfg, xr, omr)
+        t_ref_bwd = cuda_time(lambda: torch.autograd.grad(yr, (xr, omr), go, retain_graph=True), warmup=1, reps=5)
+        del yr
+    except torch.cuda.OutOfMemoryError:
+        t_ref_fwd = t_ref_bwd = float("nan")
+    torch.cuda.empty_cache()
+    off = "n/a"
+    if official is not None:
+        try:
+            kh, kw = cfg.kernel_size
+            args = (kh, kw, *cfg.stride, *cfg.padding, *cfg.dilation, cfg.group, cfg.group_channels, cfg.offset_scale, 256, cfg.remove_center)
+            xo, omo = x.clone().requires_grad_(True), om.clone().requires_grad_(True)
+            t_o_fwd = cuda_time(lambda: official.apply(x, om, *args))
+            yo = official.apply(xo, omo, *args)
+            t_o_bwd = cuda_time(lambda: torch.autograd.grad(yo, (xo, omo), go, retain_graph=True))
+            off = f"{t_o_fwd * 1e3:.0f} / {t_o_bwd * 1e3:.0f}"
+        except Exception as e:  # noqa: BLE001
+            off = f"error: {type(e).__name__}"
+    log(
+        f"| {name} | {dt} | {t_fwd * 1e3:.1f} | {pct(fwd_bytes, t_fwd)} | {t_bwd * 1e3:.1f} | {pct(bwd_bytes, t_bwd)} | {t_bwd / t_fwd:.2f} | "
+        f"{t_ref_fwd * 1e3:.0f} | {t_ref_bwd * 1e3:.0f} | {t_ref_fwd / t_fwd:.1f}x / {t_ref_bwd / t_bwd:.1f}x | {off} | {'ok' if ok else 'FAIL'} {check:.1e} |"
+    )
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("no CUDA device visible")
+        return 2
+    props = torch.cuda.get_device_properties(0)
+    log(f"# dcngen CUDA template check\n\n{props.name}, sm_{props.major}{props.minor}, torch {torch.__version__}, CUDA {torch.version.cuda}\n")
+    cfgs = []
+    for _, kw, _ in CHECKS:
+        for dt in CHECK_DTYPES + ("float64",):
+            cfgs.append(cuda_cfg(dtype=dt, **kw))
+    for _, kw, _ in BENCH:
+        for dt in BENCH_DTYPES:
+            cfgs.append(cuda_cfg(dtype=dt, **kw))
+    cfgs = [c for c in dict.fromkeys(cfgs) if c.dtype != "float64" or c == cuda_cfg(dtype="float64", **CHECKS[0][1])]
+    t0 = time.time()
+    mods = build_all(cfgs)
+    built = [m for m in mods.values() if not isinstance(m, Exception)]
+    log(f"Built {len(built)}/{len(cfgs)} kernels in {time.time() - t0:.1f} s.\n")
+    for cfg, m in mods.items():
+        if isinstance(m, Exception):
+            log(f"- build failed for {cfg.key}: {str(m)[:2000]}")
+    verify(mods)
+    benchmark(mods)
+    log(f"Total {time.time() - START:.0f} s. {'ALL OK' if not FAILURES else f'{len(FAILURES)} FAILURES:'}")
+    for f in FAILURES:
+        log(f"- {f}")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gpu_results.md").write_text("\n".join(LINES) + "\n")
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -72,7 +72,7 @@ def _deform_conv(op, cfg: DCNConfig, input, offset, mask):
     g, c = cfg.group, cfg.group_channels
     kh, kw = cfg.kernel_size
     ints = lambda v: op.Constant(value_ints=[int(a) for a in v])  # noqa: E731
-    index, bias = _gather_plan(cfg)
+    index, shift_table = _gather_plan(cfg)
 
     points = op.Concat(offset, op.CastLike(mask, offset), axis=-1)  # (N, Ho, Wo, G, P, 3): dx, dy, m
     if cfg.remove_center:  # append a zero point for the centre
@@ -82,7 +82,7 @@ def _deform_conv(op, cfg: DCNConfig, input, offset, mask):
     if cfg.offset_scale != 1.0:
         s = cfg.offset_scale
         scale = op.CastLike(op.Constant(value_floats=[s, s, 1.0]), points)
-        shift = op.CastLike(op.Constant(value_floats=[float(v) for v in bias.reshape(-1)]), points)
+        shift = op.CastLike(op.Constant(value_floats=[float(v) for v in shift_table.reshape(-1)]), points)
         points = op.Add(op.Mul(points, scale), op.Reshape(shift, ints([kh * kw, 3])))
     to_nchw = lambda t: op.Transpose(op.Reshape(t, ints([0, 0, 0, -1])), perm=[0, 3, 1, 2])  # noqa: E731
     off = to_nchw(op.Slice(points, ints([0]), ints([2]), ints([5])))

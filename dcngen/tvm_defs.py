@@ -5,10 +5,10 @@ point index and a learned (dx, dy) into the window test, the four corners (clamp
 that are always safe to read) and their bilinear weights, zero for corners outside the image.
 
 Tensors seen by the TVM functions (symbolic N, H, W, Ho, Wo; one artifact serves all shapes):
-- x:   (N, H, W, G, C)        the (N, H, W, G*C) input viewed per group
+- x:   (N, H, W, G*C)
 - DCNv4: om (N, Ho, Wo, Cpad) packed offsets/weights, Cpad >= G*P*3 a runtime size
 - DCNv3: off (N, Ho, Wo, G*P*2) as [g][k][x, y]; msk (N, Ho, Wo, G*P) as [g][k]
-- out / grad_out / grad_x: (N, Ho, Wo, G, C) / (N, Ho, Wo, G, C) / (N, H, W, G, C)
+- out / grad_out / grad_x: (N, Ho, Wo, G*C) / (N, Ho, Wo, G*C) / (N, H, W, G*C)
 
 Each function is a `te.extern` whose body is TensorIR written with TVM's IR builder: the
 input gradient is a data-dependent scatter-add that TE cannot express, and a pure TE forward
@@ -134,27 +134,41 @@ def _offset_and_mask(cfg: DCNConfig, tensors):
     return (tensors[0], tensors[0]) if cfg.op == "dcnv4" else (tensors[0], tensors[1])
 
 
-def _scalar(value):
-    """Keep `value` in a one-element local buffer and return its load (the imperative `bind`).
+def _local_scope(cfg: DCNConfig) -> str:
+    """Scope of small per-thread buffers: "local" (registers) on CUDA; on llvm "global", which
+    TVM turns into a stack alloca for constant sizes ("local" becomes a heap workspace call)."""
+    return "local" if cfg.is_cuda else "global"
+
+
+def _alloc(cfg: DCNConfig, shape, dtype):
+    return T.buffer_proxy(T.alloc_buffer(shape, dtype, scope=_local_scope(cfg)))
+
+
+def _scalar_binder(cfg: DCNConfig):
+    """The imperative `bind`: keep a value in a one-element per-thread buffer, return its load.
 
     Not T.bind: TVM's simplifier substitutes bound variables back into their uses, and the
-    window tests then blow compile times up to tens of seconds; a local scalar is opaque to it
+    window tests then blow compile times up to tens of seconds; a buffer load is opaque to it
     and free after LLVM / NVCC register promotion. Booleans are stored as int32.
     """
-    dtype = str(value.ty)
-    if dtype == "bool":
-        buf = T.buffer_proxy(T.alloc_buffer((1,), "int32", scope="local"))
-        buf[0] = tirx.Cast("int32", value)
-        return buf[0] != 0
-    buf = T.buffer_proxy(T.alloc_buffer((1,), dtype, scope="local"))
-    buf[0] = value
-    return buf[0]
+
+    def bind(value):
+        if str(value.ty) == "bool":
+            buf = _alloc(cfg, (1,), "int32")
+            buf[0] = tirx.Cast("int32", value)
+            return buf[0] != 0
+        buf = _alloc(cfg, (1,), str(value.ty))
+        buf[0] = value
+        return buf[0]
+
+    return bind
 
 
 def _locate_point(cfg, acc, s: Shapes, read, n, ho, wo, g, k):
     """Read point k's offset and weight and sample it; every intermediate kept in a local scalar."""
-    dx, dy, m = (_scalar(v) for v in read(n, ho, wo, g, k))
-    return locate(cfg, acc, s.H, s.W, ho, wo, k, dx, dy, bind=_scalar), m
+    bind = _scalar_binder(cfg)
+    dx, dy, m = (bind(v) for v in read(n, ho, wo, g, k))
+    return locate(cfg, acc, s.H, s.W, ho, wo, k, dx, dy, bind=bind), m
 
 
 def _extern(cfg: DCNConfig, name: str, inputs, outputs, body):
@@ -166,7 +180,7 @@ def _extern(cfg: DCNConfig, name: str, inputs, outputs, body):
 
 
 def _inputs(cfg: DCNConfig, s: Shapes):
-    x = te.placeholder((s.N, s.H, s.W, cfg.group, cfg.group_channels), cfg.dtype, name="x")
+    x = te.placeholder((s.N, s.H, s.W, cfg.channels), cfg.dtype, name="x")
     return x, offset_placeholders(cfg, s)
 
 
@@ -174,7 +188,7 @@ def forward(cfg: DCNConfig, params: dict) -> tvm.tirx.PrimFunc:
     """Forward PrimFunc `forward(x, om | off, msk, out)`; out (N, Ho, Wo, G, C) fully written."""
     s = shapes()
     x, offs = _inputs(cfg, s)
-    out = [("out", (s.N, s.Ho, s.Wo, cfg.group, cfg.group_channels), cfg.dtype)]
+    out = [("out", (s.N, s.Ho, s.Wo, cfg.channels), cfg.dtype)]
     shell = _forward_cuda if cfg.is_cuda else _forward_cpu
     return _extern(cfg, "forward", [x, *offs], out, lambda ins, outs: shell(cfg, params, s, ins, outs))
 
@@ -189,11 +203,11 @@ def backward(cfg: DCNConfig, params: dict) -> tvm.tirx.PrimFunc:
     s = shapes()
     G, C = cfg.group, cfg.group_channels
     x, offs = _inputs(cfg, s)
-    gout = te.placeholder((s.N, s.Ho, s.Wo, G, C), cfg.dtype, name="gout")
-    outs = [("gx", (s.N, s.H, s.W, G, C), cfg.dtype)]
+    gout = te.placeholder((s.N, s.Ho, s.Wo, G * C), cfg.dtype, name="gout")
+    outs = [("gx", (s.N, s.H, s.W, G * C), cfg.dtype)]
     outs += [("g" + t.name, t.shape, cfg.dtype) for t in offs]
     if cfg.is_cuda and acc_dtype(cfg.dtype) != cfg.dtype:
-        outs.append(("gxacc", (s.N, s.H, s.W, G, C), "float32"))
+        outs.append(("gxacc", (s.N, s.H, s.W, G * C), "float32"))
     shell = _backward_cuda if cfg.is_cuda else _backward_cpu
     return _extern(cfg, "backward", [x, *offs, gout], outs, lambda ins, outs_: shell(cfg, params, s, ins, outs_))
 
@@ -225,33 +239,47 @@ def _forward_cpu(cfg: DCNConfig, params: dict, s: Shapes, ins, outs):
                         ho = tirx.indexmod(tirx.indexdiv(pix, s.Wo), s.Ho)
                         wo = tirx.indexmod(pix, s.Wo)
                         with T.serial(0, G) as g:
-                            a = T.buffer_proxy(T.alloc_buffer((C,), acc, scope="local"))
+                            a = _alloc(cfg, (C,), acc)
                             with chan(0, C) as c:
                                 a[c] = tirx.const(0, acc)
                             with points(0, P) as k:
                                 smp, m = _locate_point(cfg, acc, s, read, n, ho, wo, g, k)
-                                w = [_scalar(m * q.weight) for q in smp.corners]
+                                w = [_scalar_binder(cfg)(m * q.weight) for q in smp.corners]
                                 with chan(0, C) as c:
-                                    a[c] = a[c] + sum(wq * tirx.Cast(acc, x[n, q.y, q.x, g, c]) for wq, q in zip(w, smp.corners))
+                                    a[c] = a[c] + sum(wq * tirx.Cast(acc, x[n, q.y, q.x, g * C + c]) for wq, q in zip(w, smp.corners))
                             with chan(0, C) as c:
-                                out[n, ho, wo, g, c] = tirx.Cast(cfg.dtype, a[c])
+                                out[n, ho, wo, g * C + c] = tirx.Cast(cfg.dtype, a[c])
     return ib.get()
 
 
-def _point_grads(cfg, acc, smp: Sample, value, grad, C, red):
+def _point_grads(cfg, acc, smp: Sample, value, grad, C, red, vector: bool = False):
     """red[0..2] <- sum_c grad(c) * (B_c, dB/dlx, dB/dly) for one point (value(q, c): corner q's
-    value at channel c, zero when not valid)."""
+    value at channel c, zero when not valid). vector: per-channel terms in a vectorised loop,
+    then a short serial sum (TIR cannot vectorise a loop-carried reduction)."""
     q00, q01, q10, q11 = smp.corners
+    bind = _scalar_binder(cfg)
     one, zero = tirx.const(1, acc), tirx.const(0, acc)
-    hy, hx = _scalar(one - smp.ly), _scalar(one - smp.lx)
+    hy, hx = bind(one - smp.ly), bind(one - smp.lx)
+
+    def terms(v, gc):
+        return (gc * (q00.weight * v[0] + q01.weight * v[1] + q10.weight * v[2] + q11.weight * v[3]),
+                gc * (hy * (v[1] - v[0]) + smp.ly * (v[3] - v[2])),
+                gc * (hx * (v[2] - v[0]) + smp.lx * (v[3] - v[1])))
+
     for i in range(3):
         red[i] = zero
-    with T.serial(0, C) as c:
-        v = [_scalar(value(q, c)) for q in smp.corners]
-        gc = _scalar(grad(c))
-        red[0] = red[0] + gc * (q00.weight * v[0] + q01.weight * v[1] + q10.weight * v[2] + q11.weight * v[3])
-        red[1] = red[1] + gc * (hy * (v[1] - v[0]) + smp.ly * (v[3] - v[2]))
-        red[2] = red[2] + gc * (hx * (v[2] - v[0]) + smp.lx * (v[3] - v[1]))
+    if vector:
+        t = _alloc(cfg, (3, C), acc)
+        with T.vectorized(0, C) as c:
+            for i, term in enumerate(terms([value(q, c) for q in smp.corners], grad(c))):
+                t[i, c] = term
+        with T.serial(0, C) as c:
+            for i in range(3):
+                red[i] = red[i] + t[i, c]
+    else:
+        with T.serial(0, C) as c:
+            for i, term in enumerate(terms([bind(value(q, c)) for q in smp.corners], bind(grad(c)))):
+                red[i] = red[i] + term
 
 
 def _store_point_grads(cfg, acc, goff, gmsk, n, ho, wo, g, k, m, red):
@@ -288,12 +316,12 @@ def _backward_cpu(cfg: DCNConfig, params: dict, s: Shapes, ins, outs):
             n = tirx.indexdiv(task, G)
             g = tirx.indexmod(task, G)
             if direct:
-                plane, at = gx, (lambda y, xx, c: (n, y, xx, g, c))
+                plane, at = gx, (lambda y, xx, c: (n, y, xx, g * C + c))
             else:
                 plane = T.buffer_proxy(T.alloc_buffer((s.H, s.W, C), acc, scope="global"))
                 at = lambda y, xx, c: (y, xx, c)  # noqa: E731
-            red = T.buffer_proxy(T.alloc_buffer((3,), acc, scope="local"))
-            go = T.buffer_proxy(T.alloc_buffer((C,), acc, scope="local"))
+            red = _alloc(cfg, (3,), acc)
+            go = _alloc(cfg, (C,), acc)
             with T.serial(0, s.H) as y:
                 with T.serial(0, s.W) as xx:
                     with chan(0, C) as c:
@@ -301,13 +329,13 @@ def _backward_cpu(cfg: DCNConfig, params: dict, s: Shapes, ins, outs):
             with T.serial(0, s.Ho) as ho:
                 with T.serial(0, s.Wo) as wo:
                     with chan(0, C) as c:
-                        go[c] = tirx.Cast(acc, gout[n, ho, wo, g, c])
+                        go[c] = tirx.Cast(acc, gout[n, ho, wo, g * C + c])
                     with T.serial(0, P) as k:
                         smp, m = _locate_point(cfg, acc, s, read, n, ho, wo, g, k)
-                        _point_grads(cfg, acc, smp, lambda q, c: tirx.Select(q.valid, tirx.Cast(acc, x[n, q.y, q.x, g, c]), zero), lambda c: go[c], C, red)
+                        _point_grads(cfg, acc, smp, lambda q, c: tirx.Select(q.valid, tirx.Cast(acc, x[n, q.y, q.x, g * C + c]), zero), lambda c: go[c], C, red, vector=bool(params["vector"]))
                         # Invalid corners have weight 0 and a clamped (legal) index: adding 0 is harmless.
                         for q in smp.corners:
-                            mw = _scalar(m * q.weight)
+                            mw = _scalar_binder(cfg)(m * q.weight)
                             with chan(0, C) as c:
                                 plane[at(q.y, q.x, c)] = plane[at(q.y, q.x, c)] + go[c] * mw
                         _store_point_grads(cfg, acc, goff, gmsk, n, ho, wo, g, k, m, red)
@@ -315,7 +343,7 @@ def _backward_cpu(cfg: DCNConfig, params: dict, s: Shapes, ins, outs):
                 with T.serial(0, s.H) as y:
                     with T.serial(0, s.W) as xx:
                         with chan(0, C) as c:
-                            gx[n, y, xx, g, c] = tirx.Cast(cfg.dtype, plane[y, xx, c])
+                            gx[n, y, xx, g * C + c] = tirx.Cast(cfg.dtype, plane[y, xx, c])
     return ib.get()
 
 
@@ -350,25 +378,25 @@ def _forward_cuda(cfg: DCNConfig, params: dict, s: Shapes, ins, outs):
                     n = tirx.indexdiv(pix, s.Ho * s.Wo)
                     ho = tirx.indexmod(tirx.indexdiv(pix, s.Wo), s.Ho)
                     wo = tirx.indexmod(pix, s.Wo)
-                    a = T.buffer_proxy(T.alloc_buffer((vec,), acc, scope="local"))
+                    a = _alloc(cfg, (vec,), acc)
                     with T.unroll(0, vec) as v:
                         a[v] = tirx.const(0, acc)
                     with T.serial(0, P) as k:
                         smp, m = _locate_point(cfg, acc, s, read, n, ho, wo, g, k)
-                        w = [_scalar(m * q.weight) for q in smp.corners]
+                        w = [_scalar_binder(cfg)(m * q.weight) for q in smp.corners]
                         corner_vals = []
                         for q in smp.corners:
-                            cv = T.buffer_proxy(T.alloc_buffer((vec,), cfg.dtype, scope="local"))
+                            cv = _alloc(cfg, (vec,), cfg.dtype)
                             with T.vectorized(0, vec) as v:
-                                cv[v] = x[n, q.y, q.x, g, cc * vec + v]
+                                cv[v] = x[n, q.y, q.x, g * C + cc * vec + v]
                             corner_vals.append(cv)
                         with T.unroll(0, vec) as v:
                             a[v] = a[v] + sum(wq * tirx.Cast(acc, cv[v]) for wq, cv in zip(w, corner_vals))
-                    res = T.buffer_proxy(T.alloc_buffer((vec,), cfg.dtype, scope="local"))
+                    res = _alloc(cfg, (vec,), cfg.dtype)
                     with T.unroll(0, vec) as v:
                         res[v] = tirx.Cast(cfg.dtype, a[v])
                     with T.vectorized(0, vec) as v:
-                        out[n, ho, wo, g, cc * vec + v] = res[v]
+                        out[n, ho, wo, g * C + cc * vec + v] = res[v]
     return ib.get()
 
 
@@ -404,7 +432,7 @@ def _backward_cuda(cfg: DCNConfig, params: dict, s: Shapes, ins, outs):
             with T.frame_scope(frames):
                 with T.If(tid < n_x):
                     with T.Then():
-                        gacc_buf[_unflatten(tid, (s.N, s.H, s.W, G, C))] = zero
+                        gacc_buf[_unflatten(tid, (s.N, s.H, s.W, G * C))] = zero
             total = s.N * s.Ho * s.Wo * G
             frames, tid = _threads(total, threads)
             with T.frame_scope(frames):
@@ -415,24 +443,24 @@ def _backward_cuda(cfg: DCNConfig, params: dict, s: Shapes, ins, outs):
                         n = tirx.indexdiv(pix, s.Ho * s.Wo)
                         ho = tirx.indexmod(tirx.indexdiv(pix, s.Wo), s.Ho)
                         wo = tirx.indexmod(pix, s.Wo)
-                        red = T.buffer_proxy(T.alloc_buffer((3,), acc, scope="local"))
+                        red = _alloc(cfg, (3,), acc)
                         with T.serial(0, P) as k:
                             smp, m = _locate_point(cfg, acc, s, read, n, ho, wo, g, k)
-                            _point_grads(cfg, acc, smp, lambda q, c: tirx.Select(q.valid, tirx.Cast(acc, x[n, q.y, q.x, g, c]), zero),
-                                         lambda c: tirx.Cast(acc, gout[n, ho, wo, g, c]), C, red)
+                            _point_grads(cfg, acc, smp, lambda q, c: tirx.Select(q.valid, tirx.Cast(acc, x[n, q.y, q.x, g * C + c]), zero),
+                                         lambda c: tirx.Cast(acc, gout[n, ho, wo, g * C + c]), C, red)
                             for q in smp.corners:
-                                mw = _scalar(m * q.weight)
+                                mw = _scalar_binder(cfg)(m * q.weight)
                                 with T.If(q.valid):
                                     with T.Then():
                                         with T.serial(0, C) as c:
-                                            _atomic_add(gacc_buf, (n, q.y, q.x, g, c), tirx.Cast(acc, gout[n, ho, wo, g, c]) * mw)
+                                            _atomic_add(gacc_buf, (n, q.y, q.x, g * C + c), tirx.Cast(acc, gout[n, ho, wo, g * C + c]) * mw)
                             _store_point_grads(cfg, acc, goff, gmsk, n, ho, wo, g, k, m, red)
             if gacc_buf is not gx:
                 frames, tid = _threads(n_x, threads)
                 with T.frame_scope(frames):
                     with T.If(tid < n_x):
                         with T.Then():
-                            idx = _unflatten(tid, (s.N, s.H, s.W, G, C))
+                            idx = _unflatten(tid, (s.N, s.H, s.W, G * C))
                             gx[idx] = tirx.Cast(cfg.dtype, gacc_buf[idx])
     return ib.get()
 

@@ -1,0 +1,87 @@
+"""TVMScript -> TVM llvm library; loaded through TVM's runtime (its parallel loops need TVM's
+thread pool, which tvm_ffi.load_module alone does not provide: see FEASIBILITY.md)."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+from ..errors import BuildError
+from ..source import KernelSource
+from . import LIBRARY
+from .cpp import _cpu_model
+
+
+@functools.lru_cache(maxsize=1)
+def version() -> str:
+    """TVM's version and the CPU model (kernels are compiled for this CPU)."""
+    import tvm
+
+    return f"tvm {tvm.__version__} | {_cpu_model()}"
+
+
+def _target(source: KernelSource) -> dict:
+    for flag in source.flags:
+        if flag.startswith("target="):
+            return json.loads(flag[len("target=") :])
+    return {"kind": "llvm"}
+
+
+def compile(source: KernelSource, out_dir: Path) -> dict:
+    """Parse the TVMScript text back into an IRModule, compile it for llvm, export kernel.so."""
+    import tvm
+    from tvm.script import from_source
+
+    src_path = str(out_dir / f"kernel{source.suffix}")
+    try:
+        mod = from_source(source.text)
+    except Exception as e:  # parser errors carry the offending line
+        raise BuildError("TVMScript did not parse", command="tvm.script.from_source", source_path=src_path, log=str(e)) from None
+    target = _target(source)
+    try:
+        ex = tvm.compile(mod, target=target)
+        ex.export_library(str(out_dir / LIBRARY))
+    except Exception as e:
+        raise BuildError("TVM compilation failed", command=f"tvm.compile(target={target})", source_path=src_path, log=str(e)) from None
+    return {"tvm_target": target}
+
+
+class _Module:
+    """forward/backward with the shared kernel ABI over TVM's functions.
+
+    forward(x, offset, mask, out); backward(x, offset, mask, grad_out, grad_x, grad_offset, grad_mask).
+    x (N, H, W, G*C); DCNv4: offset and mask are the same packed (N, Ho, Wo, Cpad) tensor (and
+    grad_offset / grad_mask the same gradient tensor); DCNv3: offset (N, Ho, Wo, G*P*2), mask
+    (N, Ho, Wo, G*P). TVM's functions take each distinct tensor once, outputs last.
+    """
+
+    def __init__(self, path: Path):
+        import tvm
+
+        self._mod = tvm.runtime.load_module(str(path))
+        self._fwd = self._mod["forward"]
+        self._bwd = self._mod["backward"]
+        try:
+            self.op = json.loads((Path(path).parent / "meta.json").read_text())["config"]["op"]
+        except (OSError, ValueError, KeyError):
+            self.op = None  # loaded outside an artifact: decide per call
+
+    def _packed(self, offset, mask) -> bool:
+        return self.op == "dcnv4" if self.op else offset is mask
+
+    def forward(self, x, offset, mask, out):
+        if self._packed(offset, mask):
+            self._fwd(x, offset, out)
+        else:
+            self._fwd(x, offset, mask, out)
+
+    def backward(self, x, offset, mask, grad_out, grad_x, grad_offset, grad_mask):
+        if self._packed(offset, mask):
+            self._bwd(x, offset, grad_out, grad_x, grad_offset)
+        else:
+            self._bwd(x, offset, mask, grad_out, grad_x, grad_offset, grad_mask)
+
+
+def load(path: Path) -> _Module:
+    return _Module(path)

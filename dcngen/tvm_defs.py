@@ -174,7 +174,10 @@ def _locate_point(cfg, acc, s: Shapes, read, n, ho, wo, g, k):
 def _extern(cfg: DCNConfig, name: str, inputs, outputs, body):
     """te.extern over `outputs` = [(name, shape, dtype)] -> PrimFunc with global symbol `name`."""
     bufs = [tirx.decl_buffer(shape, dt, nm) for nm, shape, dt in outputs]
-    res = te.extern([b.shape for b in bufs], inputs, body, dtype=[b.dtype for b in bufs], out_buffers=bufs, name=f"dcn_{name}")
+    # Inputs without symbolic element offsets: the CUDA kernels then take only data pointers and
+    # the shape variables, which our own launcher supplies.
+    in_bufs = [tirx.decl_buffer(t.shape, t.dtype, t.op.name, elem_offset=0) for t in inputs]
+    res = te.extern([b.shape for b in bufs], inputs, body, dtype=[b.dtype for b in bufs], in_buffers=in_bufs, out_buffers=bufs, name=f"dcn_{name}")
     res = list(res) if isinstance(res, (list, tuple)) else [res]
     return te.create_prim_func([*inputs, *res]).with_attr("global_symbol", name)
 

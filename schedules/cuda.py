@@ -7,7 +7,8 @@ Backward: one thread per (output pixel, group) over all C channels (private offs
 gradient reductions), fp32 atomicAdd scatter into the input-gradient accumulator; blocks of
 `threads`.
 
-Parameters (ints; PARAM_BOUNDS; records/cuda.json replays tuned values per config and arch):
+Parameters (ints; PARAM_BOUNDS; tuned values are replayed as DCNConfig.params from
+the records under records/, see dcngen/records.py):
   threads  threads per block (both kernels)
   vec      channels per forward thread; must divide group_channels
 """

@@ -5,7 +5,8 @@ group's C channels; the P points outside, the channel loop vectorised inside.
 Backward: one parallel task per (image, group) (the race-free input-gradient scatter, see
 tvm_defs._backward_cpu); channel loops vectorised.
 
-Parameters (ints; searched by tuning within PARAM_BOUNDS, replayed from records/llvm.json):
+Parameters (ints; searched by tuning within PARAM_BOUNDS; tuned values are replayed as DCNConfig.params
+from the records under records/, see dcngen/records.py):
   pixels_per_task  output pixels per parallel work item of the forward
   unroll_points    1 unrolls the loop over the P sampling points (forward)
   vector           1 vectorises the channel loops (forward and backward)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-from pathlib import Path
 
 from ..config import DCNConfig
 from ..errors import ConfigError
@@ -33,23 +32,11 @@ def schedule_module(target: str):
     return mod
 
 
-def _record(cfg: DCNConfig, target: str) -> dict:
-    """Tuned parameters for cfg from schedules/records/<target>.json ({config key: {param: value}})."""
-    path = SCHEDULE_DIR / "records" / f"{target}.json"
-    try:
-        records = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    entry = records.get(cfg.replace(params=()).key, {})
-    return dict(entry.get("params", entry)) if isinstance(entry, dict) else {}
-
-
 def params_for(cfg: DCNConfig) -> dict[str, int]:
-    """Schedule parameters: heuristic defaults < tuning record < cfg.params (validated)."""
-    target = "cuda" if cfg.is_cuda else "llvm"
-    sched = schedule_module(target)
-    defaults = {**sched.default_params(cfg), **_record(cfg, target)}
-    params = resolve_params(cfg, defaults, sched.PARAM_BOUNDS)
+    """Schedule parameters: the schedule's heuristic defaults, overridden by cfg.params (validated;
+    tuning records reach the generator as cfg.params, see dcngen/records.py)."""
+    sched = schedule_module("cuda" if cfg.is_cuda else "llvm")
+    params = resolve_params(cfg, sched.default_params(cfg), sched.PARAM_BOUNDS)
     if cfg.is_cuda and cfg.group_channels % params["vec"]:
         raise ConfigError("params", f"vec={params['vec']} must divide group_channels={cfg.group_channels}")
     return params

@@ -1,4 +1,4 @@
-"""`dcngen` command line: build, verify, bench, list, show, clean."""
+"""`dcngen` command line: build, verify, bench, tune, list, show, clean."""
 
 import inspect
 import json
@@ -92,10 +92,13 @@ def _config_command(fn):
 
 @app.command()
 @_config_command
-def build(cfg: DCNConfig) -> None:
+def build(cfg: DCNConfig, shape: Annotated[Optional[str], typer.Option("--shape", help="N x H x W: use the tuning record of this shape")] = None) -> None:
     """Generate and compile the kernel of a configuration; print where the artifact is."""
     from .kernels import build_config
+    from .records import bucket, tuned_config
 
+    if shape is not None:
+        cfg = tuned_config(cfg, bucket(_shape(shape)))
     with console.status(f"building {cfg.key}"):
         art = build_config(cfg)
     console.print(f"[green]built[/] {cfg.key}")
@@ -142,6 +145,58 @@ def bench(cfg: DCNConfig, shape: Shape = "8x56x56", rounds: Annotated[int, typer
     for name, c in rows.items():
         table.add_row(name, f"{c.candidate_ms:.3f}", f"{c.baseline_ms:.3f}", f"{c.speedup:.1f}x")
     console.print(table)
+
+
+Shapes = Annotated[Optional[list[str]], typer.Option("--shape", help="N x H x W to tune for, e.g. 8x56x56 (repeatable)")]
+
+
+@app.command()
+@_config_command
+def tune(cfg: DCNConfig, shape: Shapes = None, trials: Annotated[int, typer.Option(help="new candidates to measure per shape")] = 64,
+         time_budget: Annotated[float, typer.Option(help="seconds for the whole run (split over the shapes)")] = 300.0,
+         list_records: Annotated[bool, typer.Option("--list", help="show the stored tuning records and exit")] = False,
+         rpc_tracker: Annotated[Optional[str], typer.Option(help="measure on a TVM RPC server from this tracker, HOST:PORT")] = None,
+         rpc_key: Annotated[Optional[str], typer.Option(help="the RPC server key to request")] = None,
+         seed: Annotated[int, typer.Option(help="seed of the search order")] = 0) -> None:
+    """Search generator parameters by measurement; store the best per machine, config and shape bucket."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import records
+    from .tune import LocalExecutor, RPCExecutor, process_age, tune as run_tune
+
+    if list_records:
+        table = Table(title=f"tuning records in {records.RECORDS_DIR}")
+        for col in ("machine", "config", "bucket N,HW", "best params", "best ms", "default ms", "measured", "failed"):
+            table.add_column(col)
+        for fp, r in records.all_records():
+            table.add_row(fp, r["config"], ",".join(map(str, r["bucket"])), records.params_name(r["best"]["params"]),
+                          f"{r['best']['ms']:.3f}", f"{r['default']['ms']:.3f}", str(len(r["candidates"])), str(r.get("failed", 0)))
+        console.print(table)
+        return
+    if cfg.params:
+        _fail("tune searches the parameters: drop --param")
+    if bool(rpc_tracker) != bool(rpc_key):
+        _fail("--rpc-tracker and --rpc-key go together")
+    shapes = [_shape(s) for s in shape or ["8x56x56"]]
+    time_budget -= process_age()  # the budget covers the whole command
+    executor = RPCExecutor(cfg, rpc_tracker, rpc_key) if rpc_tracker else LocalExecutor(cfg)
+    try:
+        for n, h, w in shapes:
+            with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                          TimeElapsedColumn(), TextColumn("{task.fields[note]}"), console=console) as bar:
+                task = bar.add_task(f"{n}x{h}x{w}", total=trials, note="building the default")
+
+                def report(done, total, best_ms, note, task=task, bar=bar):
+                    bar.update(task, completed=done, description=f"{n}x{h}x{w} best {best_ms:.3f} ms", note=note[-60:])
+
+                result = run_tune(cfg, (n, h, w), trials=trials, time_budget=time_budget / len(shapes), executor=executor,
+                                  seed=seed, progress=report)
+            r = result.record
+            console.print(f"[green]{n}x{h}x{w}[/]: best {records.params_name(r['best']['params'])} {r['best']['ms']:.3f} ms, "
+                          f"default {records.params_name(r['default']['params'])} {r['default']['ms']:.3f} ms, "
+                          f"{len(result.trials)} new candidates ({r['failed']} failed in all) -> {result.path}", highlight=False)
+    finally:
+        executor.close()
 
 
 @app.command("list")

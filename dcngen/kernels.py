@@ -10,6 +10,7 @@ import torch
 from .build import Artifact, build, load
 from .config import DCNConfig
 from .generators import generate
+from .records import bucket, tuned_config
 
 _loaded: dict[DCNConfig, object] = {}
 _lock = threading.Lock()
@@ -20,8 +21,13 @@ def build_config(cfg: DCNConfig) -> Artifact:
     return build(generate(cfg))
 
 
-def kernel_for(cfg: DCNConfig):
-    """The loaded kernel of `cfg` (`.forward`, `.backward`), building it on first use."""
+def kernel_for(cfg: DCNConfig, shape: tuple[int, int, int] | None = None):
+    """The loaded kernel of `cfg` (`.forward`, `.backward`), building it on first use.
+
+    With the input's (N, H, W) `shape` and no cfg.params, the parameters come from the tuning
+    record of the nearest shape bucket (dcngen/records.py), else from the generator's heuristic."""
+    if shape is not None and not cfg.params:
+        cfg = tuned_config(cfg, bucket(shape))
     mod = _loaded.get(cfg)
     if mod is None:
         with _lock:

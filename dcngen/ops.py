@@ -86,7 +86,7 @@ def _forward(cfg: DCNConfig, input, offset, mask):
     ho, wo = cfg.output_size(h, w)
     out = input.new_empty((n, ho, wo, cfg.channels))
     if out.numel():
-        kernel_for(cfg).forward(input.contiguous(), offset.contiguous(), mask.contiguous(), out)
+        kernel_for(cfg, (n, h, w)).forward(input.contiguous(), offset.contiguous(), mask.contiguous(), out)
     return out
 
 
@@ -101,7 +101,7 @@ def _backward(cfg: DCNConfig, grad_out, input, offset, mask, packed: bool):
         mask = mask.contiguous()
         grad_offset, grad_mask = torch.empty_like(offset), torch.empty_like(mask)
     if grad_out.numel():
-        kernel_for(cfg).backward(input, offset, mask, grad_out, grad_input, grad_offset, grad_mask)
+        kernel_for(cfg, tuple(input.shape[:3])).backward(input, offset, mask, grad_out, grad_input, grad_offset, grad_mask)
     else:  # nothing flows back from an empty output
         for t in (grad_input, grad_offset, grad_mask):
             t.zero_()

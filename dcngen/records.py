@@ -1,0 +1,225 @@
+"""Tuning records: measured kernel parameters per target machine, op config and input-shape bucket.
+
+One JSON file per target fingerprint under schedules/records/ (`<fingerprint>.json`, sorted keys,
+indented, so a re-tune reads as a diff). Layout:
+
+    {"fingerprint": "...", "machine": {...},
+     "records": {"<config key>|v<generator version>|n<N>_hw<H*W>": {
+         "config": "<config key>", "generator_version": "1", "bucket": [N, HW], "shape": [n, h, w],
+         "best": {"params": {...}, "ms": t}, "default": {"params": {...}, "ms": t},
+         "candidates": {"name=value,...": ms | "failed: reason"}, "measured": ["forward"], ...}}}
+
+Buckets round N and H*W to the nearest power of two; a lookup takes the record of the nearest
+bucket (log2 distance) with the same fingerprint, config key (without params) and generator
+version. Candidate times are medians scaled by their paired ratio to the default's median (see
+dcngen/tune.py), so times measured minutes apart stay comparable on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import platform
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+from .config import DCNConfig
+from .errors import DCNGenError
+from .settings import REPO_ROOT
+
+RECORDS_DIR = REPO_ROOT / "schedules" / "records"
+FORMAT = 1
+
+
+def generator_version() -> str:
+    from .build import GENERATOR_VERSION
+
+    return GENERATOR_VERSION
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+@functools.lru_cache(maxsize=None)
+def machine(target: str) -> dict:
+    """What the fingerprint of `target` is made of: CPU model and cores, or GPU name and architecture."""
+    if target == "cpu":
+        return {"cpu": _cpu_model(), "cores": _cores()}
+    import torch
+
+    arch = target.split(":", 1)[1]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            if f"sm_{major}{minor}" == arch:
+                return {"gpu": torch.cuda.get_device_name(i), "arch": arch}
+    return {"gpu": None, "arch": arch}  # no such GPU here: match records by architecture only
+
+
+def fingerprint(target: str) -> str:
+    """File stem of `target`'s records, e.g. `cpu-intel-r-xeon-r-processor-2c` or `cuda-nvidia-h100-sm90`."""
+    m = machine(target)
+    if "cpu" in m:
+        return f"cpu-{_slug(m['cpu'])}-{m['cores']}c"
+    return f"cuda-{_slug(m['gpu'] or 'any')}-{m['arch'].replace('_', '')}"
+
+
+def _pow2(v: int) -> int:
+    return 1 << max(0, round(math.log2(max(v, 1))))
+
+
+def bucket(shape: tuple[int, int, int]) -> tuple[int, int]:
+    """(N, H*W) of an (N, H, W) input, each rounded to the nearest power of two."""
+    n, h, w = shape
+    return _pow2(n), _pow2(h * w)
+
+
+def config_key(cfg: DCNConfig) -> str:
+    return cfg.replace(params=()).key if cfg.params else cfg.key
+
+
+def record_key(cfg: DCNConfig, bkt: tuple[int, int]) -> str:
+    return f"{config_key(cfg)}|v{generator_version()}|n{bkt[0]}_hw{bkt[1]}"
+
+
+def params_name(params: dict) -> str:
+    """Canonical text of a parameter set, used as a candidate's key: `a=1,b=2`."""
+    return ",".join(f"{k}={int(v)}" for k, v in sorted(params.items()))
+
+
+def parse_params_name(name: str) -> dict[str, int]:
+    return {k: int(v) for k, _, v in (item.partition("=") for item in name.split(",") if item)}
+
+
+def path_for(target: str, root: Path | None = None) -> Path:
+    return Path(root or RECORDS_DIR) / f"{fingerprint(target)}.json"
+
+
+def load(path: Path) -> dict:
+    """A record file's content; an empty one if it does not exist. Raises DCNGenError if it is malformed."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return {"format": FORMAT, "records": {}}
+    except (OSError, ValueError) as e:
+        raise DCNGenError(f"tuning record file {path} is unreadable: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("records", {}), dict):
+        raise DCNGenError(f"tuning record file {path} has no 'records' object")
+    data.setdefault("records", {})
+    return data
+
+
+def save(path: Path, data: dict) -> None:
+    """Write a record file atomically (temporary file + rename); sorted keys, one field per line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _cached_file.cache_clear()
+    tuned_config.cache_clear()
+
+
+def update(path: Path, target: str, key: str, record: dict) -> None:
+    """Store `record` under `key` in the file at `path` (re-read first, so concurrent tuners of other keys survive)."""
+    from filelock import FileLock
+
+    with FileLock(str(path) + ".lock"):
+        data = load(path)
+        data.update(format=FORMAT, fingerprint=fingerprint(target), machine=machine(target))
+        data["records"][key] = record
+        save(path, data)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_file(path: str, mtime: float) -> dict:
+    return load(Path(path))
+
+
+def _candidate_files(target: str, root: Path | None) -> list[Path]:
+    """This machine's record file; for a CUDA target with no such GPU here, every file of its architecture."""
+    exact = path_for(target, root)
+    if target == "cpu" or machine(target)["gpu"] is not None:
+        return [exact]
+    return sorted(Path(root or RECORDS_DIR).glob(f"cuda-*-{target.split(':', 1)[1].replace('_', '')}.json"))
+
+
+def lookup(cfg: DCNConfig, shape: tuple[int, int, int], root: Path | None = None) -> dict | None:
+    """The record of the nearest shape bucket for cfg on this machine, or None."""
+    want = bucket(shape)
+    prefix = f"{config_key(cfg)}|v{generator_version()}|"
+    best, best_dist = None, math.inf
+    for path in _candidate_files(cfg.target, root):
+        try:
+            data = _cached_file(str(path), path.stat().st_mtime)
+        except (OSError, DCNGenError):
+            continue
+        for key, rec in sorted(data["records"].items()):
+            if not key.startswith(prefix) or not isinstance(rec, dict) or "best" not in rec:
+                continue
+            n, hw = rec["bucket"]
+            dist = abs(math.log2(n / want[0])) + abs(math.log2(hw / want[1]))
+            if dist < best_dist:
+                best, best_dist = rec, dist
+    return best
+
+
+@functools.lru_cache(maxsize=256)
+def tuned_config(cfg: DCNConfig, bkt: tuple[int, int]) -> DCNConfig:
+    """cfg with the best recorded parameters for shape bucket `bkt` (cfg itself if it has params or no record fits).
+
+    A record whose parameters the generator no longer accepts is ignored with a warning."""
+    if cfg.params:
+        return cfg
+    rec = lookup(cfg, (bkt[0], bkt[1], 1))
+    if rec is None or not rec["best"]["params"]:
+        return cfg
+    tuned = cfg.replace(params=tuple(rec["best"]["params"].items()))
+    try:
+        from .generators import generate
+
+        generate(tuned)
+    except DCNGenError as e:
+        warnings.warn(f"ignoring the tuning record of {cfg.key}: {e}", RuntimeWarning, stacklevel=2)
+        return cfg
+    return tuned
+
+
+def all_records(root: Path | None = None) -> list[tuple[str, dict]]:
+    """(fingerprint, record) for every record file under `root`."""
+    out = []
+    for path in sorted(Path(root or RECORDS_DIR).glob("*.json")):
+        try:
+            data = load(path)
+        except DCNGenError:
+            continue
+        out += [(data.get("fingerprint", path.stem), rec) for _, rec in sorted(data["records"].items()) if isinstance(rec, dict) and "best" in rec]
+    return out

@@ -1,0 +1,441 @@
+"""`dcngen tune`: measured search of generator parameters, stored as tuning records (dcngen/records.py).
+
+Per candidate parameter set: generate and build (a build failure scores inf), load it where it
+will run (this process, or a TVM RPC server found through a tracker), check forward and every
+gradient against the float64 reference at a small shape (a mismatch rejects the candidate: it is
+recorded as failed and never chosen), then time it against the default parameters in alternating
+rounds. A candidate's time is the default's calibrated median times the median of the paired
+ratios candidate/default, which keeps times from a noisy, shared machine comparable. The search
+stops on a trial or time budget; the best candidate is re-timed against the default and kept only
+if it is faster. Candidates already in the record file are not measured again (resume).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import records
+from .config import DCNConfig
+from .errors import DCNGenError
+
+GATE_SHAPE = (2, 9, 11)  # small, border-crossing: every candidate is checked here before timing
+MIN_SAMPLE_MS = 10.0  # calls per timing sample are batched up to this
+
+
+@dataclass(frozen=True)
+class Space:
+    """Candidate values per parameter, and the kernel passes the parameters change (what is timed)."""
+
+    values: dict[str, tuple[int, ...]]
+    passes: tuple[str, ...] = ("forward", "backward")
+
+
+def _pow2_upto(lo: int, hi: int) -> tuple[int, ...]:
+    return tuple(1 << i for i in range(lo.bit_length() - 1, hi.bit_length()) if lo <= 1 << i <= hi)
+
+
+def space_for(cfg: DCNConfig) -> Space:
+    """The search space of cfg's generator (see its PARAM_BOUNDS and default_params)."""
+    p = cfg.num_points
+    if cfg.backend == "template" and not cfg.is_cuda:
+        # both knobs shape the forward only (the backward runs one task per (image, group))
+        unroll = tuple(sorted({1, 2, 3, 4, p} & set(range(1, 65))))
+        return Space({"pixel_chunk": _pow2_upto(1, 256), "unroll_points": unroll}, passes=("forward",))
+    if cfg.backend == "template":
+        vec = _pow2_upto(1, 16)
+        return Space({
+            "vec": vec, "pixels": _pow2_upto(1, 64), "unroll": tuple(sorted({1, 2, p})),
+            "bwd_vec": vec, "bwd_pixels": _pow2_upto(1, 64), "bwd_unroll": (1, 2, 4), "min_blocks": (1, 2, 4),
+        })
+    if not cfg.is_cuda:
+        return Space({"pixels_per_task": _pow2_upto(1, 256), "unroll_points": (0, 1), "vector": (0, 1)})
+    itemsize = {"float64": 8, "float32": 4}.get(cfg.dtype, 2)
+    vec = tuple(v for v in (1, 2, 4, 8, 16) if cfg.group_channels % v == 0 and v * itemsize <= 16)
+    return Space({"threads": _pow2_upto(32, 1024), "vec": vec})
+
+
+def default_params(cfg: DCNConfig) -> dict[str, int]:
+    """The parameters the generator picks by itself for cfg (its heuristic, ignoring any record)."""
+    from .generators import generate
+
+    return dict(generate(cfg.replace(params=())).params)
+
+
+def _valid(cfg: DCNConfig, params: dict) -> bool:
+    """Whether the generator accepts `params` (template generators: a cheap render; TVM: checked at build)."""
+    if cfg.backend != "template":
+        return True
+    from .generators import generate
+
+    try:
+        generate(cfg.replace(params=tuple(params.items())))
+    except DCNGenError:
+        return False
+    return True
+
+
+def candidates(cfg: DCNConfig, space: Space, default: dict, seed: int = 0):
+    """Parameter sets in search order: the default, then one parameter varied at a time, then the
+    rest of the grid in a seeded random order (sampled when the grid is large). Invalid sets are skipped."""
+    names = sorted(space.values)
+    seen: set[str] = set()
+
+    def emit(params):
+        name = records.params_name(params)
+        if name not in seen:
+            seen.add(name)
+            if _valid(cfg, params):
+                return params
+        return None
+
+    ordered = [dict(default)]
+    for name in names:
+        ordered += [{**default, name: v} for v in space.values[name] if v != default.get(name)]
+    rng = random.Random(seed)
+    size = math.prod(len(space.values[n]) for n in names)
+    if size <= 4096:
+        rest = [dict(zip(names, combo)) for combo in itertools.product(*(space.values[n] for n in names))]
+        rng.shuffle(rest)
+    else:
+        rest = ({n: rng.choice(space.values[n]) for n in names} for _ in range(4 * 4096))
+    for params in itertools.chain(ordered, ({**default, **r} for r in rest)):
+        if (ok := emit(params)) is not None:
+            yield ok
+
+
+# ---- where candidates run ---------------------------------------------------------------------
+class LocalExecutor:
+    """Runs artifacts in this process (CPU, or the visible GPU for a CUDA target)."""
+
+    def __init__(self, cfg: DCNConfig):
+        self.device = "cuda" if cfg.is_cuda else "cpu"
+        self.where = "local " + self.device
+
+    def load(self, cfg: DCNConfig, artifact):
+        from .kernels import kernel_for
+
+        return kernel_for(cfg)  # cfg carries explicit params: no record lookup
+
+    def put(self, t: torch.Tensor):
+        return t.to(self.device)
+
+    def get(self, t) -> torch.Tensor:
+        return t.cpu()
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def timer(self, mod, calls: list[tuple[str, tuple]], number: int) -> Callable[[], float]:
+        fns = [(getattr(mod, name), args) for name, args in calls]
+
+        def sample() -> float:
+            self.sync()
+            start = time.perf_counter()
+            for _ in range(number):
+                for fn, args in fns:
+                    fn(*args)
+            self.sync()
+            return (time.perf_counter() - start) * 1e3 / number
+
+        return sample
+
+    def close(self) -> None:
+        pass
+
+
+class _RemoteModule:
+    """forward/backward of an artifact loaded on an RPC server, with the shared kernel ABI."""
+
+    def __init__(self, mod, language: str, packed: bool):
+        self.mod = mod
+        self.dedupe = language == "tvm" and packed  # TVM's functions take the packed tensor once
+
+    def args(self, name: str, args: tuple) -> tuple:
+        if not self.dedupe:
+            return args
+        if name == "forward":
+            x, off, _mask, out = args
+            return x, off, out
+        x, off, _mask, go, gx, goff, _gmask = args
+        return x, off, go, gx, goff
+
+    def forward(self, *args):
+        self.mod["forward"](*self.args("forward", args))
+
+    def backward(self, *args):
+        self.mod["backward"](*self.args("backward", args))
+
+
+class RPCExecutor:
+    """Runs artifacts on a TVM RPC server requested from a tracker: the library is uploaded and
+    loaded there, checked there, and timed there with TVM's time_evaluator."""
+
+    def __init__(self, cfg: DCNConfig, tracker: str, key: str, session_timeout: int = 0):
+        from tvm import rpc
+
+        host, _, port = tracker.rpartition(":")
+        if not host or not port.isdigit():
+            raise DCNGenError(f"--rpc-tracker must be HOST:PORT, got {tracker!r}")
+        try:
+            self.session = rpc.connect_tracker(host, int(port)).request(key, priority=1, session_timeout=session_timeout)
+        except Exception as e:  # tracker unreachable, no server under that key
+            raise DCNGenError(f"no RPC session for key {key!r} from tracker {tracker}: {e}") from None
+        self.dev = self.session.cuda(0) if cfg.is_cuda else self.session.cpu(0)
+        self.where = f"rpc {key}@{tracker}"
+        self._put: dict[int, tuple[torch.Tensor, object]] = {}
+
+    def load(self, cfg: DCNConfig, artifact):
+        name = f"{artifact.path.name}.so"
+        self.session.upload(str(artifact.library), name)
+        return _RemoteModule(self.session.load_module(name), artifact.meta["language"], cfg.op == "dcnv4")
+
+    def put(self, t: torch.Tensor):
+        import tvm
+
+        hit = self._put.get(id(t))  # aliased tensors (DCNv4's packed offset/mask) stay one remote tensor
+        if hit is None or hit[0] is not t:
+            hit = self._put[id(t)] = (t, tvm.runtime.tensor(t.contiguous().numpy(), device=self.dev))
+        return hit[1]
+
+    def get(self, t) -> torch.Tensor:
+        return torch.from_numpy(t.numpy())
+
+    def timer(self, mod: _RemoteModule, calls: list[tuple[str, tuple]], number: int) -> Callable[[], float]:
+        evals = [(mod.mod.time_evaluator(name, self.dev, number=number, repeat=1), mod.args(name, args)) for name, args in calls]
+        return lambda: sum(f(*args).mean for f, args in evals) * 1e3
+
+    def close(self) -> None:
+        self._put.clear()
+        self.session = None
+
+
+# ---- one candidate ----------------------------------------------------------------------------
+def _kernel_args(cfg: DCNConfig, executor, n: int, h: int, w: int, seed: int = 0):
+    """(inputs as torch, forward args, backward args) on the executor for a random problem."""
+    from .verify import TORCH_DTYPE, random_problem
+
+    problem = random_problem(cfg, n, h, w, seed=seed)
+    dtype = TORCH_DTYPE[cfg.dtype]
+    inputs = problem.op_inputs(dtype)
+    x, off, mask = (inputs[0], inputs[1], inputs[1]) if cfg.op == "dcnv4" else inputs
+    ho, wo = cfg.output_size(h, w)
+    out = torch.zeros((n, ho, wo, cfg.channels), dtype=dtype)
+    grad_out = problem.grad_out.to(dtype)
+    gx, goff = torch.zeros_like(x), torch.zeros_like(off)
+    gmask = goff if cfg.op == "dcnv4" else torch.zeros_like(mask)
+    host = (x, off, mask, out, grad_out, gx, goff, gmask)
+    dev = [executor.put(t) for t in host]
+    fwd = (dev[0], dev[1], dev[2], dev[3])
+    bwd = (dev[0], dev[1], dev[2], dev[4], dev[5], dev[6], dev[7])
+    return problem, inputs, fwd, bwd, dev
+
+
+def check(cfg: DCNConfig, executor, mod) -> dict[str, float]:
+    """Max relative error of forward and gradients of `mod` vs the float64 reference at GATE_SHAPE."""
+    from .verify import rel_err, run_reference
+
+    problem, inputs, fwd, bwd, dev = _kernel_args(cfg, executor, *GATE_SHAPE)
+    mod.forward(*fwd)
+    mod.backward(*bwd)
+    ref = [t.detach().double().requires_grad_() for t in inputs]
+    expected = run_reference(cfg, tuple(ref))
+    expected.backward(problem.grad_out.to(inputs[0].dtype).double())
+    out, gx, goff, gmask = (executor.get(t) for t in (dev[3], dev[5], dev[6], dev[7]))
+    errors = {"output": rel_err(out, expected), "grad_input": rel_err(gx, ref[0].grad)}
+    if cfg.op == "dcnv4":
+        errors["grad_offset_mask"] = rel_err(goff, ref[1].grad)
+    else:
+        errors.update(grad_offset=rel_err(goff, ref[1].grad), grad_mask=rel_err(gmask, ref[2].grad))
+    return errors
+
+
+@dataclass
+class Trial:
+    params: dict
+    ms: float = math.inf  # drift-corrected median (see module docstring); inf when failed
+    failure: str | None = None
+
+    @property
+    def value(self):
+        return round(self.ms, 4) if self.failure is None else f"failed: {self.failure}"
+
+
+class _Measure:
+    """Builds, checks and times candidates of one config at one shape against the default's timer."""
+
+    def __init__(self, cfg: DCNConfig, shape, executor, space: Space, rounds: int):
+        self.cfg, self.shape, self.executor, self.space, self.rounds = cfg, shape, executor, space, rounds
+        self.args = None
+        self.number = 1
+
+    def load(self, params: dict):
+        """(loaded module, None) or (None, failure reason) after building and checking `params`."""
+        from .build import build
+        from .generators import generate
+        from .verify import TOLERANCE
+
+        cand = self.cfg.replace(params=tuple(params.items()))
+        try:
+            artifact = build(generate(cand))
+        except DCNGenError as e:
+            return None, f"build: {str(e).splitlines()[0][:160]}"
+        try:
+            mod = self.executor.load(cand, artifact)
+            errors = check(cand, self.executor, mod)
+        except Exception as e:  # a candidate that crashes the call is rejected like a wrong one
+            return None, f"run: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        tol = TOLERANCE[cand.dtype]
+        bad = {k: v for k, v in errors.items() if not v < tol}
+        if bad:
+            return None, "verify: " + ", ".join(f"{k} rel. error {v:.2e} > {tol:g}" for k, v in bad.items())
+        return mod, None
+
+    def timer(self, mod) -> Callable[[], float]:
+        if self.args is None:
+            _, _, fwd, bwd, _ = _kernel_args(self.cfg, self.executor, *self.shape, seed=1)
+            self.args = {"forward": fwd, "backward": bwd}
+        return self.executor.timer(mod, [(p, self.args[p]) for p in self.space.passes], self.number)
+
+    def calibrate(self, mod, rounds: int) -> float:
+        """Median ms of the default; sets calls per sample so a sample lasts >= MIN_SAMPLE_MS."""
+        first = self.timer(mod)
+        first()  # warm-up (first touch, thread pool start)
+        self.number = max(1, math.ceil(MIN_SAMPLE_MS / max(first(), 1e-3)))
+        sample = self.timer(mod)
+        sample()
+        return statistics.median(sample() for _ in range(rounds))
+
+    def paired(self, a: Callable[[], float], b: Callable[[], float], rounds: int) -> tuple[float, float, float]:
+        """Alternating rounds (order flipped each round) after one warm-up each: (median a, median b, median a/b)."""
+        a(), b()
+        ta, tb = [], []
+        for r in range(rounds):
+            for sink, fn in ((ta, a), (tb, b)) if r % 2 == 0 else ((tb, b), (ta, a)):
+                sink.append(fn())
+        return statistics.median(ta), statistics.median(tb), statistics.median(x / y for x, y in zip(ta, tb))
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux; 0 elsewhere): a CLI budget includes the start-up."""
+    try:
+        start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        return max(0.0, float(Path("/proc/uptime").read_text().split()[0]) - start)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+@dataclass
+class TuneResult:
+    key: str
+    record: dict
+    trials: list[Trial] = field(default_factory=list)
+    path: Path | None = None
+
+
+def tune(cfg: DCNConfig, shape: tuple[int, int, int], *, trials: int = 64, time_budget: float = 300.0, rounds: int = 7,
+         executor=None, root: Path | None = None, seed: int = 0, space: Space | None = None,
+         progress: Callable[[int, int, float, str], None] | None = None) -> TuneResult:
+    """Search cfg's parameters at input `shape` (N, H, W); write and return the record.
+
+    Stops after `trials` new measurements or when `time_budget` seconds would be exceeded (the
+    final re-timing of the best against the default is kept inside the budget).
+    progress(done, total, best_ms, note) is called after each candidate.
+    """
+    started = time.monotonic()
+    deadline = started + time_budget
+    cfg = cfg.replace(params=())
+    space = space or space_for(cfg)
+    default = default_params(cfg)
+    bkt = records.bucket(shape)
+    key = records.record_key(cfg, bkt)
+    path = records.path_for(cfg.target, root)
+    previous = records.load(path)["records"].get(key, {})
+    measured: dict[str, object] = dict(previous.get("candidates", {}))
+    own_executor = executor is None
+    executor = executor or LocalExecutor(cfg)
+    m = _Measure(cfg, shape, executor, space, rounds)
+    done: list[Trial] = []
+    try:
+        base_mod, failure = m.load(default)
+        if failure:
+            raise DCNGenError(f"the default parameters of {cfg.key} fail: {failure}")
+        base_ms = m.calibrate(base_mod, rounds=2 * rounds + 1)
+        base = m.timer(base_mod)
+        measured[records.params_name(default)] = round(base_ms, 4)
+        trial_s = []
+
+        def save(final: dict | None = None) -> None:
+            rec = {
+                "config": records.config_key(cfg), "generator_version": records.generator_version(), "bucket": list(bkt),
+                "shape": list(shape), "candidates": measured, "passes": list(space.passes), "executor": executor.where,
+                "default": {"params": default, "ms": round(base_ms, 4)},
+            }
+            records.update(path, cfg.target, key, {**rec, **(final or {})})
+
+        best_ms = min((v for v in measured.values() if isinstance(v, (int, float))), default=base_ms)
+        total = trials
+        if progress:
+            progress(0, total, best_ms, f"default {base_ms:.3f} ms")
+        reserve = 2 * (2 * rounds + 2) * base_ms * m.number / 1e3 * len(space.passes) + 1.0
+        for params in candidates(cfg, space, default, seed):
+            if len(done) >= trials:
+                break
+            name = records.params_name(params)
+            if name in measured:
+                continue
+            expected = max(trial_s[-5:], default=0.0)
+            if time.monotonic() + expected + reserve > deadline:
+                break
+            t0 = time.monotonic()
+            mod, failure = m.load(params)
+            if failure:
+                trial = Trial(params, failure=failure)
+            else:
+                _, _, ratio = m.paired(m.timer(mod), base, rounds)
+                trial = Trial(params, ms=base_ms * ratio)
+            trial_s.append(time.monotonic() - t0)
+            done.append(trial)
+            measured[name] = trial.value
+            best_ms = min(best_ms, trial.ms)
+            save()
+            if progress:
+                progress(len(done), total, best_ms, f"{name}: {trial.value}")
+
+        # the best recorded candidate against the default, paired, with twice the rounds
+        ranked = sorted((v, n) for n, v in measured.items() if isinstance(v, (int, float)) and n != records.params_name(default))
+        best_params, best, confirm = default, base_ms, None
+        if ranked and ranked[0][0] < base_ms:
+            cand = records.parse_params_name(ranked[0][1])
+            mod, failure = m.load(cand)
+            if failure:  # measured by an earlier run, broken now (toolchain change): drop it
+                measured[ranked[0][1]] = f"failed: {failure}"
+            else:
+                cand_ms, def_ms, ratio = m.paired(m.timer(mod), base, 2 * rounds)
+                confirm = {"candidate_ms": round(cand_ms, 4), "default_ms": round(def_ms, 4), "ratio": round(ratio, 4)}
+                if ratio < 1.0:
+                    best_params, best = cand, base_ms * ratio
+        ok = [v for v in measured.values() if isinstance(v, (int, float))]
+        final = {
+            "best": {"params": best_params, "ms": round(best, 4)},
+            "confirm": confirm,
+            "spread_ms": [round(min(ok), 4), round(statistics.median(ok), 4), round(max(ok), 4)] if ok else None,
+            "failed": sum(1 for v in measured.values() if not isinstance(v, (int, float))),
+            "tune_seconds": round(time.monotonic() - started, 1),
+        }
+        save(final)
+        result = records.load(path)["records"][key]
+        return TuneResult(key, result, done, path)
+    finally:
+        if own_executor:
+            executor.close()

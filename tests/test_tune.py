@@ -1,0 +1,171 @@
+"""Tuning: record round-trip and bucket lookup, correctness gating of candidates, the JIT hook, RPC on loopback."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import pytest
+
+from dcngen import kernels, records, tune
+from dcngen.config import DCNConfig
+from dcngen.generators import template_cpu
+
+CFG = DCNConfig(op="dcnv4", group=2, group_channels=8)
+SHAPE = (1, 8, 8)
+
+
+def _record(cfg: DCNConfig, bkt, best: dict, ms: float = 1.0) -> dict:
+    default = tune.default_params(cfg)
+    return {"config": records.config_key(cfg), "generator_version": records.generator_version(), "bucket": list(bkt),
+            "shape": [bkt[0], 8, 8], "best": {"params": best, "ms": ms}, "default": {"params": default, "ms": 2 * ms},
+            "candidates": {records.params_name(best): ms, records.params_name(default): 2 * ms}}
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    """An empty records directory, and no stale lookups cached from other tests."""
+    monkeypatch.setattr(records, "RECORDS_DIR", tmp_path)
+    records.tuned_config.cache_clear()
+    yield tmp_path
+    records.tuned_config.cache_clear()
+
+
+def test_bucket_rounds_to_nearest_power_of_two():
+    assert records.bucket((8, 56, 56)) == (8, 4096)  # 3136 is nearer 4096 than 2048 in log2
+    assert records.bucket((3, 10, 10)) == (4, 128)
+    assert records.bucket((1, 1, 1)) == (1, 1)
+
+
+def test_record_round_trip_is_sorted_and_readable(root):
+    path = records.path_for("cpu", root)
+    key = records.record_key(CFG, (1, 64))
+    rec = _record(CFG, (1, 64), {"pixel_chunk": 4, "unroll_points": 2})
+    records.update(path, "cpu", key, rec)
+    text = path.read_text()
+    assert json.loads(text)["records"][key] == rec
+    assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
+    assert path.stem == records.fingerprint("cpu") and str(records.machine("cpu")["cores"]) in path.stem
+    assert records.parse_params_name(records.params_name({"b": 2, "a": 1})) == {"a": 1, "b": 2}
+
+
+def test_lookup_picks_nearest_bucket_of_same_config_and_version(root):
+    path = records.path_for("cpu", root)
+    small, large = {"pixel_chunk": 2, "unroll_points": 1}, {"pixel_chunk": 64, "unroll_points": 1}
+    records.update(path, "cpu", records.record_key(CFG, (1, 64)), _record(CFG, (1, 64), small))
+    records.update(path, "cpu", records.record_key(CFG, (8, 4096)), _record(CFG, (8, 4096), large))
+    other = CFG.replace(group_channels=16)
+    records.update(path, "cpu", records.record_key(other, (1, 64)), _record(other, (1, 64), {"pixel_chunk": 1, "unroll_points": 1}))
+    assert records.lookup(CFG, (1, 9, 9))["best"]["params"] == small
+    assert records.lookup(CFG, (16, 56, 56))["best"]["params"] == large
+    assert records.lookup(CFG.replace(dtype="float64"), (1, 8, 8)) is None
+    # a record of another generator version is never replayed
+    data = records.load(path)
+    data["records"] = {k.replace("|v1|", "|v0|"): v for k, v in data["records"].items()}
+    records.save(path, data)
+    assert records.lookup(CFG, (1, 9, 9)) is None
+
+
+def test_jit_path_uses_record_and_falls_back(root):
+    path = records.path_for("cpu", root)
+    best = {"pixel_chunk": 4, "unroll_points": 2}
+    records.update(path, "cpu", records.record_key(CFG, (1, 64)), _record(CFG, (1, 64), best))
+    assert records.tuned_config(CFG, (1, 64)).param_dict == best
+    assert records.tuned_config(CFG.replace(group=3), (1, 64)).params == ()  # no record: heuristic
+    assert records.tuned_config(CFG.replace(params=(("pixel_chunk", 8),)), (1, 64)).param_dict == {"pixel_chunk": 8}
+    # a record the generator no longer accepts is ignored with a warning
+    records.update(path, "cpu", records.record_key(CFG, (1, 64)), _record(CFG, (1, 64), {"pixel_chunk": 99999}))
+    with pytest.warns(RuntimeWarning, match="ignoring the tuning record"):
+        assert records.tuned_config(CFG, (1, 64)).params == ()
+
+
+def test_search_space_and_candidate_order():
+    space = tune.space_for(CFG)
+    default = tune.default_params(CFG)
+    order = list(tune.candidates(CFG, space, default))
+    assert order[0] == default
+    assert len({records.params_name(p) for p in order}) == len(order) == len(space.values["pixel_chunk"]) * len(space.values["unroll_points"])
+    for cfg in (CFG.replace(target="cuda:sm_90"), CFG.replace(backend="tvm")):
+        sp = tune.space_for(cfg)
+        assert set(sp.values) <= set(tune.default_params(cfg)) | {"min_blocks"}
+
+
+def _sign_error_generator(monkeypatch, bad_chunk: int):
+    """The CPU template generator, with the forward output negated when pixel_chunk == bad_chunk."""
+    original = template_cpu.generate
+
+    def generate(cfg):
+        src = original(cfg)
+        if cfg.param_dict.get("pixel_chunk") == bad_chunk:
+            text = src.text.replace("dst[c] = from_acc<scalar_t>(acc[c])", "dst[c] = from_acc<scalar_t>(-acc[c])")
+            assert text != src.text
+            src = dataclasses.replace(src, text=text)
+        return src
+
+    monkeypatch.setattr(template_cpu, "generate", generate)
+    monkeypatch.setattr(kernels, "_loaded", {})  # no kernel loaded by another test stands in for the patched one
+
+
+def test_wrong_candidate_is_rejected_and_never_chosen(root, monkeypatch):
+    _sign_error_generator(monkeypatch, bad_chunk=2)
+    default = tune.default_params(CFG)
+    space = tune.Space({"pixel_chunk": (2, 4), "unroll_points": (default["unroll_points"],)}, passes=("forward",))
+    result = tune.tune(CFG, SHAPE, trials=5, time_budget=120, rounds=3, space=space)
+    cands = result.record["candidates"]
+    bad = records.params_name({**default, "pixel_chunk": 2})
+    assert cands[bad].startswith("failed: verify: output rel. error")
+    assert result.record["best"]["params"]["pixel_chunk"] != 2
+    assert result.record["failed"] == 1
+    assert sorted(k for k, v in cands.items() if isinstance(v, float)) == sorted(
+        records.params_name({**default, "pixel_chunk": c}) for c in (4, default["pixel_chunk"]))
+    # resumable: a second run measures nothing new
+    again = tune.tune(CFG, SHAPE, trials=5, time_budget=120, rounds=3, space=space)
+    assert again.trials == [] and set(again.record["candidates"]) == set(cands)
+    assert again.record["candidates"][bad] == cands[bad]  # only the default is re-timed (the calibration)
+
+
+def test_build_failure_scores_inf(root, monkeypatch):
+    original = template_cpu.generate
+
+    def generate(cfg):
+        src = original(cfg)
+        if cfg.param_dict.get("pixel_chunk") == 4:
+            src = dataclasses.replace(src, text=src.text + "\n#error candidate does not compile\n")
+        return src
+
+    monkeypatch.setattr(template_cpu, "generate", generate)
+    space = tune.Space({"pixel_chunk": (4,), "unroll_points": (tune.default_params(CFG)["unroll_points"],)}, passes=("forward",))
+    result = tune.tune(CFG, SHAPE, trials=2, time_budget=120, rounds=3, space=space)
+    failed = [t for t in result.trials if t.failure]
+    assert failed and failed[0].failure.startswith("build:") and failed[0].ms == float("inf")
+
+
+def test_rpc_loopback_measures_on_the_server(root, monkeypatch):
+    pytest.importorskip("tornado")
+    from tvm.rpc.server import Server
+    from tvm.rpc.tracker import Tracker
+
+    tracker = Tracker("127.0.0.1", port=9190, port_end=9690, silent=True)
+    server = Server("127.0.0.1", port=9700, port_end=9990, key="dcngen-test", tracker_addr=("127.0.0.1", tracker.port), silent=True)
+    try:
+        executor = None
+        for _ in range(50):  # the server registers with the tracker asynchronously
+            try:
+                executor = tune.RPCExecutor(CFG, f"127.0.0.1:{tracker.port}", "dcngen-test", session_timeout=120)
+                break
+            except Exception:
+                time.sleep(0.2)
+        assert executor is not None, "the RPC server never registered with the tracker"
+        _sign_error_generator(monkeypatch, bad_chunk=2)
+        space = tune.Space({"pixel_chunk": (2,), "unroll_points": (tune.default_params(CFG)["unroll_points"],)}, passes=("forward", "backward"))
+        result = tune.tune(CFG, SHAPE, trials=3, time_budget=120, rounds=3, space=space, executor=executor)
+        executor.close()
+        rec = result.record
+        assert rec["executor"].startswith("rpc dcngen-test@")
+        bad = records.params_name({**tune.default_params(CFG), "pixel_chunk": 2})
+        assert rec["candidates"][bad].startswith("failed: verify")  # checked on the server, not here
+        assert isinstance(rec["default"]["ms"], float) and rec["default"]["ms"] > 0
+    finally:
+        server.terminate()
+        tracker.terminate()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 
 from ..errors import BuildError
@@ -57,6 +58,7 @@ class _Module:
     """
 
     def __init__(self, path: Path):
+        _use_all_cores()
         import tvm
 
         self._mod = tvm.runtime.load_module(str(path))
@@ -81,6 +83,15 @@ class _Module:
             self._bwd(x, offset, grad_out, grad_x, grad_offset)
         else:
             self._bwd(x, offset, mask, grad_out, grad_x, grad_offset, grad_mask)
+
+
+def _use_all_cores() -> None:
+    """TVM's thread pool defaults to half the logical CPUs on x86 (it assumes hyper-threads) and
+    sizes itself once, when first used; the template backend's OpenMP uses every CPU. Unless the
+    user set TVM_NUM_THREADS, give TVM's pool every CPU this process may run on (no effect if
+    the pool already exists)."""
+    if "TVM_NUM_THREADS" not in os.environ:
+        os.environ["TVM_NUM_THREADS"] = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def load(path: Path) -> _Module:

@@ -13,9 +13,10 @@ Tensors seen by the TVM functions (symbolic N, H, W, Ho, Wo; one artifact serves
 Each function is a `te.extern` whose body is TensorIR written with TVM's IR builder: the
 input gradient is a data-dependent scatter-add that TE cannot express, and a pure TE forward
 copies the sampling math into every corner term (TE has no let-binding that survives block
-region analysis), which made compiles take tens of seconds. The loop structure (which loops
-are parallel / vectorised / bound to CUDA threads, work per thread) comes from the target's
-schedule module under `schedules/` and its parameters. See `_backward_cpu` and
+region analysis), which made compiles take tens of seconds. The shells below (`_forward_cpu`,
+`_backward_cpu`, `_forward_cuda`, `_backward_cuda`) fix the loop structure per target and read
+its tunable knobs (chunking, vectorisation, unrolling, threads per block, channels per thread)
+from the parameters chosen by `schedules/<llvm|cuda>.py`. See `_backward_cpu` and
 `_backward_cuda` for why each scatter is race-free.
 """
 
@@ -215,6 +216,10 @@ def backward(cfg: DCNConfig, params: dict) -> tvm.tirx.PrimFunc:
     return _extern(cfg, "backward", [x, *offs, gout], outs, lambda ins, outs_: shell(cfg, params, s, ins, outs_))
 
 
+# Index arithmetic below uses truncdiv/truncmod: every operand is a non-negative index, and
+# TVM's floordiv on symbolic extents of unknown sign emits sign-fixing branches per division.
+
+
 def _proxies(bufs):
     return [T.buffer_proxy(b) for b in bufs]
 
@@ -233,14 +238,14 @@ def _forward_cpu(cfg: DCNConfig, params: dict, s: Shapes, ins, outs):
     chunk = params["pixels_per_task"]
     total = s.N * s.Ho * s.Wo
     with IRBuilder() as ib:
-        with T.parallel(0, tirx.indexdiv(total + chunk - 1, chunk)) as task:
+        with T.parallel(0, tirx.truncdiv(total + chunk - 1, chunk)) as task:
             with T.serial(0, chunk) as inner:
                 pix = task * chunk + inner
                 with T.If(pix < total):
                     with T.Then():
-                        n = tirx.indexdiv(pix, s.Ho * s.Wo)
-                        ho = tirx.indexmod(tirx.indexdiv(pix, s.Wo), s.Ho)
-                        wo = tirx.indexmod(pix, s.Wo)
+                        n = tirx.truncdiv(pix, s.Ho * s.Wo)
+                        ho = tirx.truncmod(tirx.truncdiv(pix, s.Wo), s.Ho)
+                        wo = tirx.truncmod(pix, s.Wo)
                         with T.serial(0, G) as g:
                             a = _alloc(cfg, (C,), acc)
                             with chan(0, C) as c:
@@ -316,8 +321,8 @@ def _backward_cpu(cfg: DCNConfig, params: dict, s: Shapes, ins, outs):
     chan = T.vectorized if params["vector"] else T.serial
     with IRBuilder() as ib:
         with T.parallel(0, s.N * G) as task:
-            n = tirx.indexdiv(task, G)
-            g = tirx.indexmod(task, G)
+            n = tirx.truncdiv(task, G)
+            g = tirx.truncmod(task, G)
             if direct:
                 plane, at = gx, (lambda y, xx, c: (n, y, xx, g * C + c))
             else:
@@ -354,7 +359,7 @@ def _backward_cpu(cfg: DCNConfig, params: dict, s: Shapes, ins, outs):
 def _threads(total, threads: int):
     """Bind a 1-D grid of `threads`-wide blocks over `total` work items; yields (frames, tid)."""
     bx, tx = te.thread_axis("blockIdx.x"), te.thread_axis("threadIdx.x")
-    frames = [T.attr(bx, "thread_extent", tirx.indexdiv(total + threads - 1, threads)), T.attr(tx, "thread_extent", threads)]
+    frames = [T.attr(bx, "thread_extent", tirx.truncdiv(total + threads - 1, threads)), T.attr(tx, "thread_extent", threads)]
     return frames, bx * threads + tx
 
 
@@ -375,12 +380,12 @@ def _forward_cuda(cfg: DCNConfig, params: dict, s: Shapes, ins, outs):
         with T.frame_scope(frames):
             with T.If(tid < total):
                 with T.Then():
-                    cc = tirx.indexmod(tid, chunks)
-                    g = tirx.indexmod(tirx.indexdiv(tid, chunks), G)
-                    pix = tirx.indexdiv(tid, chunks * G)
-                    n = tirx.indexdiv(pix, s.Ho * s.Wo)
-                    ho = tirx.indexmod(tirx.indexdiv(pix, s.Wo), s.Ho)
-                    wo = tirx.indexmod(pix, s.Wo)
+                    cc = tirx.truncmod(tid, chunks)
+                    g = tirx.truncmod(tirx.truncdiv(tid, chunks), G)
+                    pix = tirx.truncdiv(tid, chunks * G)
+                    n = tirx.truncdiv(pix, s.Ho * s.Wo)
+                    ho = tirx.truncmod(tirx.truncdiv(pix, s.Wo), s.Ho)
+                    wo = tirx.truncmod(pix, s.Wo)
                     a = _alloc(cfg, (vec,), acc)
                     with T.unroll(0, vec) as v:
                         a[v] = tirx.const(0, acc)
@@ -441,11 +446,11 @@ def _backward_cuda(cfg: DCNConfig, params: dict, s: Shapes, ins, outs):
             with T.frame_scope(frames):
                 with T.If(tid < total):
                     with T.Then():
-                        g = tirx.indexmod(tid, G)
-                        pix = tirx.indexdiv(tid, G)
-                        n = tirx.indexdiv(pix, s.Ho * s.Wo)
-                        ho = tirx.indexmod(tirx.indexdiv(pix, s.Wo), s.Ho)
-                        wo = tirx.indexmod(pix, s.Wo)
+                        g = tirx.truncmod(tid, G)
+                        pix = tirx.truncdiv(tid, G)
+                        n = tirx.truncdiv(pix, s.Ho * s.Wo)
+                        ho = tirx.truncmod(tirx.truncdiv(pix, s.Wo), s.Ho)
+                        wo = tirx.truncmod(pix, s.Wo)
                         red = _alloc(cfg, (3,), acc)
                         with T.serial(0, P) as k:
                             smp, m = _locate_point(cfg, acc, s, read, n, ho, wo, g, k)
@@ -472,7 +477,7 @@ def _unflatten(flat, shape):
     """Row-major flat index -> index tuple of `shape`."""
     idx = []
     for extent in reversed(shape[1:]):
-        idx.append(tirx.indexmod(flat, extent))
-        flat = tirx.indexdiv(flat, extent)
+        idx.append(tirx.truncmod(flat, extent))
+        flat = tirx.truncdiv(flat, extent)
     idx.append(flat)
     return tuple(reversed(idx))

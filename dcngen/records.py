@@ -18,6 +18,7 @@ dcngen/tune.py), so times measured minutes apart stay comparable on a noisy mach
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -152,7 +153,8 @@ def update(path: Path, target: str, key: str, record: dict) -> None:
     """Store `record` under `key` in the file at `path` (re-read first, so concurrent tuners of other keys survive)."""
     from filelock import FileLock
 
-    with FileLock(str(path) + ".lock"):
+    lock = Path(tempfile.gettempdir()) / f"dcngen-records-{hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:16]}.lock"
+    with FileLock(str(lock)):  # outside the records folder, which stays reviewable
         data = load(path)
         data.update(format=FORMAT, fingerprint=fingerprint(target), machine=machine(target))
         data["records"][key] = record

@@ -371,6 +371,9 @@ def tune(cfg: DCNConfig, shape: tuple[int, int, int], *, trials: int = 64, time_
         if failure:
             raise DCNGenError(f"the default parameters of {cfg.key} fail: {failure}")
         base_ms = m.calibrate(base_mod, rounds=2 * rounds + 1)
+        old_base = previous.get("default", {}).get("ms")
+        if old_base:  # resumed: rescale earlier times to today's default (the machine's load changes)
+            measured = {k: round(v * base_ms / old_base, 4) if isinstance(v, (int, float)) else v for k, v in measured.items()}
         base = m.timer(base_mod)
         measured[records.params_name(default)] = round(base_ms, 4)
         trial_s = []
@@ -387,14 +390,14 @@ def tune(cfg: DCNConfig, shape: tuple[int, int, int], *, trials: int = 64, time_
         total = trials
         if progress:
             progress(0, total, best_ms, f"default {base_ms:.3f} ms")
-        reserve = 2 * (2 * rounds + 2) * base_ms * m.number / 1e3 * len(space.passes) + 1.0
+        reserve = 2 * (4 * rounds + 2) * base_ms * m.number / 1e3 * len(space.passes) + 3.0  # the final re-timing
         for params in candidates(cfg, space, default, seed):
             if len(done) >= trials:
                 break
             name = records.params_name(params)
             if name in measured:
                 continue
-            expected = max(trial_s[-5:], default=0.0)
+            expected = 1.5 * max(trial_s[-5:], default=0.0)  # builds vary a lot on a loaded machine
             if time.monotonic() + expected + reserve > deadline:
                 break
             t0 = time.monotonic()

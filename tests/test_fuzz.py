@@ -5,8 +5,9 @@ integer offsets, DCNv4 padding channels holding garbage) for one config of a bou
 pool, runs the loaded kernel with NaN-poisoned outputs and the torch op (forward and autograd
 backward), and compares everything with dcngen.reference in float64.
 
-CI (default): DCNGEN_FUZZ_CONFIGS=20 configs per backend, DCNGEN_FUZZ_CASES=320 cases per
-backend, derandomized (the same cases every run).
+CI (default): DCNGEN_FUZZ_CONFIGS=20 template configs (+ DCNGEN_FUZZ_TVM_CONFIGS=6 for the TVM
+backend when dcngen/generators/tvm_gen.py exists), DCNGEN_FUZZ_CASES=320 cases over the template
+pool and as many per config for TVM, derandomized (the same cases every run).
 Long run (documented in benchmarks/long_fuzz.py, which also writes a JSON summary):
 
     DCNGEN_FUZZ_CONFIGS=120 DCNGEN_FUZZ_CASES=10000 DCNGEN_FUZZ_SEED=1 pytest tests/test_fuzz.py -q
@@ -25,11 +26,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 CONFIGS = int(os.environ.get("DCNGEN_FUZZ_CONFIGS", 20))
+# TVM builds cost more (llvm codegen through TVM): a smaller pool by default, same cases per config
+TVM_CONFIGS = int(os.environ.get("DCNGEN_FUZZ_TVM_CONFIGS", min(CONFIGS, 6)))
 SEED = int(os.environ.get("DCNGEN_FUZZ_SEED", 0))
-CASES = fuzz_cases_total(320)  # per backend
+CASES = fuzz_cases_total(320)  # per template pool
 PER_CONFIG = per_config(CASES, CONFIGS)
 BACKENDS = available_backends()
-POOL = config_pool(CONFIGS, SEED, BACKENDS)
+POOL = [cfg for b in BACKENDS for cfg in config_pool(TVM_CONFIGS if b == "tvm" else CONFIGS, SEED, [b])]
 RANDOM = os.environ.get("DCNGEN_FUZZ_RANDOM", "") not in ("", "0")
 
 

@@ -14,10 +14,13 @@ from the records under records/, see dcngen/records.py):
 
 from __future__ import annotations
 
-DEFAULTS = {"pixels_per_task": 4, "unroll_points": 0, "vector": 1}
+DEFAULTS = {"pixels_per_task": 16, "unroll_points": 1, "vector": 1}
+MAX_UNROLLED_POINTS = 25  # beyond this (kernels over 5x5) unrolling only bloats the code
 PARAM_BOUNDS = {"pixels_per_task": (1, 4096), "unroll_points": (0, 1), "vector": (0, 1)}
 
 
 def default_params(cfg) -> dict:
     """Heuristic parameters for `cfg` (a DCNConfig) when neither the user nor a record decides."""
-    return dict(DEFAULTS)
+    # Measured on 2 cores (fp32, G=4, C=16, 3x3): unrolling the points saves 15-25 %; chunks of
+    # 16 pixels beat 1 or 4 by a few percent.
+    return {**DEFAULTS, "unroll_points": int(cfg.num_points <= MAX_UNROLLED_POINTS)}

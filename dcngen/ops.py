@@ -243,3 +243,4 @@ def dcnv3(
     -> (N, Ho, Wo, G*C). The mask is used as given (the DCNv3 module applies the softmax)."""
     args = _op_args(kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center, backend)
     return torch.ops.dcngen.dcnv3(input, offset, mask, *args)
+from . import autocast  # noqa: E402,F401  (registers the Autocast kernels of the ops above)

@@ -86,7 +86,7 @@ GRADCHECK_CONFIGS = [
 def test_gradcheck(fields, op):
     cfg = DCNConfig(dtype="float64", **fields)
     gen = torch.Generator().manual_seed(7)
-    x, offset, mask = random_inputs(cfg, 2, 5, 6, generator=gen)
+    x, offset, mask = random_inputs(cfg, 2, 4, 5, generator=gen)
     if op == "dcnv4":
         om = dcnv4_packed(cfg, offset, mask).requires_grad_()
         inputs, fn = (x.requires_grad_(), om), lambda x, om: ops.dcnv4(x, om, **op_kwargs(cfg))
@@ -96,7 +96,8 @@ def test_gradcheck(fields, op):
         inputs, fn = (x.requires_grad_(), off, m), lambda x, o, m: ops.dcnv3(x, o, m, **op_kwargs(cfg))
         expected = reference.dcnv3(cfg, x, off, m)
     assert rel_err(fn(*inputs), expected) < 1e-10
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+    # Full Jacobians for the small configs; random projections (fast mode) for the wide ones.
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, fast_mode=cfg.channels > 8)
 
 
 def test_offset_mask_padding_is_ignored_and_gets_zero_grad():

@@ -9,13 +9,17 @@ from .jinja import render, resolve_params
 SCALAR_TYPE = {"float32": "float", "float64": "double", "bfloat16": "dcn::bf16_t"}
 
 # Tunable parameters and their bounds (see `dcngen tune`).
-PARAM_BOUNDS = {"pixel_chunk": (1, 1024)}
-DEFAULT_PARAMS = {"pixel_chunk": 16}
+PARAM_BOUNDS = {"pixel_chunk": (1, 1024), "unroll_points": (1, 64)}
 
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=fast")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast")
+
+
+def default_params(cfg: DCNConfig) -> dict[str, int]:
+    """Heuristic: unroll the forward point loop for kernels up to 4x4 (the point geometry folds to constants)."""
+    return {"pixel_chunk": 16, "unroll_points": cfg.num_points if cfg.num_points <= 16 else 1}
 
 
 def generate(cfg: DCNConfig) -> KernelSource:
-    params = resolve_params(cfg, DEFAULT_PARAMS, PARAM_BOUNDS)
+    params = resolve_params(cfg, default_params(cfg), PARAM_BOUNDS)
     text = render("cpu/dcn.cc.j2", cfg, scalar_type=SCALAR_TYPE[cfg.dtype], params=params)
     return KernelSource(config=cfg, language="cpp", text=text, flags=FLAGS, params=tuple(sorted(params.items())))

@@ -100,6 +100,8 @@ def _backward(cfg: DCNConfig, grad_out, input, offset, mask, packed: bool):
     else:
         mask = mask.contiguous()
         grad_offset, grad_mask = torch.empty_like(offset), torch.empty_like(mask)
+    if cfg.is_cuda and cfg.backend == "template" and torch.are_deterministic_algorithms_enabled():
+        cfg = cfg.replace(params=(("deterministic", 1),))  # no float atomics: bitwise repeatable
     if grad_out.numel():
         kernel_for(cfg, tuple(input.shape[:3])).backward(input, offset, mask, grad_out, grad_input, grad_offset, grad_mask)
     else:  # nothing flows back from an empty output

@@ -246,3 +246,32 @@ def dcnv3(
     args = _op_args(kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center, backend)
     return torch.ops.dcngen.dcnv3(input, offset, mask, *args)
 from . import autocast  # noqa: E402,F401  (registers the Autocast kernels of the ops above)
+
+
+class _FixedConfig(torch.autograd.Function):
+    """The op for one exact DCNConfig, generator params included (tuning and verification)."""
+
+    @staticmethod
+    def forward(ctx, cfg: DCNConfig, input, offset, mask):
+        ctx.cfg = cfg
+        ctx.save_for_backward(input, offset, mask)
+        return _forward(cfg, input, offset, mask)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, offset, mask = ctx.saved_tensors
+        packed = ctx.cfg.op == "dcnv4"
+        grad_input, grad_offset, grad_mask = _backward(ctx.cfg, grad_output, input, offset, mask, packed=packed)
+        return None, grad_input, grad_offset, None if packed else grad_mask
+
+
+def run_config(cfg: DCNConfig, input: torch.Tensor, *offsets: torch.Tensor) -> torch.Tensor:
+    """Run the kernel of exactly `cfg` (params included; no tuning-record lookup) with autograd.
+
+    DCNv4: run_config(cfg, input, offset_mask); DCNv3: run_config(cfg, input, offset, mask).
+    """
+    offset, mask = (offsets[0], offsets[0]) if cfg.op == "dcnv4" else offsets
+    args = (*cfg.kernel_size, *cfg.stride, *cfg.padding, *cfg.dilation, cfg.group, cfg.group_channels, cfg.offset_scale,
+            cfg.remove_center, cfg.backend)
+    checked = check_inputs(cfg.op, args, input, offset, mask)
+    return _FixedConfig.apply(checked.replace(params=cfg.params), input, offset, mask)

@@ -62,9 +62,11 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def run_op(cfg: DCNConfig, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Call the public op of cfg.op on `tensors` with cfg's arguments."""
+    """Call the public op of cfg.op on `tensors` with cfg's arguments; with cfg.params, exactly that kernel."""
     from . import ops
 
+    if cfg.params:
+        return ops.run_config(cfg, *tensors)
     kwargs = dict(kernel_size=cfg.kernel_size, stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation, group=cfg.group,
                   group_channels=cfg.group_channels, offset_scale=cfg.offset_scale, remove_center=cfg.remove_center, backend=cfg.backend)
     return getattr(ops, cfg.op)(*tensors, **kwargs)

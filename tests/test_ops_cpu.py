@@ -205,3 +205,14 @@ def test_errors_under_torch_compile_match_eager():
     fn = torch.compile(lambda x, om: ops.dcnv4(x, om, group=2, group_channels=4), fullgraph=True)
     with pytest.raises(Exception, match="offset_mask must be"):
         fn(x, om)
+
+
+def test_explicit_params_run_that_kernel():
+    """verify()/bench go through ops.run_config when params are given: that exact kernel runs."""
+    from dcngen.kernels import _loaded
+    from dcngen.verify import TOLERANCE, verify
+
+    cfg = DCNConfig(group=2, group_channels=4, params={"pixel_chunk": 3, "unroll_points": 2})
+    errors = verify(cfg, 2, 6, 7)
+    assert all(e < TOLERANCE["float32"] for e in errors.values()), errors
+    assert cfg in _loaded

@@ -4,8 +4,16 @@ Parameters (cfg.params; defaults from `default_params`):
   vec / bwd_vec        channels per thread, forward / backward (power of two)
   pixels / bwd_pixels  output pixels per block; threads per block = pixels * G * lanes, where
                        lanes = next_pow2(ceil(C / vec)) threads share one (pixel, group)
-  unroll / bwd_unroll  unroll factor of the loop over sampling points, forward / backward
-  min_blocks           resident blocks per SM the register allocation must allow
+  unroll / bwd_unroll  sampling points per batch, forward / backward: the 4 corner loads of every
+                       point of a batch are issued before the first is used
+  stage / bwd_stage    1: a block copies its pixels' offset/mask rows into shared memory once
+                       (coalesced) instead of each thread loading its 3P values (ignored where the
+                       rows would not fit in 40 KB)
+  atomic_dtype         1: fp16/bf16 input gradient by vector atomics in the storage dtype straight
+                       into grad_x (no fp32 workspace, memset or conversion pass; lower precision);
+                       0: fp32 accumulator. No effect for fp32/fp64 or in deterministic mode
+  min_blocks / bwd_min_blocks  resident blocks per SM the register allocation must allow,
+                       forward / backward (a register cap of 65536 / (threads * min_blocks))
   deterministic        1: input gradient accumulated in int64 fixed point (bitwise reproducible)
 """
 
@@ -29,8 +37,12 @@ PARAM_BOUNDS = {
     "bwd_pixels": (1, 1024),
     "unroll": (1, 64),
     "bwd_unroll": (1, 64),
-    "min_blocks": (1, 32),
+    "min_blocks": (0, 32),
+    "bwd_min_blocks": (1, 32),
     "deterministic": (0, 1),
+    "stage": (0, 1),
+    "bwd_stage": (0, 1),
+    "atomic_dtype": (0, 1),
 }
 MAX_THREADS = 1024
 MAX_VEC_BYTES = 128  # registers: 4 corners x vec values per thread
@@ -67,11 +79,29 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
         "pixels": pixels,
         "bwd_vec": vec,
         "bwd_pixels": pixels,
-        "unroll": cfg.num_points if cfg.num_points <= 9 else 1,
-        "bwd_unroll": 2 if cfg.num_points <= 9 else 1,
-        "min_blocks": 1,
+        # corner loads in flight per thread: 4 x batch vectors of vec elements (~48 registers of
+        # raw corners at 16-byte vectors and a batch of 3)
+        "unroll": max(1, min(cfg.num_points, 12 // max(1, vec * ITEMSIZE[cfg.dtype] // 4))),
+        "bwd_unroll": 2 if vec * ITEMSIZE[cfg.dtype] <= 16 else 1,
+        "min_blocks": 0,  # 0: automatic, see _auto_min_blocks
+        "bwd_min_blocks": 1,
         "deterministic": 0,
+        "stage": 1,
+        "bwd_stage": 1,
+        # fp16: half2 vector atomics into grad_x; bf16 keeps the fp32 accumulator (8-bit mantissa)
+        "atomic_dtype": 1 if cfg.dtype == "float16" else 0,
     }
+
+
+def _auto_min_blocks(cfg: DCNConfig, params: dict[str, int]) -> int:
+    """Forward: a 64-register cap (1024 resident threads per block-set) where the corners are at
+    most 16-byte whole vectors and batches are small; else no cap."""
+    vec, batch = params["vec"], min(params["unroll"], cfg.num_points)
+    threads = params["pixels"] * cfg.group * lanes(cfg, vec)
+    small = vec * ITEMSIZE[cfg.dtype] <= 16 and cfg.dtype != "float64" and cfg.group_channels % vec == 0
+    if small and batch * vec * ITEMSIZE[cfg.dtype] <= 48 and threads <= 1024:
+        return max(1, min(8, 1024 // threads))
+    return 1
 
 
 def _check(cfg: DCNConfig, params: dict[str, int]) -> dict:
@@ -103,6 +133,8 @@ def generate(cfg: DCNConfig) -> KernelSource:
         raise ConfigError("target", f"the CUDA template needs a cuda target, got {cfg.target!r}")
     params = resolve_params(cfg, default_params(cfg), PARAM_BOUNDS)
     geometry = _check(cfg, params)
+    if params["min_blocks"] == 0:
+        params["min_blocks"] = _auto_min_blocks(cfg, params)
     text = render(
         "cuda/dcn.cu.j2", cfg, scalar_type=SCALAR_TYPE[cfg.dtype], dl_dtype=DL_DTYPE[cfg.dtype], itemsize=ITEMSIZE[cfg.dtype], params=params
     )

@@ -94,12 +94,12 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
 
 
 def _auto_min_blocks(cfg: DCNConfig, params: dict[str, int]) -> int:
-    """Forward: a 64-register cap (1024 resident threads per block-set) where the corners are at
-    most 16-byte whole vectors and batches are small; else no cap."""
+    """Forward: a 64-register cap (1024 resident threads per block-set) for kernels of at most 9
+    points whose corners are at most 16-byte whole vectors in small batches; else no cap."""
     vec, batch = params["vec"], min(params["unroll"], cfg.num_points)
     threads = params["pixels"] * cfg.group * lanes(cfg, vec)
     small = vec * ITEMSIZE[cfg.dtype] <= 16 and cfg.dtype != "float64" and cfg.group_channels % vec == 0
-    if small and batch * vec * ITEMSIZE[cfg.dtype] <= 48 and threads <= 1024:
+    if small and cfg.num_points <= 9 and batch * vec * ITEMSIZE[cfg.dtype] <= 48 and threads <= 1024:
         return max(1, min(8, 1024 // threads))
     return 1
 

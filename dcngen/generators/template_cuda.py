@@ -35,8 +35,8 @@ PARAM_BOUNDS = {
     "pixels": (1, 1024),
     "bwd_vec": (1, 64),
     "bwd_pixels": (1, 1024),
-    "unroll": (1, 64),
-    "bwd_unroll": (1, 64),
+    "unroll": (0, 64),
+    "bwd_unroll": (0, 64),
     "min_blocks": (0, 32),
     "bwd_min_blocks": (1, 32),
     "deterministic": (0, 1),
@@ -81,8 +81,8 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
         "bwd_pixels": pixels,
         # corner loads in flight per thread: 4 x batch vectors of vec elements (~48 registers of
         # raw corners at 16-byte vectors and a batch of 3)
-        "unroll": max(1, min(cfg.num_points, 12 // max(1, vec * ITEMSIZE[cfg.dtype] // 4))),
-        "bwd_unroll": 2 if vec * ITEMSIZE[cfg.dtype] <= 16 else 1,
+        "unroll": 0,  # 0: automatic (from the final vec), see _auto_batches
+        "bwd_unroll": 0,
         "min_blocks": 0,  # 0: automatic, see _auto_min_blocks
         "bwd_min_blocks": 1,
         "deterministic": 0,
@@ -91,6 +91,16 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
         # fp16: half2 vector atomics into grad_x; bf16 keeps the fp32 accumulator (8-bit mantissa)
         "atomic_dtype": 1 if cfg.dtype == "float16" else 0,
     }
+
+
+def _auto_batches(cfg: DCNConfig, params: dict[str, int]) -> None:
+    """unroll / bwd_unroll 0 -> ~48 registers of raw corners (forward), 2 points (backward) at
+    16-byte vectors; one point per batch for wider vectors."""
+    size = ITEMSIZE[cfg.dtype]
+    if params["unroll"] == 0:
+        params["unroll"] = max(1, min(cfg.num_points, 12 // max(1, params["vec"] * size // 4)))
+    if params["bwd_unroll"] == 0:
+        params["bwd_unroll"] = 2 if params["bwd_vec"] * size <= 16 else 1
 
 
 def _auto_min_blocks(cfg: DCNConfig, params: dict[str, int]) -> int:
@@ -133,6 +143,7 @@ def generate(cfg: DCNConfig) -> KernelSource:
         raise ConfigError("target", f"the CUDA template needs a cuda target, got {cfg.target!r}")
     params = resolve_params(cfg, default_params(cfg), PARAM_BOUNDS)
     geometry = _check(cfg, params)
+    _auto_batches(cfg, params)
     if params["min_blocks"] == 0:
         params["min_blocks"] = _auto_min_blocks(cfg, params)
     text = render(

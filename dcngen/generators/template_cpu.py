@@ -11,7 +11,8 @@ SCALAR_TYPE = {"float32": "float", "float64": "double", "bfloat16": "dcn::bf16_t
 # Tunable parameters and their bounds (see `dcngen tune`).
 PARAM_BOUNDS = {"pixel_chunk": (1, 1024), "unroll_points": (1, 64)}
 
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
+         "-ffp-contract=fast")
 
 
 def default_params(cfg: DCNConfig) -> dict[str, int]:

@@ -231,6 +231,43 @@ def show(cfg: DCNConfig) -> None:
 
 
 @app.command()
+def doctor() -> None:
+    """Build and check a tiny kernel per backend and target this machine can handle; PASS/FAIL each."""
+    import torch
+
+    from .compilers.cuda import ptxas_report
+    from .generators import generate
+    from .verify import TOLERANCE, verify as run_verify
+
+    small = dict(group=2, group_channels=8, kernel_size=3, dtype="float32")
+    table = Table(title="dcngen doctor")
+    for col in ("backend", "target", "check", "result"):
+        table.add_column(col)
+    failed = False
+    for backend in ("template", "tvm"):
+        targets = ["cpu"] + (["cuda"] if torch.cuda.is_available() else ["cuda:sm_90"] if shutil.which("nvcc") else [])
+        for target in targets:
+            try:
+                cfg = DCNConfig(backend=backend, target=target, **small)
+                if cfg.is_cuda and not torch.cuda.is_available():
+                    check = "compiles for sm_90, no spills (no GPU here)"
+                    kernels = ptxas_report(generate(cfg), ("sm_90",))
+                    ok = bool(kernels) and all(k["spill_stores"] == 0 for k in kernels)
+                else:
+                    check = "forward + gradients vs float64 reference"
+                    errors = run_verify(cfg, 1, 6, 7, device="cuda" if cfg.is_cuda else "cpu")
+                    ok = all(e < TOLERANCE[cfg.dtype] for e in errors.values())
+                result = "[green]PASS[/]" if ok else "[red]FAIL[/]"
+            except Exception as e:  # noqa: BLE001  (report every failure, keep going)
+                ok, check, result = False, "build", f"[red]FAIL[/] {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            failed |= not ok
+            table.add_row(backend, target, check, result)
+    console.print(table)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
 def clean(yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False) -> None:
     """Delete every cached artifact."""
     from .build import cache_dir

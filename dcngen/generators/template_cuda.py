@@ -98,7 +98,7 @@ def _auto_batches(cfg: DCNConfig, params: dict[str, int]) -> None:
     16-byte vectors; one point per batch for wider vectors."""
     size = ITEMSIZE[cfg.dtype]
     if params["unroll"] == 0:
-        params["unroll"] = max(1, min(cfg.num_points, 12 // max(1, params["vec"] * size // 4)))
+        params["unroll"] = max(1, min(cfg.num_points, 4, 12 // max(1, params["vec"] * size // 4)))
     if params["bwd_unroll"] == 0:
         params["bwd_unroll"] = 2 if params["bwd_vec"] * size <= 16 else 1
 

@@ -13,7 +13,6 @@ Writes $OUT/gpu_tvm.md when $OUT is set.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -39,21 +38,8 @@ def build_all() -> None:
         print(art.path.name, art.meta.get("registers", ""))
 
 
-def cuda_ms(fn, reps: int = 20) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def check() -> int:
-    from gpu_check import DT, TOL, make_inputs, ref_grads, rel_err, run_kernel
+    from gpu_check import DT, TOL, cuda_time, make_inputs, ref_grads, rel_err, run_kernel
 
     lines = [f"# TVM-backend CUDA artifacts on {torch.cuda.get_device_name()}", "",
              "| config | dtype | out | grad x | grad offsets | tvm fwd us | tvm bwd us | template fwd us | template bwd us | result |",
@@ -85,8 +71,8 @@ def check() -> int:
             off, msk = (omb[0], omb[0]) if cfg.op == "dcnv4" else omb
             gxb, gomb = torch.empty_like(xb), [torch.zeros_like(t) for t in omb]
             g_off, g_msk = (gomb[0], gomb[0]) if cfg.op == "dcnv4" else gomb
-            times.append(cuda_ms(lambda: kernel.forward(xb, off, msk, outb)) * 1e3)
-            times.append(cuda_ms(lambda: kernel.backward(xb, off, msk, gob, gxb, g_off, g_msk)) * 1e3)
+            times.append(cuda_time(lambda: kernel.forward(xb, off, msk, outb)) * 1e3)
+            times.append(cuda_time(lambda: kernel.backward(xb, off, msk, gob, gxb, g_off, g_msk)) * 1e3)
         lines.append(f"| {cfg.op} G{cfg.group} C{cfg.group_channels} N64 56x56 | {cfg.dtype} | "
                      + " | ".join(f"{e:.1e}" for e in errs) + " | "
                      + " | ".join(f"{t:.0f}" for t in times) + f" | {'ok' if ok else 'FAIL'} |")

@@ -34,6 +34,7 @@ from dcngen import reference  # noqa: E402
 from dcngen.build import build, load  # noqa: E402
 from dcngen.config import DCNConfig  # noqa: E402
 from dcngen.generators import generate  # noqa: E402
+from dcngen.verify import rel_err  # noqa: E402
 
 START = time.time()
 LINES: list[str] = []
@@ -104,13 +105,6 @@ def run_kernel(mod, cfg, x, om, go, stream=None):
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b| (inf when a has non-finite values)."""
-    a, b = a.double(), b.double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) if b.numel() else 0.0
 
 
 # ---------------------------------------------------------------------------------------------

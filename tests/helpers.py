@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from dcngen.config import DCNConfig
+from dcngen.verify import rel_err  # noqa: F401  (re-exported for the tests)
 
 VECTORS = Path(__file__).resolve().parent / "data" / "dcnv4_torchvision.npz"  # golden vectors computed by torchvision
 
@@ -29,14 +30,6 @@ def golden_config(case: dict, **overrides) -> DCNConfig:
     )
     fields.update(overrides)
     return DCNConfig(**fields)
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (NaN anywhere in actual -> inf)."""
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    if not torch.isfinite(actual).all():
-        return float("inf")
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-300)).item()
 
 
 def random_inputs(cfg: DCNConfig, n: int, h: int, w: int, *, dtype=torch.float64, offset_range: float = 2.5, generator=None, device="cpu"):

@@ -40,17 +40,24 @@ class Problem:
 
 
 def random_problem(cfg: DCNConfig, n: int, h: int, w: int, *, offset_range: float = 2.5, seed: int = 0) -> Problem:
-    """Random inputs whose fractional offsets (quantised to 1/8, so exact in every dtype, and never on
-    a pixel line) reach `offset_range` pixels past the dilation grid: samples cross the borders."""
+    """Random inputs whose samples land up to `offset_range` pixels from the dilation grid (so they
+    cross the borders) and never on a pixel line, whatever the offset scale: the sample's fractional
+    part is k/8 with k in 1..7, which keeps it 1/8 px away from where the offset gradient jumps, in
+    every dtype."""
     gen = torch.Generator().manual_seed(seed)
     g, p = cfg.group, cfg.num_points
     ho, wo = cfg.output_size(h, w)
     whole = torch.randint(-int(offset_range), int(offset_range) + 1, (n, ho, wo, g, p, 2), generator=gen)
-    frac = torch.randint(1, 8, (n, ho, wo, g, p, 2), generator=gen) / 8
+    shift = (whole + torch.randint(1, 8, (n, ho, wo, g, p, 2), generator=gen) / 8).double()
+    (dh, dw), (kh, kw) = cfg.dilation, cfg.kernel_size
+    grid = torch.tensor([[i * dw - (dw * (kw - 1)) // 2, j * dh - (dh * (kh - 1)) // 2] for i, j in cfg.points], dtype=torch.float64)
+    s = cfg.offset_scale
+    # location = base + (grid + offset) * s = base + round(grid * s) + shift
+    offset = shift if s == 0 else ((grid * s).round() - grid * s + shift) / s
     x = torch.randn(n, h, w, g * cfg.group_channels, generator=gen, dtype=torch.float64)
     mask = torch.randn(n, ho, wo, g, p, generator=gen, dtype=torch.float64)
     grad_out = torch.randn(n, ho, wo, g * cfg.group_channels, generator=gen, dtype=torch.float64)
-    return Problem(cfg, x, (whole + frac).double(), mask, grad_out)
+    return Problem(cfg, x, offset, mask, grad_out)
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

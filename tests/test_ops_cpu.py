@@ -216,3 +216,14 @@ def test_explicit_params_run_that_kernel():
     errors = verify(cfg, 2, 6, 7)
     assert all(e < TOLERANCE["float32"] for e in errors.values()), errors
     assert cfg in _loaded
+
+
+@pytest.mark.parametrize("offset_scale", [2.0, 0.5, 0.0])
+def test_verify_inputs_avoid_pixel_lines_at_any_offset_scale(offset_scale):
+    """`dcngen verify` draws samples 1/8 px clear of pixel lines for every offset scale (at a line the
+    offset gradient is one-sided and the comparison would be meaningless)."""
+    from dcngen.verify import TOLERANCE, verify
+
+    cfg = DCNConfig(group=2, group_channels=4, offset_scale=offset_scale, dtype="float64")
+    errors = verify(cfg, 2, 7, 8)
+    assert all(e < TOLERANCE["float64"] for e in errors.values()), errors

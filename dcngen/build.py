@@ -26,7 +26,7 @@ from .compilers import LIBRARY, compiler_for
 from .errors import BuildError, CacheError
 from .source import KernelSource
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 META = "meta.json"
 
 

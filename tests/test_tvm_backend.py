@@ -175,7 +175,7 @@ def test_through_ops():
 
 
 # ---- CUDA: TVM-emitted kernels + our launcher, compiled without a GPU --------------------------------
-CUDA_CASES = [(op, dt, k, c) for op in ("dcnv4", "dcnv3") for dt in ("float32", "float16", "bfloat16") for k, c in ((3, 16), (5, 24))]
+CUDA_CASES = [(op, dt, k, c) for op in ("dcnv4", "dcnv3") for dt in ("float32", "float16", "bfloat16") for k in (3, 5) for c in (16, 24)]
 
 
 def _cuda_source(op, dtype, k, c, arch="sm_90"):

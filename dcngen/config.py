@@ -165,6 +165,13 @@ class DCNConfig:
         """The official module's packed width: ceil(3*G*P / 8) * 8."""
         return -(-self.min_offset_mask_channels // 8) * 8
 
+    @property
+    def op_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of the public ops (`dcngen.ops.dcnv4/dcnv3`) that select this kernel."""
+        return dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding, dilation=self.dilation,
+                    group=self.group, group_channels=self.group_channels, offset_scale=self.offset_scale,
+                    remove_center=self.remove_center, backend=self.backend)
+
     def replace(self, **changes: Any) -> "DCNConfig":
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(changes)

@@ -186,10 +186,7 @@ class DCNv4(nn.Module):
         offset_mask = self.offset_mask(om_input).reshape(n, h, w, -1)
 
         cfg = self._cfg
-        args = dict(
-            kernel_size=cfg.kernel_size, stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation, group=cfg.group,
-            group_channels=cfg.group_channels, offset_scale=cfg.offset_scale, remove_center=cfg.remove_center, backend=cfg.backend,
-        )
+        args = cfg.op_kwargs
         y = _run(cfg, lambda a, b: ops.dcnv4(a, b, **args), lambda a, b: reference.dcnv4(cfg, a, b), x, offset_mask)
 
         if self.center_feature_scale:
@@ -274,10 +271,7 @@ class DCNv3(nn.Module):
         offset = offset.to(x.dtype)
 
         cfg = self._cfg
-        args = dict(
-            kernel_size=cfg.kernel_size, stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation, group=cfg.group,
-            group_channels=cfg.group_channels, offset_scale=cfg.offset_scale, remove_center=cfg.remove_center, backend=cfg.backend,
-        )
+        args = cfg.op_kwargs
         y = _run(
             cfg, lambda a, b, m: ops.dcnv3(a, b, m, **args), lambda a, b, m: reference.dcnv3(cfg, a, b, m),
             x, offset.contiguous(), mask.contiguous(),

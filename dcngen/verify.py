@@ -76,9 +76,7 @@ def run_op(cfg: DCNConfig, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
 
     if cfg.params:
         return ops.run_config(cfg, *tensors)
-    kwargs = dict(kernel_size=cfg.kernel_size, stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation, group=cfg.group,
-                  group_channels=cfg.group_channels, offset_scale=cfg.offset_scale, remove_center=cfg.remove_center, backend=cfg.backend)
-    return getattr(ops, cfg.op)(*tensors, **kwargs)
+    return getattr(ops, cfg.op)(*tensors, **cfg.op_kwargs)
 
 
 def run_reference(cfg: DCNConfig, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -48,8 +48,7 @@ def available_backends() -> list[str]:
 
 
 def op_kwargs(cfg: DCNConfig) -> dict:
-    return dict(kernel_size=cfg.kernel_size, stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation, group=cfg.group,
-                group_channels=cfg.group_channels, offset_scale=cfg.offset_scale, remove_center=cfg.remove_center, backend=cfg.backend)
+    return cfg.op_kwargs
 
 
 # ---- configs ------------------------------------------------------------------------------------

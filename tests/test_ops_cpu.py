@@ -14,8 +14,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
 
 def op_kwargs(cfg: DCNConfig) -> dict:
-    return dict(kernel_size=cfg.kernel_size, stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation, group=cfg.group,
-                group_channels=cfg.group_channels, offset_scale=cfg.offset_scale, remove_center=cfg.remove_center, backend=cfg.backend)
+    return cfg.op_kwargs
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)

@@ -153,8 +153,7 @@ def test_through_ops():
     import dcngen.ops as ops
 
     cfg = DCNConfig(op="dcnv4", backend="tvm", dtype="float64", group=2, group_channels=5, kernel_size=(3, 5), padding=(1, 2), offset_scale=0.8)
-    kw = dict(kernel_size=cfg.kernel_size, stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation, group=cfg.group,
-              group_channels=cfg.group_channels, offset_scale=cfg.offset_scale, remove_center=cfg.remove_center, backend="tvm")
+    kw = cfg.op_kwargs  # backend="tvm" comes from cfg
     gen = torch.Generator().manual_seed(11)
     x, offset, mask = random_inputs(cfg, 2, 6, 7, generator=gen)
     om = dcnv4_packed(cfg, offset, mask)

@@ -96,7 +96,8 @@ def _backward(cfg: DCNConfig, grad_out, input, offset, mask, packed: bool):
     grad_input = torch.empty_like(input)
     if packed:
         mask = offset
-        grad_mask = grad_offset = torch.zeros_like(offset) if offset.shape[3] > cfg.min_offset_mask_channels else torch.empty_like(offset)
+        grad_mask = grad_offset = torch.empty_like(offset)
+        grad_offset[..., cfg.min_offset_mask_channels :].zero_()  # the kernels leave the padding channels untouched
     else:
         mask = mask.contiguous()
         grad_offset, grad_mask = torch.empty_like(offset), torch.empty_like(mask)

@@ -9,7 +9,7 @@ from .jinja import render, resolve_params
 SCALAR_TYPE = {"float32": "float", "float64": "double", "bfloat16": "dcn::bf16_t"}
 
 # Tunable parameters and their bounds (see `dcngen tune`).
-PARAM_BOUNDS = {"pixel_chunk": (1, 1024), "unroll_points": (1, 64)}
+PARAM_BOUNDS = {"pixel_chunk": (1, 1024), "unroll_points": (1, 64), "accumulators": (1, 4)}
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
          "-ffp-contract=fast")
@@ -17,7 +17,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-m
 
 def default_params(cfg: DCNConfig) -> dict[str, int]:
     """Heuristic: unroll the forward point loop for kernels up to 4x4 (the point geometry folds to constants)."""
-    return {"pixel_chunk": 16, "unroll_points": cfg.num_points if cfg.num_points <= 16 else 1}
+    return {"pixel_chunk": 16, "unroll_points": cfg.num_points if cfg.num_points <= 16 else 1, "accumulators": 4}
 
 
 def generate(cfg: DCNConfig) -> KernelSource:

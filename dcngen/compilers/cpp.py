@@ -8,6 +8,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import torch
+
 from .. import settings
 from ..errors import BuildError
 from ..source import KernelSource
@@ -77,14 +79,32 @@ def asan_runtime_loaded() -> bool:
 
 
 class _Module:
-    """forward/backward of a loaded tvm-ffi module; torch tensors go straight in (DLPack)."""
+    """forward/backward of a loaded tvm-ffi module; torch tensors go straight in (DLPack).
+
+    The kernels run on their own OpenMP threads; their number follows torch.get_num_threads(),
+    passed to the library whenever it changed since the last call."""
 
     def __init__(self, path: Path):
         import tvm_ffi
 
         self._mod = tvm_ffi.load_module(str(path))
-        self.forward = self._mod["forward"]
-        self.backward = self._mod["backward"]
+        self._forward, self._backward = self._mod["forward"], self._mod["backward"]
+        self._set_num_threads = self._mod["set_num_threads"]
+        self._threads = 0
+
+    def _follow_torch_threads(self) -> None:
+        threads = torch.get_num_threads()
+        if threads != self._threads:
+            self._set_num_threads(threads)
+            self._threads = threads
+
+    def forward(self, *tensors) -> None:
+        self._follow_torch_threads()
+        self._forward(*tensors)
+
+    def backward(self, *tensors) -> None:
+        self._follow_torch_threads()
+        self._backward(*tensors)
 
 
 def load(path: Path, sanitized: bool = False) -> _Module:

@@ -226,3 +226,25 @@ def test_verify_inputs_avoid_pixel_lines_at_any_offset_scale(offset_scale):
     cfg = DCNConfig(group=2, group_channels=4, offset_scale=offset_scale, dtype="float64")
     errors = verify(cfg, 2, 7, 8)
     assert all(e < TOLERANCE["float64"] for e in errors.values()), errors
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """The CPU kernels follow torch.set_num_threads(); forward (per pixel) and backward (per
+    (image, group) task, no atomics) give bitwise the same results on 1 and 2 threads."""
+    cfg = DCNConfig(group=3, group_channels=8, dtype="float32")
+    x, offset, mask = random_inputs(cfg, 3, 9, 10, dtype=torch.float32, generator=torch.Generator().manual_seed(5))
+    om = dcnv4_packed(cfg, offset, mask)
+    grad_out = torch.randn(3, 9, 10, cfg.channels, generator=torch.Generator().manual_seed(6))
+    results = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            leaves = [t.clone().requires_grad_() for t in (x, om)]
+            out = ops.dcnv4(leaves[0], leaves[1], **cfg.op_kwargs)
+            out.backward(grad_out)
+            results.append([out.detach(), *(t.grad for t in leaves)])
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 
 import pytest
@@ -86,7 +87,7 @@ def test_search_space_and_candidate_order():
     default = tune.default_params(CFG)
     order = list(tune.candidates(CFG, space, default))
     assert order[0] == default
-    assert len({records.params_name(p) for p in order}) == len(order) == len(space.values["pixel_chunk"]) * len(space.values["unroll_points"])
+    assert len({records.params_name(p) for p in order}) == len(order) == math.prod(len(v) for v in space.values.values())
     for cfg in (CFG.replace(target="cuda:sm_90"), CFG.replace(backend="tvm")):
         sp = tune.space_for(cfg)
         assert set(sp.values) <= set(tune.default_params(cfg)) | {"min_blocks"}

@@ -3,6 +3,8 @@
 Every definition goes through ONE sampling helper, `locate`, which turns an output pixel, a
 point index and a learned (dx, dy) into the window test, the four corners (clamped indices
 that are always safe to read) and their bilinear weights, zero for corners outside the image.
+The CPU shells call it vectorised over a pixel's points (`_planner`) and then run channel
+loops on the plan; the CUDA shells call it per thread.
 
 Tensors seen by the TVM functions (symbolic N, H, W, Ho, Wo; one artifact serves all shapes):
 - x:   (N, H, W, G*C)
@@ -15,7 +17,8 @@ input gradient is a data-dependent scatter-add that TE cannot express, and a pur
 copies the sampling math into every corner term (TE has no let-binding that survives block
 region analysis), which made compiles take tens of seconds. The shells below (`_forward_cpu`,
 `_backward_cpu`, `_forward_cuda`, `_backward_cuda`) fix the loop structure per target and read
-its tunable knobs (chunking, vectorisation, unrolling, threads per block, channels per thread)
+its tunable knobs (chunking, vectorisation, unrolling, plan width, threads per block, channels
+per thread)
 from the parameters chosen by `schedules/<llvm|cuda>.py`. See `_backward_cpu` and
 `_backward_cuda` for why each scatter is race-free.
 """
@@ -67,6 +70,8 @@ class Sample(NamedTuple):
     ly: tvm.tirx.PrimExpr
     lx: tvm.tirx.PrimExpr
     corners: tuple[Corner, Corner, Corner, Corner]  # 00, 01, 10, 11 (row y, column x)
+    y0: tvm.tirx.PrimExpr  # floor(py) inside the window (so in [-1, H-1]), 0 outside
+    x0: tvm.tirx.PrimExpr  # floor(px) likewise, in [-1, W-1]
 
 
 def _same(v):
@@ -107,17 +112,21 @@ def locate(cfg: DCNConfig, acc: str, H, W, ho, wo, k, dx, dy, bind=_same) -> Sam
         return Corner(clamp(y, H), clamp(x, W), valid, bind(tirx.Select(valid, w, zero)))
 
     corners = (corner(y0, x0, hy * hx), corner(y0, x0 + 1, hy * lx), corner(y0 + 1, x0, ly * hx), corner(y0 + 1, x0 + 1, ly * lx))
-    return Sample(inside, ly, lx, corners)
+    return Sample(inside, ly, lx, corners, y0, x0)
 
 
 # ---- where offsets and weights live ----------------------------------------------------------
+def _point_index(cfg: DCNConfig, g, k):
+    """(index of point k's x offset, index of its weight) in group g's part of a pixel's row."""
+    lay = offset_layout(cfg)
+    return g * lay.offset_group_stride + lay.offset_base + 2 * k, g * lay.mask_group_stride + lay.mask_base + k
+
+
 def _point_reader(cfg: DCNConfig, acc: str, offset, mask):
     """(n, ho, wo, g, k) -> (dx, dy, m) in acc dtype, for the op's offset/mask buffers or tensors."""
-    lay = offset_layout(cfg)
 
     def read(n, ho, wo, g, k):
-        oi = g * lay.offset_group_stride + lay.offset_base + 2 * k
-        mi = g * lay.mask_group_stride + lay.mask_base + k
+        oi, mi = _point_index(cfg, g, k)
         return (tirx.Cast(acc, offset[n, ho, wo, oi]), tirx.Cast(acc, offset[n, ho, wo, oi + 1]), tirx.Cast(acc, mask[n, ho, wo, mi]))
 
     return read
@@ -225,134 +234,363 @@ def _proxies(bufs):
 
 
 # ---- CPU shells ---------------------------------------------------------------------------------
+class Plan(NamedTuple):
+    """The sampling plan of Q points of one output pixel (CPU), arrays indexed [corner, q] or [q].
+
+    Filled in one vectorised pass before the channel loops, so those loops only load and
+    multiply-add: no window tests, floors or index clamps per channel or per point. Corner
+    indices are affine in corner 00's (the unclamped floor). In x they may lie outside the
+    tensor where a corner is not read: they are only used where `ok` holds, or where `full`
+    says all do. The backward's ringed slices give every corner a legal slot instead.
+    """
+
+    at: object  # (Q,) int32: flat index of corner 00's first channel (+ _corner_steps): into x of the
+    #             point's group; for `grads` into the zero-ringed slices of _ringed
+    ok: object  # (4, Q) int32: nonzero where the corner is read (in the window and in the image)
+    full: object  # (1, Q) int32: nonzero where all four corners are read; see _all_read (not `grads`)
+    w: object  # (4, Q) acc: bilinear weight, times the point's weight m unless planned for `grads`; 0 where not ok
+    m: object  # (Q,) acc: the point's weight, 0 outside the window (`grads` only)
+    ly: object  # (Q,) acc: fractional parts, 0 outside the window (`grads` only)
+    lx: object  # (Q,) acc
+
+
+MAX_UNROLLED_PLAN_STEPS = 8  # beyond this (many groups) the plan's vector steps stay a loop
+
+
+def _padded(q: int, lanes: int) -> int:
+    return -(-q // lanes) * lanes
+
+
+def _lane_binder(cfg: DCNConfig, lanes: int, sample):
+    """`bind` for a vectorised pass over `lanes` lanes: each bound value gets a row of a
+    (rows, lanes) scratch array (stored at the lane, loaded back), so expressions stay small
+    without T.bind (see `_scalar_binder`); small enough for the stack, where LLVM keeps it in
+    registers. `sample(bind)` is first called with a counting bind to size the rows (it must
+    then only build expressions); returns bind_at(lane) -> the storing bind. Booleans are kept
+    as int32."""
+    rows: dict[str, int] = {}
+
+    def kind(value):
+        return "int32" if str(value.ty) == "bool" else str(value.ty)
+
+    def count(value):
+        rows[kind(value)] = rows.get(kind(value), 0) + 1
+        return value
+
+    sample(count)
+    scratch = {dt: _alloc(cfg, (n, lanes), dt) for dt, n in rows.items()}
+
+    def bind_at(lane):
+        used = dict.fromkeys(rows, 0)
+
+        def bind(value):
+            dt = kind(value)
+            row, used[dt] = used[dt], used[dt] + 1
+            if dt == str(value.ty):
+                scratch[dt][row, lane] = value
+                return scratch[dt][row, lane]
+            scratch[dt][row, lane] = tirx.Cast(dt, value)
+            return scratch[dt][row, lane] != 0
+
+        return bind
+
+    return bind_at
+
+
+def _staged_rows(cfg: DCNConfig, acc: str, offs, g0, groups: int, lanes: int):
+    """Local copies of one output pixel's offsets and weights of groups g0 .. g0+groups-1.
+
+    Returns (stage(n, ho, wo): copy them with contiguous vector loads, read(g, k) -> (dx, dy, m)
+    for group g0 + g). The plan's per-lane reads then hit a small local row at constant
+    offsets instead of gathering from the tensor.
+    """
+    lay = offset_layout(cfg)
+    offset, mask = _offset_and_mask(cfg, offs)
+    spans = [(offset, lay.offset_group_stride)]
+    if cfg.op != "dcnv4":  # DCNv4 packs offsets and weights in one row per group
+        spans.append((mask, lay.mask_group_stride))
+    rows = [_alloc(cfg, (groups * stride,), cfg.dtype) for _, stride in spans]
+    off_row, mask_row = rows[0], rows[-1]
+
+    def stage(n, ho, wo):
+        for row, (src, stride) in zip(rows, spans):
+            _copy(row, lambda j: src[n, ho, wo, g0 * stride + j], groups * stride, lanes)
+
+    def read(g, k):
+        oi, mi = _point_index(cfg, g, k)
+        return tirx.Cast(acc, off_row[oi]), tirx.Cast(acc, off_row[oi + 1]), tirx.Cast(acc, mask_row[mi])
+
+    return stage, read
+
+
+def _copy(dst, src, length: int, lanes: int):
+    """dst[j] = src(j) for j < length: vector steps of `lanes`, then one shorter step."""
+    full, rest = divmod(length, lanes)
+    if full:
+        with T.serial(0, full) as blk:
+            with T.vectorized(0, lanes) as i:
+                dst[blk * lanes + i] = src(blk * lanes + i)
+    if rest:
+        with T.vectorized(0, rest) as i:
+            dst[full * lanes + i] = src(full * lanes + i)
+
+
+def _mask(cond):
+    """cond as int32 -1 / 0 (a vector compare mask as it is, without the shift a 0/1 needs)."""
+    return tirx.Select(cond, tirx.const(-1, "int32"), tirx.const(0, "int32"))
+
+
+def _planner(cfg, acc, s: Shapes, offs, g0, groups: int, lanes: int, grads: bool):
+    """Allocate the plan of the points q = (g - g0)*P + k of groups g0 .. g0+groups-1 (and its
+    scratch); returns (plan, fill) where fill(n, ho, wo) plans output pixel (n, ho, wo) and
+    returns whether all its corners are read (see _all_read). `grads`: the backward's plan.
+
+    fill runs `lanes` points per vector step over the padded range, steps unrolled (so each
+    lane's group and point, and its offset/weight addresses, are constants); padding lanes
+    repeat the last point (their reads stay legal) and are never used.
+    """
+    P, GC, C = cfg.num_points, cfg.channels, cfg.group_channels
+    Q, q_pad = groups * P, _padded(groups * P, lanes)
+    zero = tirx.const(0, acc)
+    i32, f = (lambda shape: _alloc(cfg, shape, "int32")), (lambda shape: _alloc(cfg, shape, acc))
+    plan = Plan(i32((q_pad,)), i32((4, q_pad)), i32((1, q_pad)), f((4, q_pad)), f((q_pad,)), f((q_pad,)), f((q_pad,)))
+    stage, read = _staged_rows(cfg, acc, offs, g0, groups, lanes)
+
+    def sample(ho, wo, q, bind):
+        qr = tirx.min(q, Q - 1)
+        g, k = tirx.truncdiv(qr, P), tirx.truncmod(qr, P)
+        dx, dy, m = (bind(v) for v in read(g, k))
+        return g0 + g, m, locate(cfg, acc, s.H, s.W, ho, wo, k, dx, dy, bind=bind)
+
+    any_ = tirx.const(0, "int32")
+    bind_at = _lane_binder(cfg, lanes, lambda bind: sample(any_, any_, any_, bind))
+    steps = T.unroll if q_pad // lanes <= MAX_UNROLLED_PLAN_STEPS else T.serial
+
+    def fill(n, ho, wo):
+        stage(n, ho, wo)
+        with steps(0, q_pad // lanes) as blk:
+            with T.vectorized(0, lanes) as lane:
+                q = blk * lanes + lane
+                g, m, smp = sample(ho, wo, q, bind_at(lane))
+                if grads:  # see _ringed
+                    y, x = tirx.Select(smp.inside, smp.y0 + 1, s.H + 1), tirx.Select(smp.inside, smp.x0 + 1, 0)
+                    plan.at[q] = (y * (s.W + 2) + x) * C
+                    plan.m[q] = tirx.Select(smp.inside, m, zero)
+                    plan.ly[q] = tirx.Select(smp.inside, smp.ly, zero)  # NaN / inf outside: 0 * NaN
+                    plan.lx[q] = tirx.Select(smp.inside, smp.lx, zero)
+                    for r, c in enumerate(smp.corners):
+                        plan.w[r, q] = c.weight
+                else:
+                    plan.at[q] = ((n * s.H + smp.y0) * s.W + smp.x0) * GC + g * C
+                    for r, c in enumerate(smp.corners):
+                        plan.ok[r, q] = _mask(c.valid)
+                        plan.w[r, q] = tirx.Select(c.valid, m * c.weight, zero)
+                    plan.full[0, q] = _mask(tirx.all(*(c.valid for c in smp.corners)))
+        return None if grads else _all_read(plan, q_pad)
+
+    return plan, fill
+
+
+def _corner_steps(W, row: int):
+    """Offsets of corners 00, 01, 10, 11 from corner 00 in a (.., W, row) layout."""
+    return (0, row, W * row, W * row + row)
+
+
+def _corner_value(acc, xf, at, ok, c, checked: bool):
+    """Channel c of a corner at flat index `at`; `checked`: zero where `ok` (-1 / 0) is 0,
+    branch-free: a blend after reading x's first channels instead (`at` may be out of bounds
+    there, and a NaN read must not leak in through 0 * NaN)."""
+    if not checked:
+        return tirx.Cast(acc, xf[at + c])
+    return tirx.Select(ok != 0, tirx.Cast(acc, xf[tirx.bitwise_and(at, ok) + c]), tirx.const(0, acc))
+
+
+def _all_read(plan: Plan, q_pad: int):
+    """Nonzero where every corner of every planned point is read (padding lanes repeat a point);
+    folds plan.full in place."""
+    _fold_lanes(plan.full, 1, q_pad, T.vectorized, tirx.bitwise_and)
+    return plan.full[0, 0] != 0
+
+
+def _by_coverage(all_read, body):
+    """body(checked) twice: unchecked where the whole pixel's points read all their corners (the
+    common, interior case), checked otherwise. One branch per pixel, not per point: border
+    points come in runs there, not in the unpredictable patterns of small images."""
+    with T.If(all_read):
+        with T.Then():
+            body(False)
+        with T.Else():
+            body(True)
+
+
+def _flat(buf, size):
+    """A 1-D view of `buf`'s data (flat index arithmetic computed once in the plan)."""
+    return T.buffer_proxy(T.decl_buffer((size,), buf.dtype, data=buf.data))
+
+
 def _forward_cpu(cfg: DCNConfig, params: dict, s: Shapes, ins, outs):
-    """Parallel over chunks of `pixels_per_task` output pixels; per (pixel, group) a local
-    accumulator of C channels; points outside, channels vectorised inside."""
+    """Parallel over runs of `pixels_per_task` output pixels of one row (no divisions per pixel).
+    Per pixel: plan all G*P points in one vectorised pass, then per group a local accumulator of
+    C channels and per point one vectorised channel loop acc += sum over corners of w * x."""
     G, C, P = cfg.group, cfg.group_channels, cfg.num_points
     acc = acc_dtype(cfg.dtype)
+    x_buf = ins[0]
     ins, (out,) = _proxies(ins), _proxies(outs)
-    x, offs = ins[0], ins[1:]
-    read = _point_reader(cfg, acc, *_offset_and_mask(cfg, offs))
     chan = T.vectorized if params["vector"] else T.serial
     points = T.unroll if params["unroll_points"] else T.serial
-    chunk = params["pixels_per_task"]
-    total = s.N * s.Ho * s.Wo
+    chunk, lanes = params["pixels_per_task"], params["plan_lanes"]
+    col_blocks = tirx.truncdiv(s.Wo + chunk - 1, chunk)
     with IRBuilder() as ib:
-        with T.parallel(0, tirx.truncdiv(total + chunk - 1, chunk)) as task:
+        with T.parallel(0, s.N * s.Ho * col_blocks) as task:
+            xf = _flat(x_buf, s.N * s.H * s.W * cfg.channels)
+            plan, fill_plan = _planner(cfg, acc, s, ins[1:], 0, G, lanes, grads=False)
+            a = _alloc(cfg, (C,), acc)
+            steps = _corner_steps(s.W, cfg.channels)
+            row = tirx.truncdiv(task, col_blocks)
+            n, ho = tirx.truncdiv(row, s.Ho), tirx.truncmod(row, s.Ho)
             with T.serial(0, chunk) as inner:
-                pix = task * chunk + inner
-                with T.If(pix < total):
+                wo = tirx.truncmod(task, col_blocks) * chunk + inner
+                with T.If(wo < s.Wo):
                     with T.Then():
-                        n = tirx.truncdiv(pix, s.Ho * s.Wo)
-                        ho = tirx.truncmod(tirx.truncdiv(pix, s.Wo), s.Ho)
-                        wo = tirx.truncmod(pix, s.Wo)
-                        with T.serial(0, G) as g:
-                            a = _alloc(cfg, (C,), acc)
-                            with chan(0, C) as c:
-                                a[c] = tirx.const(0, acc)
-                            with points(0, P) as k:
-                                smp, m = _locate_point(cfg, acc, s, read, n, ho, wo, g, k)
-                                w = [_scalar_binder(cfg)(m * q.weight) for q in smp.corners]
+                        def groups(checked):
+                            with T.serial(0, G) as g:
                                 with chan(0, C) as c:
-                                    a[c] = a[c] + sum(wq * tirx.Cast(acc, x[n, q.y, q.x, g * C + c]) for wq, q in zip(w, smp.corners))
-                            with chan(0, C) as c:
-                                out[n, ho, wo, g * C + c] = tirx.Cast(cfg.dtype, a[c])
+                                    a[c] = tirx.const(0, acc)
+                                with points(0, P) as k:
+                                    q = g * P + k
+                                    with chan(0, C) as c:
+                                        a[c] = a[c] + sum(plan.w[r, q] * _corner_value(acc, xf, plan.at[q] + step, plan.ok[r, q], c, checked)
+                                                          for r, step in enumerate(steps))
+                                with chan(0, C) as c:
+                                    out[n, ho, wo, g * C + c] = tirx.Cast(cfg.dtype, a[c])
+
+                        _by_coverage(fill_plan(n, ho, wo), groups)
     return ib.get()
 
 
-def _point_grads(cfg, acc, smp: Sample, value, grad, C, red, vector: bool = False):
+def _point_grads(cfg, acc, smp: Sample, value, grad, C, red):
     """red[0..2] <- sum_c grad(c) * (B_c, dB/dlx, dB/dly) for one point (value(q, c): corner q's
-    value at channel c, zero when not valid). vector: per-channel terms in a vectorised loop,
-    then a short serial sum (TIR cannot vectorise a loop-carried reduction)."""
+    value at channel c, zero when not valid); one thread, serial over the channels (CUDA)."""
     q00, q01, q10, q11 = smp.corners
     bind = _scalar_binder(cfg)
     one, zero = tirx.const(1, acc), tirx.const(0, acc)
     hy, hx = bind(one - smp.ly), bind(one - smp.lx)
-
-    def terms(v, gc):
-        return (gc * (q00.weight * v[0] + q01.weight * v[1] + q10.weight * v[2] + q11.weight * v[3]),
-                gc * (hy * (v[1] - v[0]) + smp.ly * (v[3] - v[2])),
-                gc * (hx * (v[2] - v[0]) + smp.lx * (v[3] - v[1])))
-
     for i in range(3):
         red[i] = zero
-    if vector:
-        t = _alloc(cfg, (3, C), acc)
-        with T.vectorized(0, C) as c:
-            for i, term in enumerate(terms([value(q, c) for q in smp.corners], grad(c))):
-                t[i, c] = term
-        with T.serial(0, C) as c:
-            for i in range(3):
-                red[i] = red[i] + t[i, c]
-    else:
-        with T.serial(0, C) as c:
-            for i, term in enumerate(terms([bind(value(q, c)) for q in smp.corners], bind(grad(c)))):
-                red[i] = red[i] + term
+    with T.serial(0, C) as c:
+        v, gc = [bind(value(q, c)) for q in smp.corners], bind(grad(c))
+        red[0] = red[0] + gc * (q00.weight * v[0] + q01.weight * v[1] + q10.weight * v[2] + q11.weight * v[3])
+        red[1] = red[1] + gc * (hy * (v[1] - v[0]) + smp.ly * (v[3] - v[2]))
+        red[2] = red[2] + gc * (hx * (v[2] - v[0]) + smp.lx * (v[3] - v[1]))
 
 
 def _store_point_grads(cfg, acc, goff, gmsk, n, ho, wo, g, k, m, red):
     """dL/ddx = s*m*red[1], dL/ddy = s*m*red[2], dL/dm = red[0] into the op's gradient buffers."""
-    lay = offset_layout(cfg)
     sm = tirx.const(cfg.offset_scale, acc) * m
-    oi = g * lay.offset_group_stride + lay.offset_base + 2 * k
-    mi = g * lay.mask_group_stride + lay.mask_base + k
+    oi, mi = _point_index(cfg, g, k)
     goff[n, ho, wo, oi] = tirx.Cast(cfg.dtype, sm * red[1])
     goff[n, ho, wo, oi + 1] = tirx.Cast(cfg.dtype, sm * red[2])
     gmsk[n, ho, wo, mi] = tirx.Cast(cfg.dtype, red[0])
 
 
+def _fold_lanes(t, rows: int, length: int, chan, op=lambda a, b: a + b):
+    """t[i, 0] <- op over c < length of t[i, c], for i < rows: a fixed tree of vectorised halvings
+    (a horizontal reduction TIR cannot vectorise as a loop-carried one; deterministic order)."""
+    while length > 1:
+        half = length // 2
+        for i in range(rows):
+            with chan(0, half) as c:
+                t[i, c] = op(t[i, c], t[i, c + length - half])
+        length -= half
+
+
 def _backward_cpu(cfg: DCNConfig, params: dict, s: Shapes, ins, outs):
     """One parallel task per (image, group), looping over all of that image's output pixels.
 
-    Race-freedom: task (n, g) is the only writer of grad_x[n, :, :, g, :] and of group g's
-    offset/weight gradients of image n, so the scatter-add into grad_x needs no atomics and the
-    result does not depend on the number of threads. fp32/fp64 accumulate in grad_x itself;
-    bf16 accumulates in a private fp32 plane (H, W, C) allocated inside the task.
+    The task copies its slice of x into a private zero-ringed slice (see `_ringed`) and
+    scatter-adds into a private gradient slice of the same shape, converted into grad_x at the
+    end: both dense (the group's channels in x are strided by G*C), and every corner of every
+    point has a legal address, so the point loop has no tests. Per pixel the group's P points
+    are planned in one vectorised pass; per point one vectorised channel pass computes the three
+    sums (a fixed halving tree reduces them) and four vectorised scatter-adds follow.
+
+    Race-freedom: task (n, g) is the only writer of its private slices, of grad_x[n, :, :, g, :]
+    and of group g's offset/weight gradients of image n, so the scatter-add needs no atomics
+    and the result does not depend on the number of threads.
     """
     G, C, P = cfg.group, cfg.group_channels, cfg.num_points
     acc = acc_dtype(cfg.dtype)
-    direct = acc == cfg.dtype
     ins, outs = _proxies(ins), _proxies(outs)
     x, offs, gout = ins[0], ins[1:-1], ins[-1]
     gx, gofs = outs[0], outs[1:]
-    read = _point_reader(cfg, acc, *_offset_and_mask(cfg, offs))
     goff, gmsk = _offset_and_mask(cfg, gofs)
     zero = tirx.const(0, acc)
     chan = T.vectorized if params["vector"] else T.serial
+    size = (s.H + 3) * (s.W + 2) * C
     with IRBuilder() as ib:
         with T.parallel(0, s.N * G) as task:
             n = tirx.truncdiv(task, G)
             g = tirx.truncmod(task, G)
-            if direct:
-                plane, at = gx, (lambda y, xx, c: (n, y, xx, g * C + c))
-            else:
-                plane = T.buffer_proxy(T.alloc_buffer((s.H, s.W, C), acc, scope="global"))
-                at = lambda y, xx, c: (y, xx, c)  # noqa: E731
-            red = _alloc(cfg, (3,), acc)
+            xr = T.buffer_proxy(T.alloc_buffer((size,), acc, scope="global"))
+            gr = T.buffer_proxy(T.alloc_buffer((size,), acc, scope="global"))
+            plan, fill_plan = _planner(cfg, acc, s, offs, g, 1, params["plan_lanes"], grads=True)
+            t = _alloc(cfg, (3, C), acc)
             go = _alloc(cfg, (C,), acc)
-            with T.serial(0, s.H) as y:
-                with T.serial(0, s.W) as xx:
-                    with chan(0, C) as c:
-                        plane[at(y, xx, c)] = zero
+
+            def copy_in(at, y, xx, inner, c):
+                xr[at + c] = tirx.Select(inner, tirx.Cast(acc, x[n, y, xx, g * C + c]), zero)
+                gr[at + c] = zero
+
+            def copy_out(at, y, xx, inner, c):
+                with T.If(inner):
+                    with T.Then():
+                        gx[n, y, xx, g * C + c] = tirx.Cast(cfg.dtype, gr[at + c])
+
+            _ringed(s, C, chan, copy_in)
             with T.serial(0, s.Ho) as ho:
                 with T.serial(0, s.Wo) as wo:
                     with chan(0, C) as c:
                         go[c] = tirx.Cast(acc, gout[n, ho, wo, g * C + c])
-                    with T.serial(0, P) as k:
-                        smp, m = _locate_point(cfg, acc, s, read, n, ho, wo, g, k)
-                        _point_grads(cfg, acc, smp, lambda q, c: tirx.Select(q.valid, tirx.Cast(acc, x[n, q.y, q.x, g * C + c]), zero), lambda c: go[c], C, red, vector=bool(params["vector"]))
-                        # Invalid corners have weight 0 and a clamped (legal) index: adding 0 is harmless.
-                        for q in smp.corners:
-                            mw = _scalar_binder(cfg)(m * q.weight)
+                    fill_plan(n, ho, wo)
+                    with T.serial(0, P) as k:  # rolled: the unrolled body overflows the uop cache
+                        m = plan.m[k]
+                        _point_sums(cfg, acc, s, xr, plan, k, go, t, chan)
+                        _store_point_grads(cfg, acc, goff, gmsk, n, ho, wo, g, k, m, [t[i, 0] for i in range(3)])
+                        for r, step in enumerate(_corner_steps(s.W + 2, C)):
+                            mw = m * plan.w[r, k]
+                            at = plan.at[k] + step
                             with chan(0, C) as c:
-                                plane[at(q.y, q.x, c)] = plane[at(q.y, q.x, c)] + go[c] * mw
-                        _store_point_grads(cfg, acc, goff, gmsk, n, ho, wo, g, k, m, red)
-            if not direct:
-                with T.serial(0, s.H) as y:
-                    with T.serial(0, s.W) as xx:
-                        with chan(0, C) as c:
-                            gx[n, y, xx, g * C + c] = tirx.Cast(cfg.dtype, plane[y, xx, c])
+                                gr[at + c] = gr[at + c] + go[c] * mw
+            _ringed(s, C, chan, copy_out)
     return ib.get()
+
+
+def _ringed(s: Shapes, C: int, chan, body):
+    """Visit a zero-ringed (H + 3, W + 2, C) slice: image pixel (y, x) at row y + 1, column x + 1;
+    rows 0, H + 1, H + 2 and columns 0, W + 1 are the ring. Inside the window every corner of a
+    point lies in rows 0 .. H + 1 and columns 0 .. W + 1; rows H + 1, H + 2 hold the 2x2 block
+    that points outside the window are sent to (see `_planner`). body(at, y, x, inner, c) per
+    slot: `at` its flat index of channel 0, (y, x) its image pixel (clamped), inner: a real pixel."""
+    with T.serial(0, s.H + 3) as py:
+        with T.serial(0, s.W + 2) as px:
+            inner = tirx.all(py >= 1, py <= s.H, px >= 1, px <= s.W)
+            y, xx = tirx.max(tirx.min(py - 1, s.H - 1), 0), tirx.max(tirx.min(px - 1, s.W - 1), 0)
+            with chan(0, C) as c:
+                body((py * (s.W + 2) + px) * C, y, xx, inner, c)
+
+
+def _point_sums(cfg, acc, s: Shapes, xr, plan: Plan, q, go, t, chan):
+    """t[0..2, 0] <- sum_c go[c] * (B_c, dB_c/dlx, dB_c/dly) of planned point q (x's ringed slice xr)."""
+    C = cfg.group_channels
+    one = tirx.const(1, acc)
+    w = [plan.w[r, q] for r in range(4)]
+    ly, lx = plan.ly[q], plan.lx[q]
+    with chan(0, C) as c:
+        v = [xr[plan.at[q] + step + c] for step in _corner_steps(s.W + 2, C)]
+        t[0, c] = go[c] * (w[0] * v[0] + w[1] * v[1] + w[2] * v[2] + w[3] * v[3])
+        t[1, c] = go[c] * ((one - ly) * (v[1] - v[0]) + ly * (v[3] - v[2]))
+        t[2, c] = go[c] * ((one - lx) * (v[2] - v[0]) + lx * (v[3] - v[1]))
+    _fold_lanes(t, 3, C, chan)
 
 
 # ---- CUDA shells --------------------------------------------------------------------------------

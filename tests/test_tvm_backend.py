@@ -173,6 +173,33 @@ def test_through_ops():
         assert rel_err(a, e) < 1e-10
 
 
+# ---- hostile values (SPEC semantics of test_hostile.py, run on the TVM kernels) -----------------------
+HOSTILE_CHECKS = ("hostile_offsets_contribute_nothing", "all_offsets_hostile", "nan_weights", "inf_weights", "nan_input_pixel", "random_cases")
+
+
+@pytest.mark.parametrize("check", HOSTILE_CHECKS)
+@pytest.mark.parametrize("index", range(4))
+def test_hostile_values(check, index):
+    """NaN / inf / huge offsets and weights and NaN input pixels: exact zeros for dead points, NaN
+    exactly where the reference has it (the plan's unread corners are never dereferenced)."""
+    import test_hostile
+
+    cfg = test_hostile.CONFIGS[index].replace(backend="tvm")
+    seed = (0,) if check == "hostile_offsets_contribute_nothing" else ()
+    getattr(test_hostile, f"test_{check}")(cfg, *seed)
+
+
+def test_small_images_take_the_checked_path():
+    """Images smaller than the kernel reach: nearly every pixel has unread corners."""
+    cfg = DCNConfig(op="dcnv4", backend="tvm", dtype="float64", group=4, group_channels=16)
+    gen = torch.Generator().manual_seed(17)
+    x, offset, mask = random_inputs(cfg, 3, 3, 4, generator=gen)
+    om = dcnv4_packed(cfg, offset * 3, mask)
+    grad_out = torch.randn(3, 3, 4, cfg.channels, dtype=torch.float64, generator=gen)
+    for a, e in zip(run_kernel(cfg, x, om, om, grad_out), reference_grads(cfg, (x, om), grad_out)):
+        assert rel_err(a, e) < 1e-10
+
+
 # ---- CUDA: TVM-emitted kernels + our launcher, compiled without a GPU --------------------------------
 CUDA_CASES = [(op, dt, k, c) for op in ("dcnv4", "dcnv3") for dt in ("float32", "float16", "bfloat16") for k in (3, 5) for c in (16, 24)]
 

@@ -66,6 +66,8 @@ def benchmark_config(cfg, n: int, h: int, w: int, *, rounds: int = 7) -> dict[st
         leaves = [t.detach().clone().requires_grad_() for t in tensors]
 
         def run():
+            for leaf in leaves:  # as after optimizer.zero_grad(): backward stores fresh gradients, no accumulation
+                leaf.grad = None
             fn(cfg, leaves).backward(grad_out)
         return run
 

@@ -396,13 +396,19 @@ def _corner_steps(W, row: int):
     return (0, row, W * row, W * row + row)
 
 
-def _corner_value(acc, xf, at, ok, c, checked: bool):
-    """Channel c of a corner at flat index `at`; `checked`: zero where `ok` (-1 / 0) is 0,
-    branch-free: a blend after reading x's first channels instead (`at` may be out of bounds
-    there, and a NaN read must not leak in through 0 * NaN)."""
-    if not checked:
+def _corner_value(acc, xf, at, ok, c, reads: str):
+    """Channel c of a corner at flat index `at` (-1 / 0 `ok`: whether the corner is read), by
+    what the point's corners `reads`:
+    "all"     every corner: a plain load;
+    "masked"  an unread corner loads x's first channels instead (its weight is 0), branch-free:
+              exact unless those hold inf / NaN (0 * inf), which leaves a non-finite sum;
+    "exact"   an unread corner is not loaded (a branch per corner: the rare redo of such sums).
+    `at` of an unread corner may be out of bounds."""
+    if reads == "all":
         return tirx.Cast(acc, xf[at + c])
-    return tirx.Select(ok != 0, tirx.Cast(acc, xf[tirx.bitwise_and(at, ok) + c]), tirx.const(0, acc))
+    if reads == "masked":
+        return tirx.Cast(acc, xf[tirx.bitwise_and(at, ok) + c])
+    return tirx.if_then_else(ok != 0, tirx.Cast(acc, xf[at + c]), tirx.const(0, acc))
 
 
 def _all_read(plan: Plan, q_pad: int):
@@ -412,15 +418,15 @@ def _all_read(plan: Plan, q_pad: int):
     return plan.full[0, 0] != 0
 
 
-def _by_coverage(all_read, body):
-    """body(checked) twice: unchecked where the whole pixel's points read all their corners (the
-    common, interior case), checked otherwise. One branch per pixel, not per point: border
-    points come in runs there, not in the unpredictable patterns of small images."""
-    with T.If(all_read):
-        with T.Then():
-            body(False)
-        with T.Else():
-            body(True)
+def _finite(a, t, C: int, chan):
+    """Whether a[0..C) are all finite, by their exponent bits (float tests such as x != x or
+    0 * x != 0 are folded away by TVM's simplifier). t: (1, C) scratch of int32/int64 as a's
+    width."""
+    exponent = tirx.const(0x7FF << 52 if t.dtype == "int64" else 0xFF << 23, t.dtype)
+    with chan(0, C) as c:
+        t[0, c] = tirx.bitwise_and(tirx.reinterpret(t.dtype, a[c]), exponent)
+    _fold_lanes(t, 1, C, chan, tirx.max)
+    return t[0, 0] != exponent
 
 
 def _flat(buf, size):
@@ -431,7 +437,12 @@ def _flat(buf, size):
 def _forward_cpu(cfg: DCNConfig, params: dict, s: Shapes, ins, outs):
     """Parallel over runs of `pixels_per_task` output pixels of one row (no divisions per pixel).
     Per pixel: plan all G*P points in one vectorised pass, then per group a local accumulator of
-    C channels and per point one vectorised channel loop acc += sum over corners of w * x."""
+    C channels and per point one vectorised channel loop acc += sum over corners of w * x.
+
+    One branch per pixel picks the channel loops: plain loads where every corner of every point
+    is read (the interior), else "masked" loads (see _corner_value), redone "exact" for a group
+    whose sum is not finite. Per pixel, not per point: border points come in runs there, not in
+    the unpredictable patterns of small images."""
     G, C, P = cfg.group, cfg.group_channels, cfg.num_points
     acc = acc_dtype(cfg.dtype)
     x_buf = ins[0]
@@ -444,27 +455,37 @@ def _forward_cpu(cfg: DCNConfig, params: dict, s: Shapes, ins, outs):
         with T.parallel(0, s.N * s.Ho * col_blocks) as task:
             xf = _flat(x_buf, s.N * s.H * s.W * cfg.channels)
             plan, fill_plan = _planner(cfg, acc, s, ins[1:], 0, G, lanes, grads=False)
-            a = _alloc(cfg, (C,), acc)
+            a, t = _alloc(cfg, (C,), acc), _alloc(cfg, (1, C), "int64" if acc == "float64" else "int32")
             steps = _corner_steps(s.W, cfg.channels)
+
+            def accumulate(g, reads):
+                with chan(0, C) as c:
+                    a[c] = tirx.const(0, acc)
+                # the rare exact redo rolled: unrolled, LLVM keeps the masked pass's loads for it
+                with (T.serial if reads == "exact" else points)(0, P) as k:
+                    q = g * P + k
+                    with chan(0, C) as c:
+                        a[c] = a[c] + sum(plan.w[r, q] * _corner_value(acc, xf, plan.at[q] + step, plan.ok[r, q], c, reads)
+                                          for r, step in enumerate(steps))
+
             row = tirx.truncdiv(task, col_blocks)
             n, ho = tirx.truncdiv(row, s.Ho), tirx.truncmod(row, s.Ho)
             with T.serial(0, chunk) as inner:
                 wo = tirx.truncmod(task, col_blocks) * chunk + inner
                 with T.If(wo < s.Wo):
                     with T.Then():
-                        def groups(checked):
-                            with T.serial(0, G) as g:
-                                with chan(0, C) as c:
-                                    a[c] = tirx.const(0, acc)
-                                with points(0, P) as k:
-                                    q = g * P + k
-                                    with chan(0, C) as c:
-                                        a[c] = a[c] + sum(plan.w[r, q] * _corner_value(acc, xf, plan.at[q] + step, plan.ok[r, q], c, checked)
-                                                          for r, step in enumerate(steps))
-                                with chan(0, C) as c:
-                                    out[n, ho, wo, g * C + c] = tirx.Cast(cfg.dtype, a[c])
-
-                        _by_coverage(fill_plan(n, ho, wo), groups)
+                        all_read = fill_plan(n, ho, wo)
+                        with T.serial(0, G) as g:
+                            with T.If(all_read):
+                                with T.Then():
+                                    accumulate(g, "all")
+                                with T.Else():
+                                    accumulate(g, "masked")
+                                    with T.If(tirx.Not(_finite(a, t, C, chan))):
+                                        with T.Then():
+                                            accumulate(g, "exact")
+                            with chan(0, C) as c:
+                                out[n, ho, wo, g * C + c] = tirx.Cast(cfg.dtype, a[c])
     return ib.get()
 
 

@@ -200,6 +200,22 @@ def test_small_images_take_the_checked_path():
         assert rel_err(a, e) < 1e-10
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_first_pixel(bad):
+    """The forward's border path reads x's first pixel for unread corners (weight 0) and redoes a
+    non-finite sum exactly: inf / NaN there reaches exactly the samples that read it."""
+    cfg = DCNConfig(op="dcnv4", backend="tvm", dtype="float64", group=2, group_channels=16)
+    gen = torch.Generator().manual_seed(19)
+    x, offset, mask = random_inputs(cfg, 2, 6, 7, generator=gen)
+    x[:, 0, 0, :] = bad
+    om = dcnv4_packed(cfg, offset * 2, mask)
+    grad_out = torch.randn(2, 6, 7, cfg.channels, dtype=torch.float64, generator=gen)
+    for a, e in zip(run_kernel(cfg, x, om, om, grad_out), reference_grads(cfg, (x, om), grad_out)):
+        assert torch.equal(torch.isnan(a), torch.isnan(e)) and torch.equal(torch.isinf(a), torch.isinf(e))
+        finite = torch.isfinite(e)
+        assert rel_err(a[finite], e[finite]) < 1e-10
+
+
 # ---- CUDA: TVM-emitted kernels + our launcher, compiled without a GPU --------------------------------
 CUDA_CASES = [(op, dt, k, c) for op in ("dcnv4", "dcnv3") for dt in ("float32", "float16", "bfloat16") for k in (3, 5) for c in (16, 24)]
 

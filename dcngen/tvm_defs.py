@@ -419,12 +419,12 @@ def _all_read(plan: Plan, q_pad: int):
 
 
 def _finite(a, t, C: int, chan):
-    """Whether a[0..C) are all finite, by their exponent bits (float tests such as x != x or
+    """Whether a[4, 0..C) are all finite, by their exponent bits (float tests such as x != x or
     0 * x != 0 are folded away by TVM's simplifier). t: (1, C) scratch of int32/int64 as a's
     width."""
     exponent = tirx.const(0x7FF << 52 if t.dtype == "int64" else 0xFF << 23, t.dtype)
     with chan(0, C) as c:
-        t[0, c] = tirx.bitwise_and(tirx.reinterpret(t.dtype, a[c]), exponent)
+        t[0, c] = tirx.bitwise_and(tirx.reinterpret(t.dtype, a[4, c]), exponent)
     _fold_lanes(t, 1, C, chan, tirx.max)
     return t[0, 0] != exponent
 
@@ -455,18 +455,22 @@ def _forward_cpu(cfg: DCNConfig, params: dict, s: Shapes, ins, outs):
         with T.parallel(0, s.N * s.Ho * col_blocks) as task:
             xf = _flat(x_buf, s.N * s.H * s.W * cfg.channels)
             plan, fill_plan = _planner(cfg, acc, s, ins[1:], 0, G, lanes, grads=False)
-            a, t = _alloc(cfg, (C,), acc), _alloc(cfg, (1, C), "int64" if acc == "float64" else "int32")
+            a, t = _alloc(cfg, (5, C), acc), _alloc(cfg, (1, C), "int64" if acc == "float64" else "int32")
             steps = _corner_steps(s.W, cfg.channels)
 
             def accumulate(g, reads):
-                with chan(0, C) as c:
-                    a[c] = tirx.const(0, acc)
+                """a[4] <- group g's sum; one accumulator per corner: four independent chains."""
+                for r in range(4):
+                    with chan(0, C) as c:
+                        a[r, c] = tirx.const(0, acc)
                 # the rare exact redo rolled: unrolled, LLVM keeps the masked pass's loads for it
                 with (T.serial if reads == "exact" else points)(0, P) as k:
                     q = g * P + k
                     with chan(0, C) as c:
-                        a[c] = a[c] + sum(plan.w[r, q] * _corner_value(acc, xf, plan.at[q] + step, plan.ok[r, q], c, reads)
-                                          for r, step in enumerate(steps))
+                        for r, step in enumerate(steps):
+                            a[r, c] = a[r, c] + plan.w[r, q] * _corner_value(acc, xf, plan.at[q] + step, plan.ok[r, q], c, reads)
+                with chan(0, C) as c:
+                    a[4, c] = (a[0, c] + a[1, c]) + (a[2, c] + a[3, c])
 
             row = tirx.truncdiv(task, col_blocks)
             n, ho = tirx.truncdiv(row, s.Ho), tirx.truncmod(row, s.Ho)
@@ -485,7 +489,7 @@ def _forward_cpu(cfg: DCNConfig, params: dict, s: Shapes, ins, outs):
                                         with T.Then():
                                             accumulate(g, "exact")
                             with chan(0, C) as c:
-                                out[n, ho, wo, g * C + c] = tirx.Cast(cfg.dtype, a[c])
+                                out[n, ho, wo, g * C + c] = tirx.Cast(cfg.dtype, a[4, c])
     return ib.get()
 
 

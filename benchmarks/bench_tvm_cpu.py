@@ -4,12 +4,13 @@ Kernel level (artifact forward/backward on preallocated tensors; no autograd aro
 kernels); the reference runs under autograd. Sides are timed alternately, `--rounds` pairs;
 reported: median ms per side and the median of the paired ratios.
 
-    python benchmarks/bench_tvm_cpu.py [--rounds 9] [--op dcnv4|dcnv3]
+    python benchmarks/bench_tvm_cpu.py [--rounds 9] [--op dcnv4|dcnv3] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 
 import torch
@@ -30,7 +31,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--op", default="dcnv4", choices=("dcnv4", "dcnv3"))
+    ap.add_argument("--threads", type=int, default=0, help="threads of both backends and the reference (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's thread pool starts
+        torch.set_num_threads(args.threads)  # the template kernels follow torch
     base = DCNConfig(op=args.op, group=4, group_channels=16, dtype="float32")
     tvm_k, tmpl_k = kernel(base.replace(backend="tvm")), kernel(base.replace(backend="template"))
     print(f"# {args.op} G=4 C=16 3x3 fp32, torch threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}")

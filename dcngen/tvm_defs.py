@@ -247,7 +247,7 @@ class Plan(NamedTuple):
     at: object  # (Q,) int32: flat index of corner 00's first channel (+ _corner_steps): into x of the
     #             point's group; for `grads` into the zero-ringed slices of _ringed
     ok: object  # (4, Q) int32: nonzero where the corner is read (in the window and in the image)
-    full: object  # (1, Q) int32: nonzero where all four corners are read; see _all_read (not `grads`)
+    full: object  # (1, lanes) int32: AND over the vector steps of "all four corners read"; see _all_read (not `grads`)
     w: object  # (4, Q) acc: bilinear weight, times the point's weight m unless planned for `grads`; 0 where not ok
     m: object  # (Q,) acc: the point's weight, 0 outside the window (`grads` only)
     ly: object  # (Q,) acc: fractional parts, 0 outside the window (`grads` only)
@@ -353,7 +353,7 @@ def _planner(cfg, acc, s: Shapes, offs, g0, groups: int, lanes: int, grads: bool
     Q, q_pad = groups * P, _padded(groups * P, lanes)
     zero = tirx.const(0, acc)
     i32, f = (lambda shape: _alloc(cfg, shape, "int32")), (lambda shape: _alloc(cfg, shape, acc))
-    plan = Plan(i32((q_pad,)), i32((4, q_pad)), i32((1, q_pad)), f((4, q_pad)), f((q_pad,)), f((q_pad,)), f((q_pad,)))
+    plan = Plan(i32((q_pad,)), i32((4, q_pad)), i32((1, lanes)), f((4, q_pad)), f((q_pad,)), f((q_pad,)), f((q_pad,)))
     stage, read = _staged_rows(cfg, acc, offs, g0, groups, lanes)
 
     def sample(ho, wo, q, bind):
@@ -368,6 +368,9 @@ def _planner(cfg, acc, s: Shapes, offs, g0, groups: int, lanes: int, grads: bool
 
     def fill(n, ho, wo):
         stage(n, ho, wo)
+        if not grads:
+            with T.vectorized(0, lanes) as lane:
+                plan.full[0, lane] = tirx.const(-1, "int32")
         with steps(0, q_pad // lanes) as blk:
             with T.vectorized(0, lanes) as lane:
                 q = blk * lanes + lane
@@ -385,8 +388,9 @@ def _planner(cfg, acc, s: Shapes, offs, g0, groups: int, lanes: int, grads: bool
                     for r, c in enumerate(smp.corners):
                         plan.ok[r, q] = _mask(c.valid)
                         plan.w[r, q] = tirx.Select(c.valid, m * c.weight, zero)
-                    plan.full[0, q] = _mask(tirx.all(*(c.valid for c in smp.corners)))
-        return None if grads else _all_read(plan, q_pad)
+                    all_four = _mask(tirx.all(*(c.valid for c in smp.corners)))
+                    plan.full[0, lane] = tirx.bitwise_and(plan.full[0, lane], all_four)
+        return None if grads else _all_read(plan, lanes)
 
     return plan, fill
 
@@ -411,10 +415,10 @@ def _corner_value(acc, xf, at, ok, c, reads: str):
     return tirx.if_then_else(ok != 0, tirx.Cast(acc, xf[at + c]), tirx.const(0, acc))
 
 
-def _all_read(plan: Plan, q_pad: int):
+def _all_read(plan: Plan, lanes: int):
     """Nonzero where every corner of every planned point is read (padding lanes repeat a point);
     folds plan.full in place."""
-    _fold_lanes(plan.full, 1, q_pad, T.vectorized, tirx.bitwise_and)
+    _fold_lanes(plan.full, 1, lanes, T.vectorized, tirx.bitwise_and)
     return plan.full[0, 0] != 0
 
 

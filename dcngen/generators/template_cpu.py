@@ -16,8 +16,9 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-m
 
 
 def default_params(cfg: DCNConfig) -> dict[str, int]:
-    """Heuristic: unroll the forward point loop for kernels up to 4x4 (the point geometry folds to constants)."""
-    return {"pixel_chunk": 16, "unroll_points": cfg.num_points if cfg.num_points <= 16 else 1, "accumulators": 4}
+    """Heuristic: unroll the forward point loop for kernels up to 4x4 (the point geometry folds to constants);
+    forward work items of up to 256 pixels (fewer when that leaves under four per thread)."""
+    return {"pixel_chunk": 256, "unroll_points": cfg.num_points if cfg.num_points <= 16 else 1, "accumulators": 4}
 
 
 def generate(cfg: DCNConfig) -> KernelSource:

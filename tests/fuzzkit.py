@@ -47,10 +47,6 @@ def available_backends() -> list[str]:
     return backends
 
 
-def op_kwargs(cfg: DCNConfig) -> dict:
-    return cfg.op_kwargs
-
-
 # ---- configs ------------------------------------------------------------------------------------
 
 EDGE_CONFIGS = (
@@ -303,7 +299,7 @@ def check_case(cfg: DCNConfig, case: Case, *, via_ops: bool = True) -> list[str]
     if via_ops:
         leaves = [t.clone().requires_grad_() for t in tensors]
         fn = ops.dcnv4 if cfg.op == "dcnv4" else ops.dcnv3
-        out = fn(*leaves, **op_kwargs(cfg))
+        out = fn(*leaves, **cfg.op_kwargs)
         out.backward(case.grad_out.to(out.dtype))
         grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
         compare("ops", out, grads[0], grads[1], grads[1] if cfg.op == "dcnv4" else grads[2])

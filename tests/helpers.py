@@ -61,3 +61,13 @@ def dcnv3_split(offset: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
     """offset (N, Ho, Wo, G, P, 2), mask (N, Ho, Wo, G, P) -> (N, Ho, Wo, G*P*2), (N, Ho, Wo, G*P)."""
     n, ho, wo = offset.shape[:3]
     return offset.reshape(n, ho, wo, -1).contiguous(), mask.reshape(n, ho, wo, -1).contiguous()
+
+
+def assert_compile_matches_eager(fn, inputs, tol: float = 1e-5) -> None:
+    """fn(*inputs) -> scalar: the gradients under torch.compile(fullgraph=True) match eager mode."""
+    eager = [t.clone().requires_grad_() for t in inputs]
+    compiled = [t.clone().requires_grad_() for t in inputs]
+    fn(*eager).backward()
+    torch.compile(fn, fullgraph=True)(*compiled).backward()
+    for a, b in zip(eager, compiled):
+        assert rel_err(b.grad, a.grad) < tol

@@ -3,10 +3,11 @@ autocast, a non-default device, every gradient against the float64 reference."""
 
 import pytest
 import torch
+from helpers import assert_compile_matches_eager
 
 import dcngen.ops as ops
 from dcngen.config import DCNConfig
-from dcngen.verify import TOLERANCE, TORCH_DTYPE, random_problem, rel_err, run_op, verify
+from dcngen.verify import TOLERANCE, TORCH_DTYPE, random_problem, run_op, verify
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -31,12 +32,7 @@ def test_torch_compile_on_cuda():
     cfg = DCNConfig(group=4, group_channels=16, offset_scale=2.0, target="cuda")
     tensors = random_problem(cfg, 2, 8, 9).op_inputs(torch.float32, "cuda")
     fn = lambda x, om: ops.dcnv4(x, om, group=4, group_channels=16, offset_scale=2.0).square().sum()  # noqa: E731
-    eager = [t.clone().requires_grad_() for t in tensors]
-    compiled = [t.clone().requires_grad_() for t in tensors]
-    fn(*eager).backward()
-    torch.compile(fn, fullgraph=True)(*compiled).backward()
-    for a, b in zip(eager, compiled):
-        assert rel_err(b.grad, a.grad) < 1e-5
+    assert_compile_matches_eager(fn, tensors)
 
 
 def test_deterministic_mode_is_bitwise_repeatable():

@@ -30,7 +30,6 @@ from fuzzkit import (
     kernel_outputs,
     keep_off_grid_lines,
     mismatch,
-    op_kwargs,
     op_tensors,
     random_case,
     reference_grads,
@@ -81,7 +80,7 @@ def run_both(cfg: DCNConfig, case: Case):
     results.append(("kernel", out, gx, off, m))
     leaves = [t.clone().requires_grad_() for t in tensors]
     fn = ops.dcnv4 if cfg.op == "dcnv4" else ops.dcnv3
-    out = fn(*leaves, **op_kwargs(cfg))
+    out = fn(*leaves, **cfg.op_kwargs)
     out.backward(case.grad_out.to(out.dtype))
     g = [t.grad for t in leaves]
     off, m, _ = split_grads(cfg, g[1], g[1] if cfg.op == "dcnv4" else g[2])
@@ -229,10 +228,10 @@ def test_noncontiguous_inputs(cfg):
     case = random_case(cfg, random.Random(5))
     tensors = op_tensors(cfg, case)
     fn = ops.dcnv4 if cfg.op == "dcnv4" else ops.dcnv3
-    expect = fn(*tensors, **op_kwargs(cfg))
+    expect = fn(*tensors, **cfg.op_kwargs)
     strided = [torch.cat((t, t), dim=-1)[..., : t.shape[-1]] for t in tensors]  # same values, non-contiguous
     assert not strided[0].is_contiguous()
-    assert torch.equal(fn(*strided, **op_kwargs(cfg)), expect)
+    assert torch.equal(fn(*strided, **cfg.op_kwargs), expect)
 
 
 def test_kernel_that_does_not_fit_is_an_input_error():

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import dcnv3_split, dcnv4_packed, golden_cases, golden_config, random_inputs, rel_err
+from helpers import assert_compile_matches_eager, dcnv3_split, dcnv4_packed, golden_cases, golden_config, random_inputs, rel_err
 
 import dcngen.ops as ops
 from dcngen import reference
@@ -11,10 +11,6 @@ from dcngen.errors import ConfigError, InputError
 
 CASES = golden_cases()
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}
-
-
-def op_kwargs(cfg: DCNConfig) -> dict:
-    return cfg.op_kwargs
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
@@ -26,12 +22,12 @@ def test_golden_vectors(name, case, op, dtype):
     x, om, grad_out = t("input").requires_grad_(), t("offset_mask"), t("grad_output")
     if op == "dcnv4":
         om.requires_grad_()
-        out = ops.dcnv4(x, om, **op_kwargs(cfg))
+        out = ops.dcnv4(x, om, **cfg.op_kwargs)
         out.backward(grad_out)
         grads = {"grad_offset_mask": om.grad}
     else:
         offset, mask = (v.detach().contiguous().requires_grad_() for v in reference.unpack_offset_mask(cfg, om))
-        out = ops.dcnv3(x, offset, mask, **op_kwargs(cfg))
+        out = ops.dcnv3(x, offset, mask, **cfg.op_kwargs)
         out.backward(grad_out)
         grads = {"grad_offset_mask": reference.pack_offset_mask(cfg, offset.grad, mask.grad, om.shape[-1])}
     assert out.dtype == dtype and x.grad.dtype == dtype
@@ -88,11 +84,11 @@ def test_gradcheck(fields, op):
     x, offset, mask = random_inputs(cfg, 2, 4, 5, generator=gen)
     if op == "dcnv4":
         om = dcnv4_packed(cfg, offset, mask).requires_grad_()
-        inputs, fn = (x.requires_grad_(), om), lambda x, om: ops.dcnv4(x, om, **op_kwargs(cfg))
+        inputs, fn = (x.requires_grad_(), om), lambda x, om: ops.dcnv4(x, om, **cfg.op_kwargs)
         expected = reference.dcnv4(cfg, x, om)
     else:
         off, m = (t.requires_grad_() for t in dcnv3_split(offset, mask))
-        inputs, fn = (x.requires_grad_(), off, m), lambda x, o, m: ops.dcnv3(x, o, m, **op_kwargs(cfg))
+        inputs, fn = (x.requires_grad_(), off, m), lambda x, o, m: ops.dcnv3(x, o, m, **cfg.op_kwargs)
         expected = reference.dcnv3(cfg, x, off, m)
     assert rel_err(fn(*inputs), expected) < 1e-10
     # Full Jacobians for the small configs; random projections (fast mode) for the wide ones.
@@ -142,12 +138,7 @@ def test_torch_compile_fullgraph(op):
         inputs = dcnv3_split(offset, mask)
         inputs = (x, *inputs)
         fn = lambda x, o, m: ops.dcnv3(x, o, m, group=2, group_channels=4).square().sum()  # noqa: E731
-    eager = [t.clone().requires_grad_() for t in inputs]
-    compiled = [t.clone().requires_grad_() for t in inputs]
-    fn(*eager).backward()
-    torch.compile(fn, fullgraph=True)(*compiled).backward()
-    for a, b in zip(eager, compiled):
-        assert rel_err(b.grad, a.grad) < 1e-5
+    assert_compile_matches_eager(fn, inputs)
 
 
 def test_empty_batch():

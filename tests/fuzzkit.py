@@ -165,10 +165,13 @@ def keep_off_grid_lines(cfg: DCNConfig, offset: torch.Tensor) -> torch.Tensor:
     return offset
 
 
-def random_case(cfg: DCNConfig, rng: random.Random) -> Case:
+def random_case(cfg: DCNConfig, rng: random.Random, size: tuple[int, int, int] | None = None) -> Case:
+    """Random inputs of a random size, or of `size` (N, H, W)."""
     gen = torch.Generator().manual_seed(rng.getrandbits(62))
     n = rng.choice((1, 1, 2, 3))
     h, w = _fit(cfg, 0, rng), _fit(cfg, 1, rng)
+    if size is not None:
+        n, h, w = size
     ho, wo = cfg.output_size(h, w)
     g, p = cfg.group, cfg.num_points
     x = _round(torch.randn(n, h, w, cfg.channels, generator=gen, dtype=torch.float64), cfg.dtype)

@@ -1,7 +1,10 @@
 """The template CPU kernels through the torch ops: golden vectors, gradcheck, opcheck, torch.compile, bad input."""
 
+import random
+
 import pytest
 import torch
+from fuzzkit import check_case, random_case
 from helpers import assert_compile_matches_eager, dcnv3_split, dcnv4_packed, golden_cases, golden_config, random_inputs, rel_err
 
 import dcngen.ops as ops
@@ -239,3 +242,13 @@ def test_results_do_not_depend_on_the_thread_count():
         torch.set_num_threads(previous)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("op", ["dcnv4", "dcnv3"])
+def test_outputs_past_the_caches(op):
+    """Outputs of 4 MiB or more (here the forward output and the input gradient) are written with
+    streaming stores: NaN-poisoned kernel outputs and the op against the float64 reference."""
+    cfg = DCNConfig(op=op, group=4, group_channels=16, dtype="float32")
+    case = random_case(cfg, random.Random(11), size=(1, 128, 128))
+    assert case.grad_out.numel() * 4 >= 4 << 20
+    assert check_case(cfg, case) == []

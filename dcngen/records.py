@@ -150,13 +150,16 @@ def save(path: Path, data: dict) -> None:
 
 
 def update(path: Path, target: str, key: str, record: dict) -> None:
-    """Store `record` under `key` in the file at `path` (re-read first, so concurrent tuners of other keys survive)."""
+    """Store `record` under `key` in the file at `path` (re-read first, so concurrent tuners of other
+    keys survive). Records of other generator versions, which no lookup uses, are dropped."""
     from filelock import FileLock
 
     lock = Path(tempfile.gettempdir()) / f"dcngen-records-{hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:16]}.lock"
     with FileLock(str(lock)):  # outside the records folder, which stays reviewable
         data = load(path)
         data.update(format=FORMAT, fingerprint=fingerprint(target), machine=machine(target))
+        current = f"|v{generator_version()}|"
+        data["records"] = {k: r for k, r in data["records"].items() if current in k}
         data["records"][key] = record
         save(path, data)
 

@@ -67,6 +67,9 @@ def test_lookup_picks_nearest_bucket_of_same_config_and_version(root):
     data["records"] = {k.replace(current, "|v-older|"): v for k, v in data["records"].items()}
     records.save(path, data)
     assert records.lookup(CFG, (1, 9, 9)) is None
+    # and the next update drops them from the file
+    records.update(path, "cpu", records.record_key(CFG, (1, 64)), _record(CFG, (1, 64), small))
+    assert list(records.load(path)["records"]) == [records.record_key(CFG, (1, 64))]
 
 
 def test_jit_path_uses_record_and_falls_back(root):

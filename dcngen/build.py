@@ -26,7 +26,7 @@ from .compilers import LIBRARY, compiler_for
 from .errors import BuildError, CacheError
 from .source import KernelSource
 
-GENERATOR_VERSION = "4"
+GENERATOR_VERSION = "5"
 META = "meta.json"
 
 

@@ -50,7 +50,7 @@ def space_for(cfg: DCNConfig) -> Space:
     if cfg.backend == "template" and not cfg.is_cuda:
         # the knobs shape the forward only (the backward runs one task per (image, group))
         unroll = tuple(sorted({1, 2, 3, 4, p} & set(range(1, 65))))
-        return Space({"pixel_chunk": _pow2_upto(1, 256), "unroll_points": unroll, "accumulators": (1, 2, 4)}, passes=("forward",))
+        return Space({"pixel_chunk": _pow2_upto(1, 4096), "unroll_points": unroll, "accumulators": (1, 2, 4)}, passes=("forward",))
     if cfg.backend == "template":
         vec = _pow2_upto(1, 16)
         return Space({

@@ -11,7 +11,7 @@ from .jinja import render, resolve_params
 SCALAR_TYPE = {"float32": "float", "float64": "double", "bfloat16": "dcn::bf16_t"}
 
 # Tunable parameters and their bounds (see `dcngen tune`).
-PARAM_BOUNDS = {"pixel_chunk": (1, 1024), "unroll_points": (1, 64), "accumulators": (1, 4)}
+PARAM_BOUNDS = {"pixel_chunk": (1, 4096), "unroll_points": (1, 64), "accumulators": (1, 4)}
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
          "-ffp-contract=fast")
@@ -23,8 +23,9 @@ if platform.machine().lower() in ("x86_64", "amd64"):
 
 def default_params(cfg: DCNConfig) -> dict[str, int]:
     """Heuristic: unroll the forward point loop for kernels up to 4x4 (the point geometry folds to constants);
-    forward work items of up to 256 pixels (fewer when that leaves under four per thread)."""
-    return {"pixel_chunk": 256, "unroll_points": cfg.num_points if cfg.num_points <= 16 else 1, "accumulators": 4}
+    forward work items of up to 4096 pixels (fewer when that leaves under four per thread): long runs of
+    pixels keep each thread's band of input rows in its own cache."""
+    return {"pixel_chunk": 4096, "unroll_points": cfg.num_points if cfg.num_points <= 16 else 1, "accumulators": 4}
 
 
 def generate(cfg: DCNConfig) -> KernelSource:

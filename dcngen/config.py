@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -125,7 +126,7 @@ class DCNConfig:
     def channels(self) -> int:
         return self.group * self.group_channels
 
-    @property
+    @functools.cached_property  # kept in the instance's __dict__: not a field, so not in eq / hash
     def points(self) -> tuple[Pair, ...]:
         """The sampling points (i, j) in kernel order: width index i outer, height index j inner."""
         kh, kw = self.kernel_size

@@ -49,7 +49,7 @@ def check_inputs(op: str, args: Sequence, input: torch.Tensor, offset: torch.Ten
             raise InputError(f"{name} must be 4-D and channels-last, got shape {_shape(t)}")
         if t.dtype != input.dtype:
             raise InputError(f"{name} has dtype {t.dtype} but input has {input.dtype}; all tensors must share one dtype")
-        if t.device != input.device:
+        if t is not input and t.device != input.device:
             raise InputError(f"{name} is on {t.device} but input is on {input.device}; all tensors must share one device")
     if input.dtype not in _TORCH_DTYPES:
         raise InputError(f"input dtype {input.dtype} is not supported; use one of {', '.join(map(str, _TORCH_DTYPES))}")
@@ -200,6 +200,25 @@ torch.library.register_autograd("dcngen::dcnv4", _grad(torch.ops.dcngen.dcnv4_ba
 torch.library.register_autograd("dcngen::dcnv3", _grad(torch.ops.dcngen.dcnv3_backward), setup_context=_dcnv3_setup)
 
 
+def _runs_directly(input: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether a public call may run the op's implementation without going through the dispatcher.
+
+    The dispatcher adds Python kernels (autograd, the implementation) costing 0.05 ms a call with
+    warm caches and 0.2-0.3 ms with cold ones. Eager inference on plain CPU/CUDA tensors needs none
+    of what it brings: so the call runs directly unless anything acts on the op's dispatch
+    (autograd with inputs that need gradients, autocast, torch.compile or export, TorchScript
+    tracing, functorch transforms, dispatch or function modes, tensor subclasses, the profiler).
+    Either way the same checks and kernel run and the result is identical."""
+    if (torch.compiler.is_compiling() or torch._C._get_tracing_state() or torch.autograd._profiler_enabled()
+            or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    if type(input) is not torch.Tensor or not (input.is_cpu or input.is_cuda) or torch.is_autocast_enabled("cpu" if input.is_cpu else "cuda"):
+        return False
+    grad = torch.is_grad_enabled()
+    return not (grad and input.requires_grad) and all(type(t) is torch.Tensor and not (grad and t.requires_grad) for t in tensors)
+
+
 def _op_args(kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center, backend) -> tuple:
     (kh, kw), (sh, sw) = as_pair("kernel_size", kernel_size), as_pair("stride", stride)
     (ph, pw), (dh, dw) = as_pair("padding", padding), as_pair("dilation", dilation)
@@ -225,6 +244,8 @@ def dcnv4(
     an int or (h, w). The kernel for this configuration is built on first use and cached.
     """
     args = _op_args(kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center, backend)
+    if _runs_directly(input, offset_mask):
+        return _forward(check_inputs("dcnv4", args, input, offset_mask, offset_mask), input, offset_mask, offset_mask)
     return torch.ops.dcngen.dcnv4(input, offset_mask, *args)
 
 
@@ -245,6 +266,8 @@ def dcnv3(
     """DCNv3. input (N, H, W, G*C), offset (N, Ho, Wo, G*P*2) as [g][k][x, y], mask (N, Ho, Wo, G*P)
     -> (N, Ho, Wo, G*C). The mask is used as given (the DCNv3 module applies the softmax)."""
     args = _op_args(kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center, backend)
+    if _runs_directly(input, offset, mask):
+        return _forward(check_inputs("dcnv3", args, input, offset, mask), input, offset, mask)
     return torch.ops.dcngen.dcnv3(input, offset, mask, *args)
 from . import autocast  # noqa: E402,F401  (registers the Autocast kernels of the ops above)
 

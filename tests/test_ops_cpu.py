@@ -154,6 +154,53 @@ def test_empty_batch():
     assert x.grad.shape == x.shape and om.grad.shape == om.shape
 
 
+
+def _inference_inputs(op: str):
+    """(public function, registered op, inputs, public keyword arguments) of a small fp32 problem."""
+    cfg = DCNConfig(op=op, group=2, group_channels=8)
+    x, offset, mask = random_inputs(cfg, 2, 6, 7, dtype=torch.float32, generator=torch.Generator().manual_seed(5))
+    tensors = (x, dcnv4_packed(cfg, offset, mask)) if op == "dcnv4" else (x, *dcnv3_split(offset, mask))
+    return getattr(ops, op), getattr(torch.ops.dcngen, op), tensors, dict(group=2, group_channels=8)
+
+
+@pytest.mark.parametrize("op", ["dcnv4", "dcnv3"])
+def test_inference_skips_the_dispatcher_with_the_same_result(op, monkeypatch):
+    """Eager inference runs the kernel without the dispatcher's Python kernels: same bits as the op."""
+    public, registered, tensors, kwargs = _inference_inputs(op)
+    args = ops._op_args(3, 1, 1, 1, 2, 8, 1.0, False, "template")
+    expected = registered(*tensors, *args)
+    monkeypatch.setattr(torch.ops.dcngen, op, None)  # the direct path does not touch the registered op
+    with torch.no_grad():
+        assert torch.equal(public(*tensors, **kwargs), expected)
+    with torch.inference_mode():
+        assert torch.equal(public(*tensors, **kwargs), expected)
+
+
+@pytest.mark.parametrize("op", ["dcnv4", "dcnv3"])
+def test_dispatch_is_kept_where_something_acts_on_it(op):
+    """Autograd, dispatch modes and the profiler see the registered op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    public, _, tensors, kwargs = _inference_inputs(op)
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Recorder() as recorder:
+        public(*tensors, **kwargs)
+    assert f"dcngen.{op}.default" in recorder.ops
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        public(*tensors, **kwargs)
+    assert any(e.name == f"dcngen::{op}" for e in prof.events())
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    assert public(*leaves, **kwargs).grad_fn is not None
+
 BAD_INPUTS = [
     ("rank", lambda x, om: (x[0], om), "input must be 4-D"),
     ("channels", lambda x, om: (x[..., :7], om), r"\(N, H, W, 8\)"),

@@ -127,11 +127,13 @@ def _dcnv4_impl(input, offset_mask, *args):
     return _forward(check_inputs("dcnv4", args, input, offset_mask, offset_mask), input, offset_mask, offset_mask)
 
 
-@torch.library.impl("dcngen::dcnv4_backward", "CompositeExplicitAutograd")
 def _dcnv4_backward_impl(grad_output, input, offset_mask, *args):
     cfg = check_inputs("dcnv4", args, input, offset_mask, offset_mask)
     grad_input, grad_offset_mask, _ = _backward(cfg, grad_output, input, offset_mask, None, packed=True)
     return grad_input, grad_offset_mask
+
+
+torch.library.impl("dcngen::dcnv4_backward", "CompositeExplicitAutograd")(_dcnv4_backward_impl)
 
 
 @torch.library.impl("dcngen::dcnv3", "CompositeExplicitAutograd")
@@ -139,9 +141,11 @@ def _dcnv3_impl(input, offset, mask, *args):
     return _forward(check_inputs("dcnv3", args, input, offset, mask), input, offset, mask)
 
 
-@torch.library.impl("dcngen::dcnv3_backward", "CompositeExplicitAutograd")
 def _dcnv3_backward_impl(grad_output, input, offset, mask, *args):
     return _backward(check_inputs("dcnv3", args, input, offset, mask), grad_output, input, offset, mask, packed=False)
+
+
+torch.library.impl("dcngen::dcnv3_backward", "CompositeExplicitAutograd")(_dcnv3_backward_impl)
 
 
 def _fake_output(op, input, offset, mask, args):
@@ -188,27 +192,33 @@ def _dcnv3_setup(ctx, inputs, output):
     _setup(ctx, inputs, output)
 
 
-def _grad(op_backward):
+def _grad(op_backward, backward_impl):
+    """The ops' autograd formula: the backward op, or (eager, see _runs_directly) its implementation."""
+
     def backward(ctx, grad_output):
-        grads = op_backward(grad_output, *ctx.saved_tensors, *ctx.args)
+        tensors = ctx.saved_tensors
+        run = backward_impl if _runs_directly(grad_output, *tensors) else op_backward
+        grads = run(grad_output, *tensors, *ctx.args)
         return (*grads, *([None] * len(ctx.args)))
 
     return backward
 
 
-torch.library.register_autograd("dcngen::dcnv4", _grad(torch.ops.dcngen.dcnv4_backward), setup_context=_dcnv4_setup)
-torch.library.register_autograd("dcngen::dcnv3", _grad(torch.ops.dcngen.dcnv3_backward), setup_context=_dcnv3_setup)
+torch.library.register_autograd("dcngen::dcnv4", _grad(torch.ops.dcngen.dcnv4_backward, _dcnv4_backward_impl), setup_context=_dcnv4_setup)
+torch.library.register_autograd("dcngen::dcnv3", _grad(torch.ops.dcngen.dcnv3_backward, _dcnv3_backward_impl), setup_context=_dcnv3_setup)
 
 
 def _runs_directly(input: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    """Whether a public call may run the op's implementation without going through the dispatcher.
+    """Whether a public call, or the autograd formula, may run an op's implementation without going
+    through the dispatcher.
 
     The dispatcher adds Python kernels (autograd, the implementation) costing about 0.03 ms a call
-    with warm caches and 0.1-0.3 ms with cold ones. Eager inference on plain CPU/CUDA tensors needs none
-    of what it brings: so the call runs directly unless anything acts on the op's dispatch
-    (autograd with inputs that need gradients, autocast, torch.compile or export, TorchScript
-    tracing, functorch transforms, dispatch or function modes, tensor subclasses, the profiler).
-    Either way the same checks and kernel run and the result is identical."""
+    with warm caches and 0.1-0.3 ms with cold ones. Eager inference, and an eager backward pass,
+    on plain CPU/CUDA tensors need none of what it brings: so the call runs directly unless
+    anything acts on the op's dispatch (autograd with inputs that need gradients, or a backward
+    that builds a graph, autocast, torch.compile or export, TorchScript tracing, functorch
+    transforms, dispatch or function modes, tensor subclasses, the profiler). Either way the same
+    checks and kernel run and the result is identical."""
     if (torch.compiler.is_compiling() or torch._C._get_tracing_state() or torch.autograd._profiler_enabled()
             or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
             or torch._C._are_functorch_transforms_active()):

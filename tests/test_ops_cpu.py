@@ -201,6 +201,40 @@ def test_dispatch_is_kept_where_something_acts_on_it(op):
     leaves = [t.clone().requires_grad_() for t in tensors]
     assert public(*leaves, **kwargs).grad_fn is not None
 
+
+@pytest.mark.parametrize("op", ["dcnv4", "dcnv3"])
+def test_eager_backward_matches_the_backward_op(op):
+    """The eager backward runs the backward implementation directly; under a mode, the backward op
+    runs (and is seen): both give the same bits."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    public, _, tensors, kwargs = _inference_inputs(op)
+    grad_out = torch.randn(public(*tensors, **kwargs).shape, generator=torch.Generator().manual_seed(6))
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    def grads(mode=None):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        out = public(*leaves, **kwargs)
+        if mode is None:
+            out.backward(grad_out)
+        else:
+            with mode:
+                out.backward(grad_out)
+        return [leaf.grad for leaf in leaves]
+
+    recorder = Recorder()
+    through_op = grads(recorder)
+    assert f"dcngen.{op}_backward.default" in recorder.ops
+    assert all(torch.equal(a, b) for a, b in zip(grads(), through_op))
+
 BAD_INPUTS = [
     ("rank", lambda x, om: (x[0], om), "input must be 4-D"),
     ("channels", lambda x, om: (x[..., :7], om), r"\(N, H, W, 8\)"),

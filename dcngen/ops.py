@@ -122,9 +122,11 @@ torch.library.define("dcngen::dcnv3", f"(Tensor input, Tensor offset, Tensor mas
 torch.library.define("dcngen::dcnv3_backward", f"(Tensor grad_output, Tensor input, Tensor offset, Tensor mask, {_ARGS}) -> (Tensor, Tensor, Tensor)")
 
 
-@torch.library.impl("dcngen::dcnv4", "CompositeExplicitAutograd")
 def _dcnv4_impl(input, offset_mask, *args):
     return _forward(check_inputs("dcnv4", args, input, offset_mask, offset_mask), input, offset_mask, offset_mask)
+
+
+torch.library.impl("dcngen::dcnv4", "CompositeExplicitAutograd")(_dcnv4_impl)
 
 
 def _dcnv4_backward_impl(grad_output, input, offset_mask, *args):
@@ -136,9 +138,11 @@ def _dcnv4_backward_impl(grad_output, input, offset_mask, *args):
 torch.library.impl("dcngen::dcnv4_backward", "CompositeExplicitAutograd")(_dcnv4_backward_impl)
 
 
-@torch.library.impl("dcngen::dcnv3", "CompositeExplicitAutograd")
 def _dcnv3_impl(input, offset, mask, *args):
     return _forward(check_inputs("dcnv3", args, input, offset, mask), input, offset, mask)
+
+
+torch.library.impl("dcngen::dcnv3", "CompositeExplicitAutograd")(_dcnv3_impl)
 
 
 def _dcnv3_backward_impl(grad_output, input, offset, mask, *args):
@@ -255,7 +259,7 @@ def dcnv4(
     """
     args = _op_args(kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center, backend)
     if _runs_directly(input, offset_mask):
-        return _forward(check_inputs("dcnv4", args, input, offset_mask, offset_mask), input, offset_mask, offset_mask)
+        return _dcnv4_impl(input, offset_mask, *args)
     return torch.ops.dcngen.dcnv4(input, offset_mask, *args)
 
 
@@ -277,7 +281,7 @@ def dcnv3(
     -> (N, Ho, Wo, G*C). The mask is used as given (the DCNv3 module applies the softmax)."""
     args = _op_args(kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center, backend)
     if _runs_directly(input, offset, mask):
-        return _forward(check_inputs("dcnv3", args, input, offset, mask), input, offset, mask)
+        return _dcnv3_impl(input, offset, mask, *args)
     return torch.ops.dcngen.dcnv3(input, offset, mask, *args)
 from . import autocast  # noqa: E402,F401  (registers the Autocast kernels of the ops above)
 

@@ -4,6 +4,7 @@ import random
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from fuzzkit import check_case, random_case
 from helpers import assert_compile_matches_eager, dcnv3_split, dcnv4_packed, golden_cases, golden_config, random_inputs, rel_err
 
@@ -154,6 +155,17 @@ def test_empty_batch():
     assert x.grad.shape == x.shape and om.grad.shape == om.shape
 
 
+class OpRecorder(TorchDispatchMode):
+    """Passes every op through and records its name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
 
 def _inference_inputs(op: str):
     """(public function, registered op, inputs, public keyword arguments) of a small fp32 problem."""
@@ -179,20 +191,9 @@ def test_inference_skips_the_dispatcher_with_the_same_result(op, monkeypatch):
 @pytest.mark.parametrize("op", ["dcnv4", "dcnv3"])
 def test_dispatch_is_kept_where_something_acts_on_it(op):
     """Autograd, dispatch modes and the profiler see the registered op."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     public, _, tensors, kwargs = _inference_inputs(op)
 
-    class Recorder(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with torch.no_grad(), Recorder() as recorder:
+    with torch.no_grad(), OpRecorder() as recorder:
         public(*tensors, **kwargs)
     assert f"dcngen.{op}.default" in recorder.ops
     with torch.no_grad(), torch.profiler.profile() as prof:
@@ -206,19 +207,8 @@ def test_dispatch_is_kept_where_something_acts_on_it(op):
 def test_eager_backward_matches_the_backward_op(op):
     """The eager backward runs the backward implementation directly; under a mode, the backward op
     runs (and is seen): both give the same bits."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     public, _, tensors, kwargs = _inference_inputs(op)
     grad_out = torch.randn(public(*tensors, **kwargs).shape, generator=torch.Generator().manual_seed(6))
-
-    class Recorder(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     def grads(mode=None):
         leaves = [t.clone().requires_grad_() for t in tensors]
@@ -230,7 +220,7 @@ def test_eager_backward_matches_the_backward_op(op):
                 out.backward(grad_out)
         return [leaf.grad for leaf in leaves]
 
-    recorder = Recorder()
+    recorder = OpRecorder()
     through_op = grads(recorder)
     assert f"dcngen.{op}_backward.default" in recorder.ops
     assert all(torch.equal(a, b) for a, b in zip(grads(), through_op))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import zlib
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -120,6 +121,15 @@ class DCNConfig:
         except (TypeError, ValueError):
             raise ConfigError("params", f"must map names to ints, got {self.params!r}") from None
         set_("params", items)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    @functools.cached_property  # in the instance's __dict__, like `points`
+    def _hash(self) -> int:
+        """Of the canonical key, computed once: configs key the caches that every op call consults.
+        crc32 rather than hash(): a pickled copy carries it, and str hashes differ between processes."""
+        return zlib.crc32(self.key.encode())
 
     # ---- derived quantities -------------------------------------------------------------
     @property

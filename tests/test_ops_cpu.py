@@ -1,6 +1,10 @@
 """The template CPU kernels through the torch ops: golden vectors, gradcheck, opcheck, torch.compile, bad input."""
 
+import os
+import pickle
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -248,6 +252,32 @@ def test_bad_dcnv3_mask_shape():
     x, off, mask = torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 36), torch.randn(1, 4, 4, 17)
     with pytest.raises(InputError, match="mask must be"):
         ops.dcnv3(x, off, mask, group=2, group_channels=4)
+
+
+def test_remembered_checks_still_reject_bad_inputs():
+    """The checks' outcome is remembered per (arguments, shapes, dtypes, devices): a repeated call
+    skips them, and a call that differs in any of those is checked afresh."""
+    x, om = torch.randn(2, 5, 5, 8), torch.randn(2, 5, 5, 56)
+    ops.dcnv4(x, om, group=2, group_channels=4)
+    hits = ops._check_remembered.cache_info().hits
+    ops.dcnv4(x.clone(), om.clone(), group=2, group_channels=4)
+    assert ops._check_remembered.cache_info().hits == hits + 1
+    for _, mutate, message in BAD_INPUTS:
+        with pytest.raises(InputError, match=message):
+            ops.dcnv4(*mutate(x, om), group=2, group_channels=4)
+    with pytest.raises(InputError, match=r"\(N, H, W, 16\)"):
+        ops.dcnv4(x, om, group=2, group_channels=8)
+
+
+def test_config_hash_is_the_same_in_every_process():
+    """Configs hash once, from their key (not salted str hashes): a pickled config is found in the
+    tables of another process."""
+    code = "from dcngen.config import DCNConfig; print(hash(DCNConfig(op='dcnv3', kernel_size=(3, 5))))"
+    hashes = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True,
+                             text=True, check=True).stdout for seed in ("1", "2")}
+    cfg = DCNConfig(op="dcnv3", kernel_size=(3, 5))
+    assert hashes == {f"{hash(cfg)}\n"}
+    assert hash(pickle.loads(pickle.dumps(cfg))) == hash(cfg) and cfg == DCNConfig(op="dcnv3", kernel_size=(3, 5), stride=1)
 
 
 def test_bad_config_raises_config_error():

@@ -91,6 +91,7 @@ def _pow2(v: int) -> int:
     return 1 << max(0, round(math.log2(max(v, 1))))
 
 
+@functools.lru_cache(maxsize=4096)  # consulted on every op call
 def bucket(shape: tuple[int, int, int]) -> tuple[int, int]:
     """(N, H*W) of an (N, H, W) input, each rounded to the nearest power of two."""
     n, h, w = shape

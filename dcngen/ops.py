@@ -15,6 +15,7 @@ import torch
 
 from .config import DCNConfig, as_pair
 from .errors import ConfigError, InputError
+from .generators import backward_zeroes_padding
 from .kernels import kernel_for, target_of
 
 _TORCH_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -114,7 +115,8 @@ def _backward(cfg: DCNConfig, grad_out, input, offset, mask, packed: bool):
     if packed:
         mask = offset
         grad_mask = grad_offset = torch.empty_like(offset)
-        grad_offset[..., cfg.min_offset_mask_channels :].zero_()  # the kernels leave the padding channels untouched
+        if not backward_zeroes_padding(cfg):  # a strided zero_: about 0.5 ms at 8x56x56 with cold caches
+            grad_offset[..., cfg.min_offset_mask_channels :].zero_()
     else:
         mask = mask.contiguous()
         grad_offset, grad_mask = torch.empty_like(offset), torch.empty_like(mask)

@@ -26,6 +26,7 @@ import torch
 import dcngen.ops as ops
 from dcngen import reference
 from dcngen.config import DCNConfig
+from dcngen.generators import backward_zeroes_padding
 from dcngen.kernels import kernel_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,8 +220,8 @@ def reference_grads(cfg: DCNConfig, case: Case, offset=None, mask=None):
 def kernel_outputs(cfg: DCNConfig, tensors: tuple, grad_out: torch.Tensor, extra_channels: int = 0):
     """Calls the loaded kernel directly with NaN-poisoned outputs; returns (out, grad_x, grad_offset_like, grad_mask_like).
 
-    DCNv4: grad_offset_like is the packed gradient (its padding channels pre-zeroed: the kernel
-    leaves them alone) and grad_mask_like is the same tensor.
+    DCNv4: grad_offset_like is the packed gradient (its padding channels pre-zeroed where the
+    backend's kernel leaves them alone) and grad_mask_like is the same tensor.
     """
     k = kernel_for(cfg)
     dt = TORCH_DTYPE[cfg.dtype]
@@ -235,7 +236,7 @@ def kernel_outputs(cfg: DCNConfig, tensors: tuple, grad_out: torch.Tensor, extra
     grad_x = torch.full_like(x, float("nan"))
     grad_offset = torch.full_like(offset, float("nan"))
     if cfg.op == "dcnv4":
-        if extra_channels:
+        if extra_channels and not backward_zeroes_padding(cfg):
             grad_offset[..., cfg.min_offset_mask_channels :] = 0
         grad_mask = grad_offset
     else:

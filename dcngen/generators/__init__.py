@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 from ..config import DCNConfig
@@ -16,7 +17,17 @@ _GENERATORS = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def _generator(backend: str, device: str):
+    return importlib.import_module(f"{__name__}.{_GENERATORS[(backend, device)]}")
+
+
 def generate(cfg: DCNConfig) -> KernelSource:
     """Generate the kernel source of `cfg` with its backend for its target."""
-    module = _GENERATORS[(cfg.backend, "cuda" if cfg.is_cuda else "cpu")]
-    return importlib.import_module(f"{__name__}.{module}").generate(cfg)
+    return _generator(cfg.backend, "cuda" if cfg.is_cuda else "cpu").generate(cfg)
+
+
+def backward_zeroes_padding(cfg: DCNConfig) -> bool:
+    """Whether cfg's backward kernel writes the DCNv4 offset_mask gradient's padding channels (with
+    zeros); otherwise it leaves them untouched and the op zeroes them."""
+    return getattr(_generator(cfg.backend, "cuda" if cfg.is_cuda else "cpu"), "BACKWARD_ZEROES_PADDING", False)

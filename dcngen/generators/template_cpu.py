@@ -13,6 +13,9 @@ SCALAR_TYPE = {"float32": "float", "float64": "double", "bfloat16": "dcn::bf16_t
 # Tunable parameters and their bounds (see `dcngen tune`).
 PARAM_BOUNDS = {"pixel_chunk": (1, 4096), "unroll_points": (1, 64), "accumulators": (1, 4)}
 
+# The backward writes DCNv4's padding gradient channels (zeros) itself: the op need not.
+BACKWARD_ZEROES_PADDING = True
+
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
          "-ffp-contract=fast")
 # The kernels plan 16 fp32 lanes at a time: use whole 512-bit vectors where the CPU has them (GCC 13

@@ -8,6 +8,7 @@ the op schema to the generated kernel; one input check shared by the real op and
 
 from __future__ import annotations
 
+import enum
 import functools
 from typing import Sequence
 
@@ -216,40 +217,66 @@ def _dcnv3_setup(ctx, inputs, output):
 
 
 def _grad(op_backward, backward_impl):
-    """The ops' autograd formula: the backward op, or (eager, see _runs_directly) its implementation."""
+    """The ops' autograd formula: the backward op, or (eager, see _route) its implementation."""
 
     def backward(ctx, grad_output):
         tensors = ctx.saved_tensors
-        run = backward_impl if _runs_directly(grad_output, *tensors) else op_backward
+        run = backward_impl if _route(grad_output, *tensors) is _Route.KERNEL else op_backward
         grads = run(grad_output, *tensors, *ctx.args)
         return (*grads, *([None] * len(ctx.args)))
 
     return backward
 
 
-torch.library.register_autograd("dcngen::dcnv4", _grad(torch.ops.dcngen.dcnv4_backward, _dcnv4_backward_impl), setup_context=_dcnv4_setup)
-torch.library.register_autograd("dcngen::dcnv3", _grad(torch.ops.dcngen.dcnv3_backward, _dcnv3_backward_impl), setup_context=_dcnv3_setup)
+_dcnv4_grad = _grad(torch.ops.dcngen.dcnv4_backward, _dcnv4_backward_impl)
+_dcnv3_grad = _grad(torch.ops.dcngen.dcnv3_backward, _dcnv3_backward_impl)
+torch.library.register_autograd("dcngen::dcnv4", _dcnv4_grad, setup_context=_dcnv4_setup)
+torch.library.register_autograd("dcngen::dcnv3", _dcnv3_grad, setup_context=_dcnv3_setup)
 
 
-def _runs_directly(input: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    """Whether a public call, or the autograd formula, may run an op's implementation without going
-    through the dispatcher.
+def _eager_function(name: str, impl, setup, grad) -> type[torch.autograd.Function]:
+    """An autograd.Function running an op's implementation with the op's autograd formula (setup
+    and grad, as registered above): eager autograd without the dispatcher (see _route)."""
+
+    def forward(ctx, *inputs):
+        setup(ctx, inputs, None)
+        return impl(*inputs)
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(grad)})
+
+
+_DCNv4Function = _eager_function("DCNv4Function", _dcnv4_impl, _dcnv4_setup, _dcnv4_grad)
+_DCNv3Function = _eager_function("DCNv3Function", _dcnv3_impl, _dcnv3_setup, _dcnv3_grad)
+
+
+class _Route(enum.Enum):
+    KERNEL = "the implementation, directly"
+    FUNCTION = "the implementation under an autograd.Function with the op's formula"
+    OP = "the registered op, through the dispatcher"
+
+
+def _route(input: torch.Tensor, *tensors: torch.Tensor) -> _Route:
+    """How a public call, or the autograd formula, runs an op.
 
     The dispatcher adds Python kernels (autograd, the implementation) costing about 0.03 ms a call
-    with warm caches and 0.1-0.3 ms with cold ones. Eager inference, and an eager backward pass,
-    on plain CPU/CUDA tensors need none of what it brings: so the call runs directly unless
-    anything acts on the op's dispatch (autograd with inputs that need gradients, or a backward
-    that builds a graph, autocast, torch.compile or export, TorchScript tracing, functorch
-    transforms, dispatch or function modes, tensor subclasses, the profiler). Either way the same
-    checks and kernel run and the result is identical."""
+    with warm caches and 0.1-0.3 ms with cold ones (about 0.5 ms a training step). Eager calls on
+    plain CPU/CUDA tensors need none of what it brings beyond autograd: so a call goes through the
+    registered op only when anything else acts on its dispatch (autocast, torch.compile or export,
+    TorchScript tracing, functorch transforms, dispatch or function modes, tensor subclasses, the
+    profiler). Otherwise it runs the implementation directly, or, where inputs need gradients (or a
+    backward builds a graph), under an autograd.Function with the same formula. Every route runs the
+    same checks and kernels and gives the same result."""
     if (torch.compiler.is_compiling() or torch._C._get_tracing_state() or torch.autograd._profiler_enabled()
             or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
             or torch._C._are_functorch_transforms_active()):
-        return False
+        return _Route.OP
     if type(input) is not torch.Tensor or not (input.is_cpu or input.is_cuda) or torch.is_autocast_enabled("cpu" if input.is_cpu else "cuda"):
-        return False
-    grad = torch.is_grad_enabled()
-    return not (grad and input.requires_grad) and all(type(t) is torch.Tensor and not (grad and t.requires_grad) for t in tensors)
+        return _Route.OP
+    if any(type(t) is not torch.Tensor for t in tensors):
+        return _Route.OP
+    if torch.is_grad_enabled() and (input.requires_grad or any(t.requires_grad for t in tensors)):
+        return _Route.FUNCTION
+    return _Route.KERNEL
 
 
 def _op_args(kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center, backend) -> tuple:
@@ -277,8 +304,11 @@ def dcnv4(
     an int or (h, w). The kernel for this configuration is built on first use and cached.
     """
     args = _op_args(kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center, backend)
-    if _runs_directly(input, offset_mask):
+    route = _route(input, offset_mask)
+    if route is _Route.KERNEL:
         return _dcnv4_impl(input, offset_mask, *args)
+    if route is _Route.FUNCTION:
+        return _DCNv4Function.apply(input, offset_mask, *args)
     return torch.ops.dcngen.dcnv4(input, offset_mask, *args)
 
 
@@ -299,8 +329,11 @@ def dcnv3(
     """DCNv3. input (N, H, W, G*C), offset (N, Ho, Wo, G*P*2) as [g][k][x, y], mask (N, Ho, Wo, G*P)
     -> (N, Ho, Wo, G*C). The mask is used as given (the DCNv3 module applies the softmax)."""
     args = _op_args(kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center, backend)
-    if _runs_directly(input, offset, mask):
+    route = _route(input, offset, mask)
+    if route is _Route.KERNEL:
         return _dcnv3_impl(input, offset, mask, *args)
+    if route is _Route.FUNCTION:
+        return _DCNv3Function.apply(input, offset, mask, *args)
     return torch.ops.dcngen.dcnv3(input, offset, mask, *args)
 from . import autocast  # noqa: E402,F401  (registers the Autocast kernels of the ops above)
 

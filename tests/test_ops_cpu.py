@@ -194,7 +194,7 @@ def test_inference_skips_the_dispatcher_with_the_same_result(op, monkeypatch):
 
 @pytest.mark.parametrize("op", ["dcnv4", "dcnv3"])
 def test_dispatch_is_kept_where_something_acts_on_it(op):
-    """Autograd, dispatch modes and the profiler see the registered op."""
+    """Dispatch modes and the profiler see the registered op, with or without gradients."""
     public, _, tensors, kwargs = _inference_inputs(op)
 
     with torch.no_grad(), OpRecorder() as recorder:
@@ -204,7 +204,29 @@ def test_dispatch_is_kept_where_something_acts_on_it(op):
         public(*tensors, **kwargs)
     assert any(e.name == f"dcngen::{op}" for e in prof.events())
     leaves = [t.clone().requires_grad_() for t in tensors]
-    assert public(*leaves, **kwargs).grad_fn is not None
+    with OpRecorder() as recorder:
+        assert public(*leaves, **kwargs).grad_fn is not None
+    assert f"dcngen.{op}.default" in recorder.ops
+
+
+@pytest.mark.parametrize("op", ["dcnv4", "dcnv3"])
+def test_eager_autograd_skips_the_dispatcher_with_the_same_result(op, monkeypatch):
+    """Eager calls on inputs that need gradients run under an autograd.Function with the op's
+    formula: same output and gradients, bit for bit, as through the registered op."""
+    public, registered, tensors, kwargs = _inference_inputs(op)
+    args = ops._op_args(3, 1, 1, 1, 2, 8, 1.0, False, "template")
+    grad_out = torch.randn(public(*tensors, **kwargs).shape, generator=torch.Generator().manual_seed(7))
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        out = fn(leaves)
+        out.backward(grad_out)
+        return [out.detach(), *(leaf.grad for leaf in leaves)]
+
+    expected = run(lambda leaves: registered(*leaves, *args))
+    monkeypatch.setattr(torch.ops.dcngen, op, None)  # the eager route does not touch the registered op
+    got = run(lambda leaves: public(*leaves, **kwargs))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
 @pytest.mark.parametrize("op", ["dcnv4", "dcnv3"])

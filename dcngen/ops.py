@@ -234,6 +234,20 @@ torch.library.register_autograd("dcngen::dcnv4", _dcnv4_grad, setup_context=_dcn
 torch.library.register_autograd("dcngen::dcnv3", _dcnv3_grad, setup_context=_dcnv3_setup)
 
 
+def _second_order(op: str):
+    """Autograd of a backward op: differentiating it is not supported, and says so (PyTorch's
+    fallback for an op without a formula warns and gives zeros)."""
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(f"dcngen {op}: second-order gradients (differentiating its backward) are not supported")
+
+    return backward
+
+
+torch.library.register_autograd("dcngen::dcnv4_backward", _second_order("dcnv4"))
+torch.library.register_autograd("dcngen::dcnv3_backward", _second_order("dcnv3"))
+
+
 def _eager_function(name: str, impl, setup, grad) -> type[torch.autograd.Function]:
     """An autograd.Function running an op's implementation with the op's autograd formula (setup
     and grad, as registered above): eager autograd without the dispatcher (see _route)."""

@@ -276,6 +276,20 @@ def test_bad_dcnv3_mask_shape():
         ops.dcnv3(x, off, mask, group=2, group_channels=4)
 
 
+@pytest.mark.parametrize("op", ["dcnv4", "dcnv3"])
+def test_second_order_gradients_are_a_clear_error(op):
+    """First-order gradients with create_graph=True work; differentiating them raises (it used to
+    give zeros with a warning), through the public function and through the registered op."""
+    public, registered, tensors, kwargs = _inference_inputs(op)
+    args = ops._op_args(3, 1, 1, 1, 2, 8, 1.0, False, "template")
+    for call in (lambda leaves: public(*leaves, **kwargs), lambda leaves: registered(*leaves, *args)):
+        leaves = [t.double().requires_grad_() for t in tensors]
+        grads = torch.autograd.grad(call(leaves).sin().sum(), leaves, create_graph=True)
+        assert all(g.requires_grad for g in grads)
+        with pytest.raises(NotImplementedError, match="second-order gradients"):
+            sum(g.square().sum() for g in grads).backward()
+
+
 def test_remembered_checks_still_reject_bad_inputs():
     """The checks' outcome is remembered per (arguments, shapes, dtypes, devices): a repeated call
     skips them, and a call that differs in any of those is checked afresh."""

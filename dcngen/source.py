@@ -15,7 +15,8 @@ class KernelSource:
     language selects the compiler module (`dcngen/compilers/<language>.py`): "cpp" (host C++
     through tvm-ffi), "cuda" (nvcc), "tvm" (TVMScript compiled by TVM for llvm).
     Every artifact exports `forward(x, offset, mask, out)` and
-    `backward(x, offset, mask, grad_out, grad_x, grad_offset, grad_mask)` (see ops.py).
+    `backward(x, offset, mask, grad_out, grad_x, grad_offset, grad_mask)` (see ops.py); host C++
+    ones also `forward_new(x, offset, mask) -> out`, which allocates the output.
     """
 
     config: DCNConfig

@@ -88,7 +88,7 @@ class _Module:
         import tvm_ffi
 
         self._mod = tvm_ffi.load_module(str(path))
-        self._forward, self._backward = self._mod["forward"], self._mod["backward"]
+        self._forward, self._forward_new, self._backward = self._mod["forward"], self._mod["forward_new"], self._mod["backward"]
         self._set_num_threads = self._mod["set_num_threads"]
         self._threads = 0
 
@@ -101,6 +101,11 @@ class _Module:
     def forward(self, *tensors) -> None:
         self._follow_torch_threads()
         self._forward(*tensors)
+
+    def forward_new(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """forward into a new (N, Ho, Wo, G*C) tensor that the library allocates through torch's allocator."""
+        self._follow_torch_threads()
+        return self._forward_new(x, offset, mask)
 
     def backward(self, *tensors) -> None:
         self._follow_torch_threads()

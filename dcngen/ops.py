@@ -107,7 +107,7 @@ def _forward(cfg: DCNConfig, input, offset, mask):
         return input.new_empty((0, ho, wo, cfg.channels))
     kernel = kernel_for(cfg, (n, h, w))
     input, offset, mask = input.contiguous(), offset.contiguous(), mask.contiguous()
-    if hasattr(kernel, "forward_new"):  # the library allocates the output: about 0.05 ms less a call with cold caches
+    if hasattr(kernel, "forward_new"):  # the library allocates the output: about 0.03 ms less a call with cold caches
         return kernel.forward_new(input, offset, mask)
     out = input.new_empty((n, ho, wo, cfg.channels))
     kernel.forward(input, offset, mask, out)

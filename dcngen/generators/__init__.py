@@ -18,16 +18,21 @@ _GENERATORS = {
 
 
 @functools.lru_cache(maxsize=None)
-def _generator(backend: str, device: str):
+def _module(backend: str, device: str):
     return importlib.import_module(f"{__name__}.{_GENERATORS[(backend, device)]}")
+
+
+def _generator(cfg: DCNConfig):
+    """The generator module of cfg's backend for its target."""
+    return _module(cfg.backend, "cuda" if cfg.is_cuda else "cpu")
 
 
 def generate(cfg: DCNConfig) -> KernelSource:
     """Generate the kernel source of `cfg` with its backend for its target."""
-    return _generator(cfg.backend, "cuda" if cfg.is_cuda else "cpu").generate(cfg)
+    return _generator(cfg).generate(cfg)
 
 
 def backward_zeroes_padding(cfg: DCNConfig) -> bool:
     """Whether cfg's backward kernel writes the DCNv4 offset_mask gradient's padding channels (with
     zeros); otherwise it leaves them untouched and the op zeroes them."""
-    return getattr(_generator(cfg.backend, "cuda" if cfg.is_cuda else "cpu"), "BACKWARD_ZEROES_PADDING", False)
+    return getattr(_generator(cfg), "BACKWARD_ZEROES_PADDING", False)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dcngen import reference  # noqa: E402
 from dcngen.build import build, load  # noqa: E402
 from dcngen.config import DCNConfig  # noqa: E402
-from dcngen.generators import generate  # noqa: E402
+from dcngen.generators import backward_zeroes_padding, generate  # noqa: E402
 from dcngen.verify import rel_err  # noqa: E402
 
 START = time.time()
@@ -84,7 +84,8 @@ def ref_grads(cfg, x, om, go):
 
 
 def run_kernel(mod, cfg, x, om, go, stream=None):
-    """Our forward and backward with NaN-poisoned outputs (DCNv4 padding channels zeroed, as the op does)."""
+    """Our forward and backward with NaN-poisoned outputs (DCNv4 padding channels zeroed first, as
+    the op does, only for kernels that leave them alone)."""
     ctx = torch.cuda.stream(stream) if stream is not None else torch.cuda.stream(torch.cuda.current_stream())
     with ctx:
         n, h, w, _ = x.shape
@@ -95,7 +96,8 @@ def run_kernel(mod, cfg, x, om, go, stream=None):
         gx = torch.full_like(x, float("nan"))
         goms = [torch.full_like(t, float("nan")) for t in om]
         if cfg.op == "dcnv4":
-            goms[0][..., cfg.min_offset_mask_channels :] = 0
+            if not backward_zeroes_padding(cfg):
+                goms[0][..., cfg.min_offset_mask_channels :] = 0
             mod.backward(x, offset, mask, go, gx, goms[0], goms[0])
         else:
             mod.backward(x, offset, mask, go, gx, goms[0], goms[1])
@@ -131,8 +133,36 @@ CHECKS = [
     ("v4 G80 C16", dict(group=80, group_channels=16), (1, 6, 7)),
     ("v4 deterministic", dict(group=4, group_channels=32, params={"deterministic": 1}), (2, 13, 17)),
     ("v3 deterministic", dict(op="dcnv3", group=4, group_channels=16, kernel_size=5, padding=2, params={"deterministic": 1}), (2, 9, 8)),
+    # tiled forward: region sampling, partial tiles, and (halo 0/1) the global-memory fallback
+    ("v4 tile bench-like", dict(group=4, group_channels=32, offset_scale=2.0, params={"tile": 1}), (2, 13, 17)),
+    ("v3 tile bench-like", dict(op="dcnv3", group=4, group_channels=32, offset_scale=2.0, params={"tile": 1}), (2, 13, 17)),
+    ("v4 tile halo0", dict(group=4, group_channels=32, offset_scale=2.0, params={"tile": 1, "halo": 0}), (2, 13, 17)),
+    ("v4 tile halo1 4x8", dict(group=4, group_channels=16, params={"tile": 1, "halo": 1, "tile_h": 4, "tile_w": 8, "tile_threads": 128}), (2, 19, 21)),
+    ("v4 tile stride2 pad0", dict(group=4, group_channels=16, stride=2, padding=0, params={"tile": 1}), (2, 15, 12)),
+    ("v4 tile dil2 rc", dict(group=2, group_channels=16, dilation=2, padding=2, remove_center=True, params={"tile": 1}), (2, 10, 9)),
+    ("v3 tile 5x5", dict(op="dcnv3", group=3, group_channels=16, kernel_size=5, padding=2, params={"tile": 1, "tile_threads": 512}), (1, 11, 10)),
+    ("v4 tile 3x5 rect", dict(group=2, group_channels=64, kernel_size=(3, 5), padding=(1, 2), params={"tile": 1}), (1, 8, 9)),
+    ("v4 tile G80 C16 os-1.5", dict(group=80, group_channels=16, offset_scale=-1.5, params={"tile": 1}), (1, 6, 7)),
 ]
 CHECK_DTYPES = ("float32", "float16", "bfloat16")
+
+# forward candidates timed against the default forward on the first two benchmark shapes
+FWD_SWEEP = [
+    {"unroll": 1},
+    {"unroll": 2},
+    {"unroll": 4},
+    {"unroll": 9},
+    {"min_blocks": 2},
+    {"min_blocks": 8},
+    {"stage": 0},
+    {"pixels": 16},
+    {"vec": 16, "unroll": 1},
+    {"vec": 16, "unroll": 2},
+    {"vec": 16, "unroll": 1, "min_blocks": 2},
+    {"tile": 1},
+    {"tile": 1, "tile_h": 14, "tile_w": 8},
+    {"tile": 1, "tile_threads": 512},
+]
 
 # benchmark shapes: (name, config, (N, H, W))
 BENCH = [
@@ -161,7 +191,7 @@ def verify(mods: dict) -> None:
     log("| check | dtype | out | grad x | grad offset(/mask) | grad mask | result |")
     log("|---|---|---|---|---|---|---|")
     for name, kw, (n, h, w) in CHECKS:
-        dtypes = CHECK_DTYPES + (("float64",) if name.startswith("v4 bench") else ())
+        dtypes = CHECK_DTYPES + (("float64",) if name == "v4 bench-like" else ())
         for dt in dtypes:
             cfg = cuda_cfg(dtype=dt, **kw)
             mod = mods[cfg]
@@ -202,6 +232,117 @@ def verify(mods: dict) -> None:
                 FAILURES.append(f"{name} {dt}: {e!r}")
                 log(f"| {name} | {dt} | error: {str(e).splitlines()[0][:80]} | | | | FAIL |")
                 traceback.print_exc()
+    log("")
+
+
+def hostile(mods: dict) -> None:
+    """NaN / inf / huge offsets and weights: the tiled forward agrees with the per-point one
+    (same NaN positions) and neither faults."""
+    log("## Hostile offsets (tiled vs per-point forward)\n")
+    for dt in CHECK_DTYPES:
+        base = cuda_cfg(dtype=dt, group=4, group_channels=32, offset_scale=2.0)
+        tiled = cuda_cfg(dtype=dt, group=4, group_channels=32, offset_scale=2.0, params={"tile": 1})
+        try:
+            x, (om,) = make_inputs(base, 2, 13, 17, DT[dt], seed=3)
+            flat = om.view(-1)
+            idx = torch.randperm(flat.numel(), device="cuda")[: flat.numel() // 10]
+            values = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 3.7, -5.2], device="cuda").to(om.dtype)
+            flat[idx] = values[torch.arange(idx.numel(), device="cuda") % values.numel()]
+            outs = []
+            for cfg in (base, tiled):
+                out = torch.full((2, 13, 17, cfg.channels), 7.0, device="cuda", dtype=DT[dt])
+                mods[cfg].forward(x, om, om, out)
+                torch.cuda.synchronize()
+                outs.append(out.float())
+            same_nan = torch.equal(outs[0].isnan(), outs[1].isnan())
+            close = torch.allclose(outs[0].nan_to_num(0, 0, 0), outs[1].nan_to_num(0, 0, 0), rtol=TOL[DT[dt]], atol=TOL[DT[dt]] * outs[0].nan_to_num(0, 0, 0).abs().max().item())
+            ok = same_nan and close
+            log(f"- {dt}: NaN outputs {int(outs[1].isnan().sum())} (per-point {int(outs[0].isnan().sum())}), {'ok' if ok else 'FAIL'}")
+            if not ok:
+                FAILURES.append(f"hostile {dt}: same NaN positions {same_nan}, close {close}")
+        except Exception as e:  # noqa: BLE001
+            FAILURES.append(f"hostile {dt}: {e!r}")
+            log(f"- {dt}: error {e!r}")
+            traceback.print_exc()
+    log("")
+
+
+def wide_index(mods: dict) -> None:
+    """An image whose element offsets pass 2^31 (the forward's 64-bit index path): spot pixels,
+    including the last, against the reference on crops around them."""
+    cfg = cuda_cfg(dtype="float16", group=4, group_channels=32, offset_scale=2.0)
+    h, w = 4096, 4100  # (h + 4) * (w + 4) * 128 > 2^31
+    try:
+        g = torch.Generator(device="cuda").manual_seed(11)
+        x = torch.randn(1, h, w, cfg.channels, generator=g, device="cuda", dtype=torch.float16)
+        off = (torch.rand(1, h, w, cfg.group * cfg.num_points * 2, generator=g, device="cuda", dtype=torch.float16) * 4 - 2)
+        mask = torch.randn(1, h, w, cfg.group * cfg.num_points, generator=g, device="cuda", dtype=torch.float16)
+        om = reference.pack_offset_mask(cfg, off, mask)
+        del off, mask
+        out = torch.full_like(x, float("nan"))
+        mods[cfg].forward(x, om, om, out)
+        torch.cuda.synchronize()
+        worst = 0.0
+        for y, xx in [(h - 1, w - 1), (h - 3, 17), (2000, 2100), (0, w - 1)]:
+            y0, x0 = max(0, y - 12), max(0, xx - 12)
+            crop = (slice(None), slice(y0, min(h, y + 13)), slice(x0, min(w, xx + 13)))
+            ref = reference.dcnv4(cfg, x[crop].double(), om[crop].double())[0, y - y0, xx - x0]
+            worst = max(worst, rel_err(out[0, y, xx], ref))
+        del x, om, out
+        torch.cuda.empty_cache()
+        ok = worst <= TOL[torch.float16]
+        log(f"## 64-bit index path\n\n- 1x{h}x{w}x128 fp16 forward, 4 spot pixels (incl. the last): max rel err {worst:.2e}, {'ok' if ok else 'FAIL'}\n")
+        if not ok:
+            FAILURES.append(f"wide index: error {worst:.2e}")
+    except Exception as e:  # noqa: BLE001
+        FAILURES.append(f"wide index: {e!r}")
+        log(f"## 64-bit index path\n\n- error {e!r}\n")
+        traceback.print_exc()
+
+
+def paired_ratio(fa, fb, rounds: int = 7) -> tuple[float, float, float]:
+    """Median ms of fa and fb and the median of the paired ratios fb/fa, the two alternated."""
+    ta, tb = [], []
+    for _ in range(rounds):
+        ta.append(cuda_time(fa, warmup=1, reps=5))
+        tb.append(cuda_time(fb, warmup=1, reps=5))
+    return statistics.median(ta), statistics.median(tb), statistics.median(b / a for a, b in zip(ta, tb))
+
+
+def forward_sweep(mods: dict) -> None:
+    """Forward parameter candidates against the default forward, each verified first."""
+    props = torch.cuda.get_device_properties(0)
+    peak = peak_bandwidth(props.name)
+    log("## Forward candidates vs the default forward (paired, alternated; ratio = candidate / default)\n")
+    log("| shape | dtype | params | default us | candidate us | ratio | candidate % floor | check |")
+    log("|---|---|---|---|---|---|---|---|")
+    for name, kw, (n, h, w) in BENCH[:2]:
+        for dt in BENCH_DTYPES:
+            base = cuda_cfg(dtype=dt, **kw)
+            x, (om,) = make_inputs(base, n, h, w, DT[dt])
+            ho, wo = base.output_size(h, w)
+            out = torch.empty(n, ho, wo, base.channels, device="cuda", dtype=DT[dt])
+            mods[base].forward(x, om, om, out)
+            want = out.float().clone()
+            fwd_bytes = (x.numel() + om.numel() + out.numel()) * x.element_size()
+            for params in FWD_SWEEP:
+                if time.time() - START > 270:
+                    log(f"| {name} | {dt} | {params} | skipped (time budget) |||||")
+                    continue
+                cfg = cuda_cfg(dtype=dt, **{**kw, "params": params})
+                mod = mods.get(cfg)
+                if isinstance(mod, Exception) or mod is None:
+                    log(f"| {name} | {dt} | {params} | build failed |||||")
+                    continue
+                out.fill_(float("nan"))
+                mod.forward(x, om, om, out)
+                err = rel_err(out, want)
+                ok = err <= TOL[DT[dt]]
+                if not ok:
+                    FAILURES.append(f"forward {name} {dt} {params}: differs from the default forward by {err:.2e}")
+                ta, tb, ratio = paired_ratio(lambda: mods[base].forward(x, om, om, out), lambda: mod.forward(x, om, om, out))
+                pct = f"{100 * fwd_bytes / peak / (tb * 1e-3):.0f}%" if peak else "n/a"
+                log(f"| {name} | {dt} | {params} | {ta * 1e3:.1f} | {tb * 1e3:.1f} | {ratio:.3f} | {pct} | {'ok' if ok else 'FAIL'} {err:.1e} |")
     log("")
 
 
@@ -321,7 +462,12 @@ def main() -> int:
     for _, kw, _ in BENCH:
         for dt in BENCH_DTYPES:
             cfgs.append(cuda_cfg(dtype=dt, **kw))
+    for _, kw, _ in BENCH[:2]:
+        for params in FWD_SWEEP:
+            for dt in BENCH_DTYPES:
+                cfgs.append(cuda_cfg(dtype=dt, **{**kw, "params": params}))
     cfgs = [c for c in dict.fromkeys(cfgs) if c.dtype != "float64" or c == cuda_cfg(dtype="float64", **CHECKS[0][1])]
+    cfgs = [c for c in cfgs if c.dtype != "float64" or not c.param_dict.get("tile")]
     t0 = time.time()
     mods = build_all(cfgs)
     built = [m for m in mods.values() if not isinstance(m, Exception)]
@@ -330,7 +476,10 @@ def main() -> int:
         if isinstance(m, Exception):
             log(f"- build failed for {cfg.key}: {str(m)[:2000]}")
     verify(mods)
+    hostile(mods)
+    wide_index(mods)
     benchmark(mods)
+    forward_sweep(mods)
     log(f"Total {time.time() - START:.0f} s. {'ALL OK' if not FAILURES else f'{len(FAILURES)} FAILURES:'}")
     for f in FAILURES:
         log(f"- {f}")

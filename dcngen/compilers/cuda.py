@@ -96,7 +96,7 @@ def parse_ptxas(log: str) -> list[dict]:
                 current["shared"] = int(s.group(1))
     names = _demangle([k["symbol"] for k in kernels])
     for k in kernels:
-        k["kernel"] = names[k["symbol"]].split("(")[0].rsplit("::", 1)[-1]
+        k["kernel"] = names[k["symbol"]].split("(")[0].split("<")[0].rsplit("::", 1)[-1]
     return kernels
 
 

@@ -7,9 +7,11 @@ Run on a machine with an NVIDIA GPU, torch (CUDA), nvcc and apache-tvm-ffi (TVM 
    inputs whose sampling points cross the image borders, with outputs pre-filled with NaN
    (unwritten elements show up), for many configurations (fp32/fp16/bf16/fp64, DCNv3/DCNv4,
    strides, dilation, remove_center, channel tails, deterministic mode, side streams).
-3. Times forward and backward (CUDA events, warm-up, medians) on the shapes of SPEC.md section 4
+3. Checks the forward's 64-bit index path on an image whose element offsets pass 2^31.
+4. Times forward and backward (CUDA events, warm-up, medians) on the shapes of SPEC.md section 4
    against the PyTorch reference (and the official DCNv4 package if importable), and reports the
    achieved memory bandwidth against the card's peak.
+5. Times parameter candidates against the defaults (paired, alternated), each checked first.
 Prints a markdown report; also writes it to $OUT/gpu_results.md when $OUT is set.
 """
 
@@ -133,36 +135,14 @@ CHECKS = [
     ("v4 G80 C16", dict(group=80, group_channels=16), (1, 6, 7)),
     ("v4 deterministic", dict(group=4, group_channels=32, params={"deterministic": 1}), (2, 13, 17)),
     ("v3 deterministic", dict(op="dcnv3", group=4, group_channels=16, kernel_size=5, padding=2, params={"deterministic": 1}), (2, 9, 8)),
-    # tiled forward: region sampling, partial tiles, and (halo 0/1) the global-memory fallback
-    ("v4 tile bench-like", dict(group=4, group_channels=32, offset_scale=2.0, params={"tile": 1}), (2, 13, 17)),
-    ("v3 tile bench-like", dict(op="dcnv3", group=4, group_channels=32, offset_scale=2.0, params={"tile": 1}), (2, 13, 17)),
-    ("v4 tile halo0", dict(group=4, group_channels=32, offset_scale=2.0, params={"tile": 1, "halo": 0}), (2, 13, 17)),
-    ("v4 tile halo1 4x8", dict(group=4, group_channels=16, params={"tile": 1, "halo": 1, "tile_h": 4, "tile_w": 8, "tile_threads": 128}), (2, 19, 21)),
-    ("v4 tile stride2 pad0", dict(group=4, group_channels=16, stride=2, padding=0, params={"tile": 1}), (2, 15, 12)),
-    ("v4 tile dil2 rc", dict(group=2, group_channels=16, dilation=2, padding=2, remove_center=True, params={"tile": 1}), (2, 10, 9)),
-    ("v3 tile 5x5", dict(op="dcnv3", group=3, group_channels=16, kernel_size=5, padding=2, params={"tile": 1, "tile_threads": 512}), (1, 11, 10)),
-    ("v4 tile 3x5 rect", dict(group=2, group_channels=64, kernel_size=(3, 5), padding=(1, 2), params={"tile": 1}), (1, 8, 9)),
-    ("v4 tile G80 C16 os-1.5", dict(group=80, group_channels=16, offset_scale=-1.5, params={"tile": 1}), (1, 6, 7)),
 ]
 CHECK_DTYPES = ("float32", "float16", "bfloat16")
 
-# forward candidates timed against the default forward on the first two benchmark shapes
-FWD_SWEEP = [
-    {"unroll": 1},
-    {"unroll": 2},
-    {"unroll": 4},
-    {"unroll": 9},
-    {"min_blocks": 2},
-    {"min_blocks": 8},
-    {"stage": 0},
-    {"pixels": 16},
-    {"vec": 16, "unroll": 1},
-    {"vec": 16, "unroll": 2},
-    {"vec": 16, "unroll": 1, "min_blocks": 2},
-    {"tile": 1},
-    {"tile": 1, "tile_h": 14, "tile_w": 8},
-    {"tile": 1, "tile_threads": 512},
-]
+# parameter candidates timed against the defaults on the first two benchmark shapes, per pass
+SWEEP = {
+    "fwd": [{"stage": 1}, {"unroll": 1}, {"unroll": 2}, {"pixels": 16}, {"pixels": 4}, {"vec": 16, "unroll": 1}],
+    "bwd": [{"bwd_stage": 0}, {"bwd_unroll": 1}, {"bwd_unroll": 3}, {"bwd_min_blocks": 2}, {"bwd_pixels": 16}, {"bwd_stage": 0, "bwd_unroll": 3, "bwd_min_blocks": 2}],
+}
 
 # benchmark shapes: (name, config, (N, H, W))
 BENCH = [
@@ -235,38 +215,6 @@ def verify(mods: dict) -> None:
     log("")
 
 
-def hostile(mods: dict) -> None:
-    """NaN / inf / huge offsets and weights: the tiled forward agrees with the per-point one
-    (same NaN positions) and neither faults."""
-    log("## Hostile offsets (tiled vs per-point forward)\n")
-    for dt in CHECK_DTYPES:
-        base = cuda_cfg(dtype=dt, group=4, group_channels=32, offset_scale=2.0)
-        tiled = cuda_cfg(dtype=dt, group=4, group_channels=32, offset_scale=2.0, params={"tile": 1})
-        try:
-            x, (om,) = make_inputs(base, 2, 13, 17, DT[dt], seed=3)
-            flat = om.view(-1)
-            idx = torch.randperm(flat.numel(), device="cuda")[: flat.numel() // 10]
-            values = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 3.7, -5.2], device="cuda").to(om.dtype)
-            flat[idx] = values[torch.arange(idx.numel(), device="cuda") % values.numel()]
-            outs = []
-            for cfg in (base, tiled):
-                out = torch.full((2, 13, 17, cfg.channels), 7.0, device="cuda", dtype=DT[dt])
-                mods[cfg].forward(x, om, om, out)
-                torch.cuda.synchronize()
-                outs.append(out.float())
-            same_nan = torch.equal(outs[0].isnan(), outs[1].isnan())
-            close = torch.allclose(outs[0].nan_to_num(0, 0, 0), outs[1].nan_to_num(0, 0, 0), rtol=TOL[DT[dt]], atol=TOL[DT[dt]] * outs[0].nan_to_num(0, 0, 0).abs().max().item())
-            ok = same_nan and close
-            log(f"- {dt}: NaN outputs {int(outs[1].isnan().sum())} (per-point {int(outs[0].isnan().sum())}), {'ok' if ok else 'FAIL'}")
-            if not ok:
-                FAILURES.append(f"hostile {dt}: same NaN positions {same_nan}, close {close}")
-        except Exception as e:  # noqa: BLE001
-            FAILURES.append(f"hostile {dt}: {e!r}")
-            log(f"- {dt}: error {e!r}")
-            traceback.print_exc()
-    log("")
-
-
 def wide_index(mods: dict) -> None:
     """An image whose element offsets pass 2^31 (the forward's 64-bit index path): spot pixels,
     including the last, against the reference on crops around them."""
@@ -309,40 +257,54 @@ def paired_ratio(fa, fb, rounds: int = 7) -> tuple[float, float, float]:
     return statistics.median(ta), statistics.median(tb), statistics.median(b / a for a, b in zip(ta, tb))
 
 
-def forward_sweep(mods: dict) -> None:
-    """Forward parameter candidates against the default forward, each verified first."""
+def parameter_sweep(mods: dict) -> None:
+    """Parameter candidates against the defaults, per pass, each checked against the defaults'
+    results first."""
     props = torch.cuda.get_device_properties(0)
     peak = peak_bandwidth(props.name)
-    log("## Forward candidates vs the default forward (paired, alternated; ratio = candidate / default)\n")
-    log("| shape | dtype | params | default us | candidate us | ratio | candidate % floor | check |")
-    log("|---|---|---|---|---|---|---|---|")
+    log("## Parameter candidates vs the defaults (paired, alternated; ratio = candidate / default)\n")
+    log("| shape | dtype | pass | params | default us | candidate us | ratio | candidate % floor | check |")
+    log("|---|---|---|---|---|---|---|---|---|")
     for name, kw, (n, h, w) in BENCH[:2]:
         for dt in BENCH_DTYPES:
             base = cuda_cfg(dtype=dt, **kw)
             x, (om,) = make_inputs(base, n, h, w, DT[dt])
             ho, wo = base.output_size(h, w)
             out = torch.empty(n, ho, wo, base.channels, device="cuda", dtype=DT[dt])
-            mods[base].forward(x, om, om, out)
-            want = out.float().clone()
-            fwd_bytes = (x.numel() + om.numel() + out.numel()) * x.element_size()
-            for params in FWD_SWEEP:
-                if time.time() - START > 270:
-                    log(f"| {name} | {dt} | {params} | skipped (time budget) |||||")
-                    continue
-                cfg = cuda_cfg(dtype=dt, **{**kw, "params": params})
-                mod = mods.get(cfg)
-                if isinstance(mod, Exception) or mod is None:
-                    log(f"| {name} | {dt} | {params} | build failed |||||")
-                    continue
-                out.fill_(float("nan"))
-                mod.forward(x, om, om, out)
-                err = rel_err(out, want)
-                ok = err <= TOL[DT[dt]]
-                if not ok:
-                    FAILURES.append(f"forward {name} {dt} {params}: differs from the default forward by {err:.2e}")
-                ta, tb, ratio = paired_ratio(lambda: mods[base].forward(x, om, om, out), lambda: mod.forward(x, om, om, out))
-                pct = f"{100 * fwd_bytes / peak / (tb * 1e-3):.0f}%" if peak else "n/a"
-                log(f"| {name} | {dt} | {params} | {ta * 1e3:.1f} | {tb * 1e3:.1f} | {ratio:.3f} | {pct} | {'ok' if ok else 'FAIL'} {err:.1e} |")
+            go = torch.randn_like(out)
+            gx, gom = torch.empty_like(x), torch.empty_like(om)
+
+            def run(mod, what):
+                if what == "fwd":
+                    mod.forward(x, om, om, out)
+                else:
+                    mod.backward(x, om, om, go, gx, gom, gom)
+
+            run(mods[base], "fwd")
+            run(mods[base], "bwd")
+            want = [out.float().clone(), gx.float().clone(), gom.float().clone()]
+            es = x.element_size()
+            floor_bytes = {"fwd": (x.numel() + om.numel() + out.numel()) * es, "bwd": (2 * x.numel() + 2 * om.numel() + go.numel()) * es}
+            for what, candidates in SWEEP.items():
+                for params in candidates:
+                    if time.time() - START > 270:
+                        log(f"| {name} | {dt} | {what} | {params} | skipped (time budget) |||||")
+                        continue
+                    mod = mods.get(cuda_cfg(dtype=dt, **{**kw, "params": params}))
+                    if isinstance(mod, Exception) or mod is None:
+                        log(f"| {name} | {dt} | {what} | {params} | build failed |||||")
+                        continue
+                    for t in (out, gx, gom):
+                        t.fill_(float("nan"))
+                    run(mod, "fwd")
+                    run(mod, "bwd")
+                    err = max(rel_err(a, b) for a, b in zip((out, gx, gom), want))
+                    ok = err <= TOL[DT[dt]]
+                    if not ok:
+                        FAILURES.append(f"sweep {name} {dt} {params}: differs from the defaults by {err:.2e}")
+                    ta, tb, ratio = paired_ratio(lambda: run(mods[base], what), lambda: run(mod, what))
+                    pct = f"{100 * floor_bytes[what] / peak / (tb * 1e-3):.0f}%" if peak else "n/a"
+                    log(f"| {name} | {dt} | {what} | {params} | {ta * 1e3:.1f} | {tb * 1e3:.1f} | {ratio:.3f} | {pct} | {'ok' if ok else 'FAIL'} {err:.1e} |")
     log("")
 
 
@@ -463,11 +425,10 @@ def main() -> int:
         for dt in BENCH_DTYPES:
             cfgs.append(cuda_cfg(dtype=dt, **kw))
     for _, kw, _ in BENCH[:2]:
-        for params in FWD_SWEEP:
+        for params in SWEEP["fwd"] + SWEEP["bwd"]:
             for dt in BENCH_DTYPES:
                 cfgs.append(cuda_cfg(dtype=dt, **{**kw, "params": params}))
     cfgs = [c for c in dict.fromkeys(cfgs) if c.dtype != "float64" or c == cuda_cfg(dtype="float64", **CHECKS[0][1])]
-    cfgs = [c for c in cfgs if c.dtype != "float64" or not c.param_dict.get("tile")]
     t0 = time.time()
     mods = build_all(cfgs)
     built = [m for m in mods.values() if not isinstance(m, Exception)]
@@ -476,10 +437,9 @@ def main() -> int:
         if isinstance(m, Exception):
             log(f"- build failed for {cfg.key}: {str(m)[:2000]}")
     verify(mods)
-    hostile(mods)
     wide_index(mods)
     benchmark(mods)
-    forward_sweep(mods)
+    parameter_sweep(mods)
     log(f"Total {time.time() - START:.0f} s. {'ALL OK' if not FAILURES else f'{len(FAILURES)} FAILURES:'}")
     for f in FAILURES:
         log(f"- {f}")

@@ -15,17 +15,11 @@ Parameters (cfg.params; defaults from `default_params`):
   min_blocks / bwd_min_blocks  resident blocks per SM the register allocation must allow,
                        forward / backward (a register cap of 65536 / (threads * min_blocks))
   deterministic        1: input gradient accumulated in int64 fixed point (bitwise reproducible)
-  tile                 1: tiled forward: a block stages a tile_h x tile_w output tile's input region
-                       (one group, `halo` extra pixels each side) and offsets in shared memory and
-                       samples from there (fp32/fp16/bf16, C a power-of-two multiple of 16 bytes)
-  tile_h / tile_w / tile_threads / halo  its tile, threads per block and region margin; a sample
-                       beyond the margin reads global memory (slower, still exact)
 """
 
 from __future__ import annotations
 
 import json
-import math
 
 from ..config import DCNConfig
 from ..errors import ConfigError
@@ -51,15 +45,8 @@ PARAM_BOUNDS = {
     "stage": (0, 1),
     "bwd_stage": (0, 1),
     "atomic_dtype": (0, 1),
-    "tile": (0, 1),
-    "tile_h": (1, 64),
-    "tile_w": (1, 64),
-    "tile_threads": (32, 1024),
-    "halo": (0, 32),
 }
 MAX_THREADS = 1024
-MAX_SMEM = 227 * 1024  # dynamic shared memory per block (sm_80: 163 KB; checked at launch)
-SM_SMEM = 228 * 1024  # shared memory per SM
 MAX_VEC_BYTES = 128  # registers: 4 corners x vec values per thread
 TARGET_THREADS = 256  # default block size to aim for
 
@@ -101,55 +88,13 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
         "min_blocks": 0,  # 0: automatic, see _auto_min_blocks
         "bwd_min_blocks": 1,
         "deterministic": 0,
-        "stage": 1,
+        # forward: per-thread offset loads (L1 hits) beat staging them (0.87-0.89x the time on an
+        # H100, benchmarks/RESULTS.md); backward: staging kept
+        "stage": 0,
         "bwd_stage": 1,
         # fp16: half2 vector atomics into grad_x; bf16 keeps the fp32 accumulator (8-bit mantissa)
         "atomic_dtype": 1 if cfg.dtype == "float16" else 0,
-        "tile": 0,
-        "tile_h": 8,
-        "tile_w": 16,
-        "tile_threads": 256,
-        # the region covers offsets up to +-2 (before offset_scale) around the kernel footprint
-        "halo": max(1, math.ceil(2 * abs(cfg.offset_scale))),
     }
-
-
-def tile_region(cfg: DCNConfig, tile_h: int, tile_w: int, halo: int) -> dict[str, int]:
-    """Input region of a tile_h x tile_w output tile: origin (reg_y0, reg_x0) relative to
-    (ho0 * stride - pad, wo0 * stride - pad) and size (reg_h, reg_w), holding both corners of every
-    sample whose offset moves it at most `halo` pixels from its kernel position."""
-    region = {}
-    for axis, k, d, stride, tile in (("y", cfg.kernel_size[0], cfg.dilation[0], cfg.stride[0], tile_h), ("x", cfg.kernel_size[1], cfg.dilation[1], cfg.stride[1], tile_w)):
-        half = (d * (k - 1)) >> 1
-        centers = [half + (j * d - half) * cfg.offset_scale for j in range(k)]
-        lo, hi = math.floor(min(centers)) - halo, math.floor(max(centers)) + halo + 1
-        region[f"reg_{axis}0"] = lo
-        region[f"reg_{'h' if axis == 'y' else 'w'}"] = (tile - 1) * stride + hi - lo + 1
-    return region
-
-
-def tile_geometry(cfg: DCNConfig, params: dict[str, int] | None = None) -> dict[str, int]:
-    """The tiled forward's geometry (cfg.params over the defaults unless `params` is given);
-    rejects configs and parameters it cannot run."""
-    if params is None:
-        params = resolve_params(cfg, default_params(cfg), PARAM_BOUNDS)
-    if cfg.dtype not in ("float32", "float16", "bfloat16"):
-        raise ConfigError("params", f"tile=1 supports float32/float16/bfloat16, not {cfg.dtype}")
-    vec = 16 // ITEMSIZE[cfg.dtype]
-    chunks = cfg.group_channels // vec
-    if cfg.group_channels % vec or chunks & (chunks - 1) or chunks > 16:
-        raise ConfigError("params", f"tile=1 needs group_channels = {vec} x a power of two <= 16 for {cfg.dtype}, got {cfg.group_channels}")
-    threads = params["tile_threads"]
-    if threads % 32:
-        raise ConfigError("params", f"tile_threads={threads} must be a multiple of 32")
-    region = tile_region(cfg, params["tile_h"], params["tile_w"], params["halo"])
-    smem = region["reg_h"] * region["reg_w"] * cfg.group_channels * ITEMSIZE[cfg.dtype]
-    smem += params["tile_h"] * params["tile_w"] * ((3 * cfg.num_points) | 1) * 4
-    if smem > MAX_SMEM:
-        raise ConfigError("params", f"tile {params['tile_h']}x{params['tile_w']} with halo {params['halo']} needs {smem // 1024} KB of shared memory; at most {MAX_SMEM // 1024} KB")
-    # register cap: as many resident blocks per SM as shared memory allows, keeping >= 64 registers
-    min_blocks = max(1, min(SM_SMEM // (smem + 1024), 1024 // threads, 8))
-    return {"vec": vec, "tile_h": params["tile_h"], "tile_w": params["tile_w"], "halo": params["halo"], "threads": threads, "min_blocks": min_blocks, "smem_bytes": smem, **region}
 
 
 def _auto_batches(cfg: DCNConfig, params: dict[str, int]) -> None:
@@ -205,11 +150,8 @@ def generate(cfg: DCNConfig) -> KernelSource:
     _auto_batches(cfg, params)
     if params["min_blocks"] == 0:
         params["min_blocks"] = _auto_min_blocks(cfg, params)
-    tile = tile_geometry(cfg, params) if params["tile"] else None
-    if tile:
-        geometry["tile"] = tile
     text = render(
-        "cuda/dcn.cu.j2", cfg, scalar_type=SCALAR_TYPE[cfg.dtype], dl_dtype=DL_DTYPE[cfg.dtype], itemsize=ITEMSIZE[cfg.dtype], params=params, tile=tile
+        "cuda/dcn.cu.j2", cfg, scalar_type=SCALAR_TYPE[cfg.dtype], dl_dtype=DL_DTYPE[cfg.dtype], itemsize=ITEMSIZE[cfg.dtype], params=params
     )
     return KernelSource(
         config=cfg,

@@ -48,6 +48,13 @@ def log(line: str = "") -> None:
     LINES.append(line)
 
 
+def failed(what: str, e: Exception, row: str) -> None:
+    """Record a check that raised: a failure, its report row and the traceback."""
+    FAILURES.append(f"{what}: {e!r}")
+    log(row)
+    traceback.print_exc()
+
+
 def peak_bandwidth(name: str) -> float | None:
     """Peak DRAM bandwidth in bytes/s from the device name (None when unknown)."""
     table = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H800", 3.35e12), ("A100", 2.0e12), ("L40", 0.864e12), ("B200", 8.0e12)]
@@ -209,9 +216,7 @@ def verify(mods: dict) -> None:
                 if not ok:
                     FAILURES.append(f"{name} {dt}: errors {errs} (tol {tol}){extra}")
             except Exception as e:  # noqa: BLE001
-                FAILURES.append(f"{name} {dt}: {e!r}")
-                log(f"| {name} | {dt} | error: {str(e).splitlines()[0][:80]} | | | | FAIL |")
-                traceback.print_exc()
+                failed(f"{name} {dt}", e, f"| {name} | {dt} | error: {str(e).splitlines()[0][:80]} | | | | FAIL |")
     log("")
 
 
@@ -243,9 +248,7 @@ def wide_index(mods: dict) -> None:
         if not ok:
             FAILURES.append(f"wide index: error {worst:.2e}")
     except Exception as e:  # noqa: BLE001
-        FAILURES.append(f"wide index: {e!r}")
-        log(f"## 64-bit index path\n\n- error {e!r}\n")
-        traceback.print_exc()
+        failed("wide index", e, f"## 64-bit index path\n\n- error {e!r}\n")
 
 
 def paired_ratio(fa, fb, rounds: int = 7) -> tuple[float, float, float]:
@@ -354,9 +357,7 @@ def benchmark(mods: dict) -> None:
             try:
                 bench_one(name, dt, cfg, mod, n, h, w, peak, official)
             except Exception as e:  # noqa: BLE001
-                FAILURES.append(f"bench {name} {dt}: {e!r}")
-                log(f"| {name} | {dt} | error: {str(e).splitlines()[0][:80]} |||||||||||")
-                traceback.print_exc()
+                failed(f"bench {name} {dt}", e, f"| {name} | {dt} | error: {str(e).splitlines()[0][:80]} |||||||||||")
     log("")
 
 

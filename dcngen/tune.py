@@ -52,10 +52,11 @@ def space_for(cfg: DCNConfig) -> Space:
         unroll = tuple(sorted({1, 2, 3, 4, p} & set(range(1, 65))))
         return Space({"pixel_chunk": _pow2_upto(1, 4096), "unroll_points": unroll, "accumulators": (1, 2, 4)}, passes=("forward",))
     if cfg.backend == "template":
+        # the knobs the H100 sweeps found to matter (benchmarks/RESULTS.md), around the defaults
         vec = _pow2_upto(1, 16)
         return Space({
-            "vec": vec, "pixels": _pow2_upto(1, 64), "unroll": tuple(sorted({1, 2, p})),
-            "bwd_vec": vec, "bwd_pixels": _pow2_upto(1, 64), "bwd_unroll": (1, 2, 4), "min_blocks": (1, 2, 4),
+            "vec": vec, "pixels": _pow2_upto(1, 64), "unroll": tuple(sorted({1, 2, 3, p})), "min_blocks": (1, 2, 4), "stage": (0, 1),
+            "bwd_vec": vec, "bwd_pixels": _pow2_upto(1, 64), "bwd_unroll": (1, 2, 3, 4), "bwd_min_blocks": (1, 2), "bwd_stage": (0, 1),
         })
     if not cfg.is_cuda:
         return Space({"pixels_per_task": _pow2_upto(1, 256), "unroll_points": (0, 1), "vector": (0, 1)})

@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dcngen import reference  # noqa: E402
+from dcngen.bench import compare  # noqa: E402
 from dcngen.build import build, load  # noqa: E402
 from dcngen.config import DCNConfig  # noqa: E402
 from dcngen.generators import backward_zeroes_padding, generate  # noqa: E402
@@ -251,15 +252,6 @@ def wide_index(mods: dict) -> None:
         failed("wide index", e, f"## 64-bit index path\n\n- error {e!r}\n")
 
 
-def paired_ratio(fa, fb, rounds: int = 7) -> tuple[float, float, float]:
-    """Median ms of fa and fb and the median of the paired ratios fb/fa, the two alternated."""
-    ta, tb = [], []
-    for _ in range(rounds):
-        ta.append(cuda_time(fa, warmup=1, reps=5))
-        tb.append(cuda_time(fb, warmup=1, reps=5))
-    return statistics.median(ta), statistics.median(tb), statistics.median(b / a for a, b in zip(ta, tb))
-
-
 def parameter_sweep(mods: dict) -> None:
     """Parameter candidates against the defaults, per pass, each checked against the defaults'
     results first."""
@@ -305,9 +297,12 @@ def parameter_sweep(mods: dict) -> None:
                     ok = err <= TOL[DT[dt]]
                     if not ok:
                         FAILURES.append(f"sweep {name} {dt} {params}: differs from the defaults by {err:.2e}")
-                    ta, tb, ratio = paired_ratio(lambda: run(mods[base], what), lambda: run(mod, what))
-                    pct = f"{100 * floor_bytes[what] / peak / (tb * 1e-3):.0f}%" if peak else "n/a"
-                    log(f"| {name} | {dt} | {what} | {params} | {ta * 1e3:.1f} | {tb * 1e3:.1f} | {ratio:.3f} | {pct} | {'ok' if ok else 'FAIL'} {err:.1e} |")
+                    # samples: CUDA-event medians of 5 calls; 7 rounds (odd), so 1 / speedup is the median ratio
+                    c = compare(lambda: run(mod, what), lambda: run(mods[base], what), rounds=7, warmup=0,
+                                timer=lambda fn: cuda_time(fn, warmup=1, reps=5))
+                    pct = f"{100 * floor_bytes[what] / peak / (c.candidate_ms * 1e-3):.0f}%" if peak else "n/a"
+                    log(f"| {name} | {dt} | {what} | {params} | {c.baseline_ms * 1e3:.1f} | {c.candidate_ms * 1e3:.1f} | {1 / c.speedup:.3f} | {pct} | "
+                        f"{'ok' if ok else 'FAIL'} {err:.1e} |")
     log("")
 
 

@@ -33,16 +33,18 @@ def _time_once(fn: Callable[[], object], device: str) -> float:
 
 
 def compare(candidate: Callable[[], object], baseline: Callable[[], object], *, rounds: int = 7, device: str = "cpu",
-            warmup: int = 1) -> Comparison:
-    """Time `candidate` and `baseline` alternately (`rounds` pairs, after `warmup` calls of each)."""
+            warmup: int = 1, timer: Callable[[Callable[[], object]], float] | None = None) -> Comparison:
+    """Time `candidate` and `baseline` alternately (`rounds` pairs, after `warmup` calls of each).
+    `timer(fn)`: milliseconds of one sample of fn (default: one call, wall clock, device synced)."""
     for _ in range(warmup):
         candidate()
         baseline()
+    sample = timer or (lambda fn: _time_once(fn, device))
     cand, base = [], []
     for r in range(rounds):
         order = ((cand, candidate), (base, baseline)) if r % 2 == 0 else ((base, baseline), (cand, candidate))
         for sink, fn in order:
-            sink.append(_time_once(fn, device))
+            sink.append(sample(fn))
     ratios = [b / c for b, c in zip(base, cand)]
     return Comparison(statistics.median(cand), statistics.median(base), statistics.median(ratios))
 

@@ -2,8 +2,8 @@
 compute-sanitizer on the machine).
 
     PYTHONPATH=/tmp/site:$PWD python benchmarks/gpu_profile.py run [params-json ...]
-        runs the forward and backward of the fp16 benchmark shape (N=64 56x56 G=4 C=32,
-        offset_scale 2) once per parameter set, for `ncu --kernel-name regex:dcn_ ...` to profile;
+        runs the forward and backward of gpu_check's first benchmark shape in fp16 (N=64 56x56
+        G=4 C=32, offset_scale 2) once per parameter set, for `ncu --kernel-name regex:dcn_ ...` to profile;
     PYTHONPATH=/tmp/site:$PWD python benchmarks/gpu_profile.py hostile [params-json ...]
         runs forward and backward on NaN / inf / huge offsets and weights at a small shape, for
         `compute-sanitizer --tool memcheck` to watch for out-of-bounds accesses.
@@ -31,7 +31,6 @@ import gpu_check as gc  # noqa: E402  (inputs)
 from dcngen.build import build, load  # noqa: E402
 from dcngen.generators import generate  # noqa: E402
 
-BENCH_CONFIG = dict(group=4, group_channels=32, offset_scale=2.0)
 
 
 def run(mod, cfg, n: int, h: int, w: int, hostile: bool) -> None:
@@ -52,10 +51,11 @@ def run(mod, cfg, n: int, h: int, w: int, hostile: bool) -> None:
 
 def main() -> int:
     mode, *sets = sys.argv[1:]
+    _, bench_config, bench_shape = gc.BENCH[0]
     for params in sets or ["{}"]:
-        cfg = gc.cuda_cfg(dtype="float16", **BENCH_CONFIG, params=json.loads(params))
+        cfg = gc.cuda_cfg(dtype="float16", **bench_config, params=json.loads(params))
         mod = load(build(generate(cfg)))
-        shape = (2, 13, 17) if mode == "hostile" else (64, 56, 56)
+        shape = (2, 13, 17) if mode == "hostile" else bench_shape
         run(mod, cfg, *shape, hostile=mode == "hostile")
         print(f"ran {cfg.key} at {shape}", flush=True)
     return 0

@@ -110,16 +110,29 @@ def build(cfg: DCNConfig, shape: Annotated[Optional[str], typer.Option("--shape"
 
 @app.command()
 @_config_command
-def verify(cfg: DCNConfig, shape: Shape = "2x9x11", seed: Annotated[int, typer.Option(help="random seed")] = 0) -> None:
+def verify(
+    cfg: DCNConfig,
+    shape: Shape = "2x9x11",
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    emulate: Annotated[bool, typer.Option("--emulate", help="cuda targets, template backend: run the CUDA kernels on the CPU (SIMT emulator)")] = False,
+) -> None:
     """Forward and every gradient against the float64 reference on random border-crossing inputs."""
-    from .verify import TOLERANCE, verify as run_verify
+    from .verify import TOLERANCE, verify as run_verify, verify_kernel
 
     n, h, w = _shape(shape)
-    device = "cuda" if cfg.is_cuda else "cpu"
-    with console.status(f"verifying {cfg.key}"):
-        errors = run_verify(cfg, n, h, w, seed=seed, device=device)
+    if emulate and not (cfg.is_cuda and cfg.backend == "template"):
+        _fail("--emulate runs the CUDA template kernels: it needs --target cuda... and --backend template")
+    with console.status(f"verifying {cfg.key}" + (" on the SIMT emulator" if emulate else "")):
+        if emulate:
+            from .build import build, load
+            from .generators import template_cuda
+
+            errors = verify_kernel(cfg, load(build(template_cuda.generate(cfg, emulate=True))), n, h, w, seed=seed)
+        else:
+            errors = run_verify(cfg, n, h, w, seed=seed, device="cuda" if cfg.is_cuda else "cpu")
     tol = TOLERANCE[cfg.dtype]
-    table = Table(title=f"{cfg.key}  (N, H, W) = ({n}, {h}, {w}), tolerance {tol:g}")
+    where = ", SIMT emulator" if emulate else ""
+    table = Table(title=f"{cfg.key}  (N, H, W) = ({n}, {h}, {w}){where}, tolerance {tol:g}")
     table.add_column("tensor")
     table.add_column("max rel. error", justify="right")
     table.add_column("")

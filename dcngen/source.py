@@ -13,7 +13,8 @@ class KernelSource:
     """Generated kernel text plus everything the builder needs to turn it into an artifact.
 
     language selects the compiler module (`dcngen/compilers/<language>.py`): "cpp" (host C++
-    through tvm-ffi), "cuda" (nvcc), "tvm" (TVMScript compiled by TVM for llvm).
+    through tvm-ffi), "cuda" (nvcc), "cuda_emulated" (CUDA kernels on the SIMT emulator, host
+    C++), "tvm" (TVMScript compiled by TVM for llvm).
     Every artifact exports `forward(x, offset, mask, out)` and
     `backward(x, offset, mask, grad_out, grad_x, grad_offset, grad_mask)` (see ops.py); host C++
     ones also `forward_new(x, offset, mask) -> out`, which allocates the output.
@@ -30,7 +31,8 @@ class KernelSource:
     def name(self) -> str:
         """Readable artifact-name prefix, e.g. dcnv4_float32_cpu_template."""
         c = self.config
-        return f"{c.op}_{c.dtype}_{c.target.replace('cuda:', '')}_{c.backend}"
+        emulated = "_emulated" if self.language == "cuda_emulated" else ""
+        return f"{c.op}_{c.dtype}_{c.target.replace('cuda:', '')}_{c.backend}{emulated}"
 
     @property
     def extra_meta(self) -> dict:
@@ -38,4 +40,4 @@ class KernelSource:
 
     @property
     def suffix(self) -> str:
-        return {"cpp": ".cc", "cuda": ".cu", "tvm": ".py"}.get(self.language, ".txt")
+        return {"cpp": ".cc", "cuda": ".cu", "cuda_emulated": ".cc", "tvm": ".py"}.get(self.language, ".txt")

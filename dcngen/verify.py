@@ -102,3 +102,34 @@ def verify(cfg: DCNConfig, n: int = 2, h: int = 9, w: int = 11, *, seed: int = 0
     errors = {"output": rel_err(out, expected)}
     errors.update({name: rel_err(a.grad, b.grad) for name, a, b in zip(names, ours, ref)})
     return errors
+
+
+def verify_kernel(cfg: DCNConfig, kernel, n: int = 2, h: int = 9, w: int = 11, *, seed: int = 0, device: str = "cpu") -> dict[str, float]:
+    """Like `verify`, but calls a loaded kernel's `forward`/`backward` directly (no op, no
+    autograd) with every output poisoned with NaN first, so an element a kernel leaves unwritten
+    fails. DCNv4's offset_mask gradient is checked in all its channels, padding (zeros) included,
+    when the kernel writes them (generators.backward_zeroes_padding); else the padding is zeroed
+    first, as the op does. Same keys as `verify`."""
+    from .generators import backward_zeroes_padding
+
+    problem = random_problem(cfg, n, h, w, seed=seed)
+    dtype = TORCH_DTYPE[cfg.dtype]
+    tensors = problem.op_inputs(dtype, device)
+    ref = [t.double().cpu().requires_grad_() for t in tensors]
+    expected = run_reference(cfg, tuple(ref))
+    expected.backward(problem.grad_out.to(dtype).double())
+    x, grad_out = tensors[0], problem.grad_out.to(dtype=dtype, device=device)
+    offset, mask = (tensors[1], tensors[1]) if cfg.op == "dcnv4" else tensors[1:]
+    out = torch.full(expected.shape, float("nan"), dtype=dtype, device=device)
+    kernel.forward(x, offset, mask, out)
+    grads = [torch.full_like(t, float("nan")) for t in tensors]
+    if cfg.op == "dcnv4":
+        if not backward_zeroes_padding(cfg):
+            grads[1][..., cfg.min_offset_mask_channels :] = 0
+        kernel.backward(x, offset, mask, grad_out, grads[0], grads[1], grads[1])
+    else:
+        kernel.backward(x, offset, mask, grad_out, *grads)
+    names = ("grad_input", "grad_offset_mask") if cfg.op == "dcnv4" else ("grad_input", "grad_offset", "grad_mask")
+    errors = {"output": rel_err(out, expected)}
+    errors.update({name: rel_err(a, b.grad) for name, a, b in zip(names, grads, ref)})
+    return errors

@@ -47,7 +47,7 @@ SANITIZE_FLAGS = ("-fsanitize=address,undefined,float-cast-overflow", "-fno-omit
 SANITIZE_LDFLAGS = ("-fsanitize=address,undefined,float-cast-overflow",)
 
 
-def compile(source: KernelSource, out_dir: Path) -> dict:
+def compile(source: KernelSource, out_dir: Path, include_paths: tuple[str, ...] = ()) -> dict:
     import tvm_ffi.cpp
 
     build_dir = out_dir / "build"
@@ -60,6 +60,7 @@ def compile(source: KernelSource, out_dir: Path) -> dict:
             cpp_sources=source.text,
             extra_cflags=cflags,
             extra_ldflags=ldflags,
+            extra_include_paths=list(include_paths),
             build_directory=str(build_dir),
         )
     except Exception as e:  # tvm-ffi raises RuntimeError with ninja's output

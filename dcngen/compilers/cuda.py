@@ -181,10 +181,16 @@ class _Module:
         import torch
 
         gx = _aligned(grad_x)
-        ws = torch.empty(int(self._workspace_size(x.numel())) or 1, dtype=torch.uint8, device=x.device)
+        nbytes = int(self._workspace_size(x.numel())) or 1
+        buffer = torch.empty(nbytes + WORKSPACE_ALIGN, dtype=torch.uint8, device=x.device)
+        start = -buffer.data_ptr() % WORKSPACE_ALIGN  # CUDA allocations are aligned already, host ones may not be
+        ws = buffer[start : start + nbytes]
         self._backward(_aligned(x), offset, mask, _aligned(grad_out), gx, grad_offset, grad_mask, ws)
         if gx is not grad_x:
             grad_x.copy_(gx)
+
+
+WORKSPACE_ALIGN = 256  # bytes; the alignment the entry points require of the workspace
 
 
 def _aligned(t):

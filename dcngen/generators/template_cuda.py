@@ -51,6 +51,9 @@ MAX_VEC_BYTES = 128  # registers: 4 corners x vec values per thread
 TARGET_THREADS = 256  # default block size to aim for
 
 FLAGS = ("-O3", "-std=c++17", "-lineinfo")
+# host build of the emulated kernels: quick to compile; hidden symbols, so the emulator's CUDA
+# runtime functions are never interposed by a real CUDA runtime in the process
+EMULATE_FLAGS = ("-O1", "-std=c++17", "-fvisibility=hidden")
 
 
 def next_pow2(v: int) -> int:
@@ -142,7 +145,9 @@ def _check(cfg: DCNConfig, params: dict[str, int]) -> dict:
     return geometry
 
 
-def generate(cfg: DCNConfig) -> KernelSource:
+def generate(cfg: DCNConfig, *, emulate: bool = False) -> KernelSource:
+    """The CUDA source of `cfg` for nvcc; with `emulate`, the same kernels and launchers on the SIMT
+    emulator (templates/cuda/emulator.h.j2) for the host C++ compiler, working on CPU tensors."""
     if not cfg.is_cuda:
         raise ConfigError("target", f"the CUDA template needs a cuda target, got {cfg.target!r}")
     params = resolve_params(cfg, default_params(cfg), PARAM_BOUNDS)
@@ -151,13 +156,19 @@ def generate(cfg: DCNConfig) -> KernelSource:
     if params["min_blocks"] == 0:
         params["min_blocks"] = _auto_min_blocks(cfg, params)
     text = render(
-        "cuda/dcn.cu.j2", cfg, scalar_type=SCALAR_TYPE[cfg.dtype], dl_dtype=DL_DTYPE[cfg.dtype], itemsize=ITEMSIZE[cfg.dtype], params=params
+        "cuda/dcn.cu.j2",
+        cfg,
+        scalar_type=SCALAR_TYPE[cfg.dtype],
+        dl_dtype=DL_DTYPE[cfg.dtype],
+        itemsize=ITEMSIZE[cfg.dtype],
+        params=params,
+        emulate=emulate,
     )
     return KernelSource(
         config=cfg,
-        language="cuda",
+        language="cuda_emulated" if emulate else "cuda",
         text=text,
-        flags=(*FLAGS, f"-arch={cfg.arch}"),
+        flags=EMULATE_FLAGS if emulate else (*FLAGS, f"-arch={cfg.arch}"),
         params=tuple(sorted(params.items())),
         extra=json.dumps({"launch": geometry}),
     )

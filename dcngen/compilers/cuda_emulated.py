@@ -1,0 +1,19 @@
+"""CUDA template sources on the SIMT emulator (templates/cuda/emulator.h.j2): one host C++ build
+through tvm-ffi's builder, with the CUDA toolkit's headers for the fp16/bf16 types. The library
+has the CUDA artifact's entry points and is called like it, with CPU tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..source import KernelSource
+from . import cpp, cuda
+from .cuda import load  # noqa: F401  (same entry points and calling convention)
+
+
+def version() -> str:
+    return f"{cpp.version()} | {cuda.version()}"
+
+
+def compile(source: KernelSource, out_dir: Path) -> dict:
+    return cpp.compile(source, out_dir, include_paths=(str(Path(cuda.cuda_home(), "include")),))

@@ -1,0 +1,114 @@
+"""The SIMT emulator's own semantics, on small kernels written for the test: segmented butterfly
+shuffles, __syncthreads() with exited threads and block-local shared memory, several blocks, and
+the launch errors for collectives that can never complete."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from dcngen.compilers import cuda
+from dcngen.generators.jinja import environment
+
+NVCC = shutil.which("nvcc") or (os.path.exists("/usr/local/cuda/bin/nvcc") and "/usr/local/cuda/bin/nvcc")
+pytestmark = pytest.mark.skipif(not NVCC, reason="the emulator needs the CUDA toolkit's headers")
+
+KERNELS = r"""
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/function.h>
+#include <tvm/ffi/string.h>
+
+// each lane: the sum of the lane indices of its width-lane segment
+__global__ void butterfly(int* out, int width) {
+  const unsigned lane = threadIdx.x & 31u;
+  const unsigned seg = width == 32 ? 0xffffffffu : ((1u << width) - 1u) << (lane & ~unsigned(width - 1));
+  int v = int(threadIdx.x);
+  for (int o = width / 2; o > 0; o >>= 1) v += __shfl_xor_sync(seg, v, o, width);
+  out[blockIdx.x * blockDim.x + threadIdx.x] = v;
+}
+
+// the first `alive` threads of each block publish, synchronise, read their neighbour's value
+__global__ void neighbours(int* out, int alive) {
+  __shared__ int s[256];
+  if (int(threadIdx.x) >= alive) return;
+  s[threadIdx.x] = int(blockIdx.x * 1000 + threadIdx.x);
+  __syncthreads();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = s[(threadIdx.x + 1) % unsigned(alive)];
+}
+
+// lane 1 leaves before a full-warp shuffle
+__global__ void exited_lane(int* out) {
+  if (threadIdx.x == 1) return;
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1, 1);
+}
+
+// half the warp shuffles with the full mask, the other half waits in __syncthreads()
+__global__ void split_warp(int* out) {
+  if (threadIdx.x < 16) out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1, 1);
+  else __syncthreads();
+}
+
+tvm::ffi::String run(tvm::ffi::TensorView out, int which, int blocks, int threads, int arg) {
+  int* p = static_cast<int*>(out.data_ptr());
+  if (which == 0) DCN_LAUNCH(butterfly, blocks, threads, 0, nullptr)(p, arg);
+  if (which == 1) DCN_LAUNCH(neighbours, blocks, threads, 0, nullptr)(p, arg);
+  if (which == 2) DCN_LAUNCH(exited_lane, blocks, threads, 0, nullptr)(p);
+  if (which == 3) DCN_LAUNCH(split_warp, blocks, threads, 0, nullptr)(p);
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? "" : cudaGetErrorString(e);
+}
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(run, run);
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    import tvm_ffi
+    import tvm_ffi.cpp
+
+    source = environment().get_template("cuda/emulator.h.j2").render() + KERNELS
+    lib = tvm_ffi.cpp.build_inline(
+        "emulator_test", cpp_sources=source, extra_cflags=["-O1", "-fvisibility=hidden"],
+        extra_include_paths=[os.path.join(cuda.cuda_home(), "include")], build_directory=str(tmp_path_factory.mktemp("emulator")),
+    )
+    mod = tvm_ffi.load_module(lib)
+
+    def call(which: int, blocks: int, threads: int, arg: int = 0):
+        out = torch.full((blocks * threads,), -1, dtype=torch.int32)
+        return mod["run"](out, which, blocks, threads, arg), out
+
+    return call
+
+
+@pytest.mark.parametrize("width", [2, 4, 32])
+def test_segmented_butterfly_sums(run, width):
+    err, out = run(0, 3, 64, width)
+    assert err == ""
+    lane = torch.arange(64)
+    first = lane - lane % width
+    expected = (first * width + width * (width - 1) // 2).repeat(3).int()
+    assert torch.equal(out, expected)
+
+
+def test_syncthreads_lets_exited_threads_go_and_shared_memory_is_per_block(run):
+    err, out = run(1, 2, 96, 70)
+    assert err == ""
+    out = out.view(2, 96)
+    for b in range(2):
+        assert out[b, :70].tolist() == [b * 1000 + (t + 1) % 70 for t in range(70)]
+        assert (out[b, 70:] == -1).all()
+
+
+def test_shuffle_with_an_exited_lane_fails_the_launch(run):
+    err, _ = run(2, 1, 32)
+    assert "lane 1" in err and "exited" in err
+
+
+def test_shuffle_that_cannot_complete_fails_the_launch(run):
+    err, _ = run(3, 1, 32)
+    assert "cannot complete" in err
+    err, _ = run(0, 1, 32, 32)  # the emulator is usable again after a failed launch
+    assert err == ""

@@ -143,13 +143,19 @@ CHECKS = [
     ("v4 G80 C16", dict(group=80, group_channels=16), (1, 6, 7)),
     ("v4 deterministic", dict(group=4, group_channels=32, params={"deterministic": 1}), (2, 13, 17)),
     ("v3 deterministic", dict(op="dcnv3", group=4, group_channels=16, kernel_size=5, padding=2, params={"deterministic": 1}), (2, 9, 8)),
+    # tiled backward: region sums, partial tiles, and (halo 0) the global-memory fallback
+    ("v4 bwd-tile bench-like", dict(group=4, group_channels=32, offset_scale=2.0, params={"bwd_tile": 1}), (2, 13, 17)),
+    ("v3 bwd-tile 5x5 C24", dict(op="dcnv3", group=3, group_channels=24, kernel_size=5, padding=2, params={"bwd_tile": 1}), (1, 11, 10)),
+    ("v4 bwd-tile halo0 4x8", dict(group=4, group_channels=16, params={"bwd_tile": 1, "bwd_halo": 0, "bwd_tile_h": 4, "bwd_tile_w": 8}), (2, 19, 21)),
+    ("v4 bwd-tile stride2 dil2 rc", dict(group=2, group_channels=16, stride=2, padding=2, dilation=2, remove_center=True, params={"bwd_tile": 1}), (2, 15, 12)),
 ]
 CHECK_DTYPES = ("float32", "float16", "bfloat16")
 
 # parameter candidates timed against the defaults on the first two benchmark shapes, per pass
 SWEEP = {
     "fwd": [{"stage": 1}, {"unroll": 1}, {"unroll": 2}, {"pixels": 16}, {"pixels": 4}, {"vec": 16, "unroll": 1}],
-    "bwd": [{"bwd_stage": 0}, {"bwd_unroll": 1}, {"bwd_unroll": 3}, {"bwd_min_blocks": 2}, {"bwd_pixels": 16}, {"bwd_stage": 0, "bwd_unroll": 3, "bwd_min_blocks": 2}],
+    "bwd": [{"bwd_tile": 1}, {"bwd_tile": 1, "bwd_tile_h": 8, "bwd_tile_w": 8}, {"bwd_tile": 1, "bwd_tile_h": 16, "bwd_tile_w": 16, "bwd_tile_threads": 512},
+            {"bwd_tile": 1, "bwd_halo": 2}, {"bwd_tile": 1, "atomic_dtype": 0}, {"bwd_stage": 0, "bwd_unroll": 3, "bwd_min_blocks": 2}],
 }
 
 # benchmark shapes: (name, config, (N, H, W))

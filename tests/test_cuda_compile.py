@@ -19,7 +19,6 @@ NVCC = shutil.which("nvcc") or (os.path.exists("/usr/local/cuda/bin/nvcc") and "
 pytestmark = pytest.mark.skipif(not NVCC, reason="nvcc not available")
 
 ARCHS = ("sm_80", "sm_90")
-KERNELS = {"dcn_forward_kernel", "dcn_backward_kernel"}
 
 
 def config(op, dtype, k, c, **kw) -> DCNConfig:
@@ -46,6 +45,10 @@ VARIANTS = {
     "rc-stride2-dil2": DCNConfig(group=8, group_channels=16, kernel_size=3, stride=2, padding=2, dilation=2, remove_center=True, offset_scale=0.5, dtype="float16", target="cuda:sm_90"),
     "g80-c16": DCNConfig(group=80, group_channels=16, dtype="float16", target="cuda:sm_90"),
     "rect-3x5": DCNConfig(op="dcnv3", group=2, group_channels=8, kernel_size=(3, 5), padding=(1, 2), dtype="bfloat16", target="cuda:sm_90"),
+    "bwd-tile-fp16": DCNConfig(group=4, group_channels=32, offset_scale=2.0, dtype="float16", target="cuda:sm_90", params={"bwd_tile": 1}),
+    "bwd-tile-fp32-v3-5x5": config("dcnv3", "float32", 5, 16, params={"bwd_tile": 1, "bwd_tile_threads": 512}),
+    "bwd-tile-bf16-7x7-tail": config("dcnv4", "bfloat16", 7, 24, params={"bwd_tile": 1, "bwd_tile_h": 4, "bwd_tile_w": 8, "bwd_halo": 2}),
+    "bwd-tile-fp16-c8-rc": DCNConfig(group=8, group_channels=8, stride=2, padding=2, dilation=2, remove_center=True, dtype="float16", target="cuda:sm_90", params={"bwd_tile": 1}),
 }
 ALL = {**SWEEP, **VARIANTS}
 
@@ -66,11 +69,16 @@ def reports() -> dict[str, list[dict] | Exception]:
     return dict(zip(ALL, results))
 
 
-def check_report(report) -> None:
+def expected_kernels(cfg: DCNConfig) -> set[str]:
+    """The kernels every artifact of `cfg` must hold."""
+    return {"dcn_forward_kernel", "dcn_backward_tiled_kernel" if cfg.param_dict.get("bwd_tile") else "dcn_backward_kernel"}
+
+
+def check_report(report, cfg: DCNConfig) -> None:
     if isinstance(report, Exception):
         raise report
     seen = {(k["kernel"], k["arch"]) for k in report}
-    for kernel, arch in itertools.product(KERNELS, ARCHS):
+    for kernel, arch in itertools.product(expected_kernels(cfg), ARCHS):
         assert (kernel, arch) in seen, f"{kernel} missing for {arch}"
     for k in report:
         assert k["spill_stores"] == 0 and k["spill_loads"] == 0, f"{k['kernel']} spills on {k['arch']}: {k}"
@@ -80,12 +88,12 @@ def check_report(report) -> None:
 
 @pytest.mark.parametrize("name", list(SWEEP))
 def test_sweep_compiles_without_spills(reports, name):
-    check_report(reports[name])
+    check_report(reports[name], ALL[name])
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_variant_compiles_without_spills(reports, name):
-    check_report(reports[name])
+    check_report(reports[name], ALL[name])
     if ALL[name].param_dict.get("deterministic"):
         assert any(k["kernel"] == "dcn_bounds_kernel" for k in reports[name])
 
@@ -99,7 +107,7 @@ def test_builder_artifact(tmp_path, monkeypatch):
     monkeypatch.setenv("DCNGEN_CACHE", str(tmp_path))
     art = build(generate(DCNConfig(group=4, group_channels=16, dtype="bfloat16", target="cuda:sm_80")))
     kernels = {k["kernel"]: k for k in art.meta["ptxas"]}
-    assert KERNELS <= set(kernels) and all(k["arch"] == "sm_80" and k["spill_stores"] == 0 for k in kernels.values())
+    assert {"dcn_forward_kernel", "dcn_backward_kernel"} <= set(kernels) and all(k["arch"] == "sm_80" and k["spill_stores"] == 0 for k in kernels.values())
     assert art.meta["launch"]["fwd_threads"] <= 1024 and art.meta["params"]["vec"] == 8
     mod = tvm_ffi.load_module(str(art.library))  # loads without a GPU
     for name in ("forward", "backward", "backward_with_workspace", "workspace_size"):
@@ -144,3 +152,17 @@ def test_too_many_threads_per_pixel_rejected():
     with pytest.raises(ConfigError) as e:
         generate(DCNConfig(group=300, group_channels=32, dtype="float32", target="cuda:sm_90"))  # 300 x 8 lanes
     assert e.value.field == "group"
+
+
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        ({"deterministic": 1}, "not deterministic"),
+        ({"bwd_tile_threads": 100}, "multiple of 32"),
+        ({"bwd_tile_h": 64, "bwd_tile_w": 64, "bwd_halo": 32}, "shared memory"),
+    ],
+)
+def test_invalid_bwd_tile_rejected(params, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        generate(config("dcnv4", "float16", 3, 64, params={"bwd_tile": 1, **params}))
+    assert e.value.field == "params"

@@ -70,3 +70,30 @@ def test_indices_past_2_pow_31(tmp_path):
     total2 = n2 * ho * wo * 16
     spots2 = [total2 - 1, 16 * (2**31 - 1), 16 * 2**31, 16 * 2**31 + 5] + [rng.randrange(total2) for _ in range(2000)]
     run(exe, "spot", n2, ho, wo, *spots2)
+
+
+# Tiled backward: (config fields, params, output shapes (N, Ho, Wo)); the input is a little larger.
+TILES = [
+    (dict(group=4, group_channels=32, offset_scale=2.0, dtype="float16"), {}, [(2, 56, 56), (1, 13, 29), (3, 1, 1)]),
+    (dict(group=3, group_channels=16, dtype="float32"), {"bwd_tile_h": 5, "bwd_tile_w": 7, "bwd_tile_threads": 96}, [(2, 11, 23), (1, 5, 7)]),
+    (dict(group=2, group_channels=20, dtype="bfloat16", kernel_size=5, padding=2, offset_scale=0.7), {"bwd_halo": 1}, [(1, 17, 9)]),
+    (dict(op="dcnv3", group=2, group_channels=8, dtype="float16", kernel_size=(3, 5), padding=(1, 2)), {"bwd_tile_w": 32}, [(2, 9, 40)]),
+    (dict(group=4, group_channels=16, dtype="float16", stride=2, padding=2, dilation=2, remove_center=True, offset_scale=-1.5), {"bwd_tile_h": 4}, [(2, 15, 12)]),
+]
+
+
+@pytest.mark.parametrize("case", range(len(TILES)))
+def test_tiled_backward_mapping(tmp_path, case):
+    """Every (pixel, group, lane) visited once; samples within the halo have all corners in the region."""
+    from dcngen.generators.template_cuda import bwd_tile_geometry, default_params, lanes
+
+    fields, params, shapes = TILES[case]
+    cfg = DCNConfig(**fields, target="cuda:sm_90", params={"bwd_tile": 1, **params})
+    n_lanes = lanes(cfg, default_params(cfg)["bwd_vec"])
+    src = tmp_path / "tile_check.cc"
+    src.write_text(render("cuda/tile_check.cc.j2", cfg, tile=bwd_tile_geometry(cfg), lanes=n_lanes))
+    exe = tmp_path / "tile_check"
+    subprocess.run([CXX, "-std=c++17", "-O2", str(src), "-o", str(exe)], check=True, capture_output=True)
+    for n, ho, wo in shapes:
+        out = run(exe, n, ho, wo, ho * cfg.stride[0] + 2, wo * cfg.stride[1] + 3)
+        assert int(out.split()[-5]) > 0, out  # some samples were checked

@@ -15,11 +15,18 @@ Parameters (cfg.params; defaults from `default_params`):
   min_blocks / bwd_min_blocks  resident blocks per SM the register allocation must allow,
                        forward / backward (a register cap of 65536 / (threads * min_blocks))
   deterministic        1: input gradient accumulated in int64 fixed point (bitwise reproducible)
+  bwd_tile             1: tiled backward: a block runs a bwd_tile_h x bwd_tile_w output tile of one
+                       group and sums the input-gradient contributions landing in the tile's input
+                       region (`bwd_halo` pixels beyond the kernel footprint) in shared memory, in
+                       32-bit fixed point scaled to the tile's max|grad_out| x max|mask|, before one
+                       atomic add per position; contributions beyond the region go to global memory
+  bwd_tile_h / bwd_tile_w / bwd_tile_threads / bwd_halo  its tile, threads per block and margin
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 from ..config import DCNConfig
 from ..errors import ConfigError
@@ -45,8 +52,14 @@ PARAM_BOUNDS = {
     "stage": (0, 1),
     "bwd_stage": (0, 1),
     "atomic_dtype": (0, 1),
+    "bwd_tile": (0, 1),
+    "bwd_tile_h": (1, 64),
+    "bwd_tile_w": (1, 64),
+    "bwd_tile_threads": (32, 1024),
+    "bwd_halo": (0, 32),
 }
 MAX_THREADS = 1024
+MAX_SMEM = 227 * 1024  # dynamic shared memory per block on sm_90 (sm_80: 163 KB; checked at launch)
 MAX_VEC_BYTES = 128  # registers: 4 corners x vec values per thread
 TARGET_THREADS = 256  # default block size to aim for
 
@@ -97,7 +110,55 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
         "bwd_stage": 1,
         # fp16: half2 vector atomics into grad_x; bf16 keeps the fp32 accumulator (8-bit mantissa)
         "atomic_dtype": 1 if cfg.dtype == "float16" else 0,
+        "bwd_tile": 0,
+        "bwd_tile_h": 8,
+        "bwd_tile_w": 16,
+        "bwd_tile_threads": 256,
+        # the region covers offsets up to +-2 (before offset_scale) around the kernel footprint
+        "bwd_halo": max(1, math.ceil(2 * abs(cfg.offset_scale))),
     }
+
+
+def tile_region(cfg: DCNConfig, tile_h: int, tile_w: int, halo: int) -> dict[str, int]:
+    """Input region of a tile_h x tile_w output tile: origin (reg_y0, reg_x0) relative to
+    (ho0 * stride - pad, wo0 * stride - pad) and size (reg_h, reg_w), holding all four corners of
+    every sample whose offset moves it at most `halo` pixels from its kernel position."""
+    region = {}
+    for axis, size, k, d, stride, tile in (("y", "reg_h", cfg.kernel_size[0], cfg.dilation[0], cfg.stride[0], tile_h),
+                                           ("x", "reg_w", cfg.kernel_size[1], cfg.dilation[1], cfg.stride[1], tile_w)):
+        half = (d * (k - 1)) >> 1
+        centers = [half + (j * d - half) * cfg.offset_scale for j in range(k)]
+        lo, hi = math.floor(min(centers)) - halo, math.floor(max(centers)) + halo + 1
+        region[f"reg_{axis}0"] = lo
+        region[size] = (tile - 1) * stride + hi - lo + 1
+    return region
+
+
+def bwd_tile_geometry(cfg: DCNConfig, params: dict[str, int] | None = None) -> dict[str, int]:
+    """The tiled backward's geometry (cfg.params over the defaults unless `params` is given);
+    rejects parameter combinations it cannot run."""
+    if params is None:
+        params = resolve_params(cfg, default_params(cfg), PARAM_BOUNDS)
+    if params["deterministic"]:
+        raise ConfigError("params", "bwd_tile=1 sums in shared memory, then adds with float atomics: not deterministic; drop one of them")
+    threads = params["bwd_tile_threads"]
+    if threads % 32:
+        raise ConfigError("params", f"bwd_tile_threads={threads} must be a multiple of 32")
+    if threads < lanes(cfg, params["bwd_vec"]):
+        raise ConfigError("params", f"bwd_tile_threads={threads} is fewer than the {lanes(cfg, params['bwd_vec'])} lanes of one pixel")
+    tile_h, tile_w = params["bwd_tile_h"], params["bwd_tile_w"]
+    region = tile_region(cfg, tile_h, tile_w, params["bwd_halo"])
+    smem = region["reg_h"] * region["reg_w"] * (cfg.group_channels + 1) * 4
+    if smem > MAX_SMEM:
+        raise ConfigError("params", f"bwd_tile {tile_h}x{tile_w} with bwd_halo {params['bwd_halo']} needs {smem // 1024} KB of shared memory; at most {MAX_SMEM // 1024} KB")
+    # sums of up to tile_h * tile_w * P contributions of at most 2^bits each stay below 2^30
+    fixed_bits = 30 - math.ceil(math.log2(tile_h * tile_w * cfg.num_points))
+    # register cap: 512 resident threads per SM where shared memory allows (the per-point backward's
+    # occupancy) for kernels of at most 9 points in whole vectors; others run uncapped
+    small = cfg.group_channels % params["bwd_vec"] == 0 and cfg.num_points <= 9
+    min_blocks = max(1, min(512 // threads, (228 * 1024) // (smem + 1024))) if small else 1
+    return {"tile_h": tile_h, "tile_w": tile_w, "threads": threads, "min_blocks": min_blocks, "smem_bytes": smem, "fixed_bits": fixed_bits,
+            "halo": params["bwd_halo"], **region}
 
 
 def _auto_batches(cfg: DCNConfig, params: dict[str, int]) -> None:
@@ -155,6 +216,9 @@ def generate(cfg: DCNConfig, *, emulate: bool = False) -> KernelSource:
     _auto_batches(cfg, params)
     if params["min_blocks"] == 0:
         params["min_blocks"] = _auto_min_blocks(cfg, params)
+    bwd_tile = bwd_tile_geometry(cfg, params) if params["bwd_tile"] else None
+    if bwd_tile:
+        geometry["bwd_tile"] = bwd_tile
     text = render(
         "cuda/dcn.cu.j2",
         cfg,
@@ -162,6 +226,7 @@ def generate(cfg: DCNConfig, *, emulate: bool = False) -> KernelSource:
         dl_dtype=DL_DTYPE[cfg.dtype],
         itemsize=ITEMSIZE[cfg.dtype],
         params=params,
+        bwd_tile=bwd_tile,
         emulate=emulate,
     )
     return KernelSource(

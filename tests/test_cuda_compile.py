@@ -166,3 +166,5 @@ def test_invalid_bwd_tile_rejected(params, match):
     with pytest.raises(ConfigError, match=match) as e:
         generate(config("dcnv4", "float16", 3, 64, params={"bwd_tile": 1, **params}))
     assert e.value.field == "params"
+    with pytest.raises(ConfigError, match="float64"):
+        generate(config("dcnv4", "float64", 3, 64, params={"bwd_tile": 1}))

@@ -141,6 +141,8 @@ def bwd_tile_geometry(cfg: DCNConfig, params: dict[str, int] | None = None) -> d
         params = resolve_params(cfg, default_params(cfg), PARAM_BOUNDS)
     if params["deterministic"]:
         raise ConfigError("params", "bwd_tile=1 sums in shared memory, then adds with float atomics: not deterministic; drop one of them")
+    if cfg.dtype == "float64":
+        raise ConfigError("params", "bwd_tile=1 sums in 32-bit fixed point, too coarse for float64; use it with float32/float16/bfloat16")
     threads = params["bwd_tile_threads"]
     if threads % 32:
         raise ConfigError("params", f"bwd_tile_threads={threads} must be a multiple of 32")

@@ -54,10 +54,13 @@ def space_for(cfg: DCNConfig) -> Space:
     if cfg.backend == "template":
         # the knobs the H100 sweeps found to matter (benchmarks/RESULTS.md), around the defaults
         vec = _pow2_upto(1, 16)
-        return Space({
+        values = {
             "vec": vec, "pixels": _pow2_upto(1, 64), "unroll": tuple(sorted({1, 2, 3, p})), "min_blocks": (1, 2, 4), "stage": (0, 1),
             "bwd_vec": vec, "bwd_pixels": _pow2_upto(1, 64), "bwd_unroll": (1, 2, 3, 4), "bwd_min_blocks": (1, 2), "bwd_stage": (0, 1),
-        })
+        }
+        if cfg.dtype in ("float16", "bfloat16"):  # its fixed-point sums are finer than 16-bit storage, not than fp32
+            values["bwd_tile"] = (0, 1)
+        return Space(values)
     if not cfg.is_cuda:
         return Space({"pixels_per_task": _pow2_upto(1, 256), "unroll_points": (0, 1), "vector": (0, 1)})
     itemsize = {"float64": 8, "float32": 4}.get(cfg.dtype, 2)

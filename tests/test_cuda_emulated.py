@@ -38,6 +38,12 @@ CASES = {
     "v4-fp32-32-lanes": cuda(group=2, group_channels=32, params={"vec": 1, "bwd_vec": 1}),
     "v3-fp16-ragged-batches": cuda(op="dcnv3", group=4, group_channels=12, dtype="float16", params={"unroll": 2, "bwd_unroll": 4}),
     "v3-fp64-7x7": cuda(op="dcnv3", group=1, group_channels=64, dtype="float64", kernel_size=7, padding=3),
+    # the tiled backward (bwd_tile=1): fixed-point sums in shared memory, global fallbacks
+    "tiled-fp16": cuda(group=4, group_channels=32, dtype="float16", params={"bwd_tile": 1}),
+    "tiled-fp32-4x4-tiles": cuda(group=2, group_channels=16, params={"bwd_tile": 1, "bwd_tile_h": 4, "bwd_tile_w": 4, "bwd_tile_threads": 64}),
+    "tiled-v3-stride-dilation-rc": cuda(op="dcnv3", group=3, group_channels=8, stride=2, dilation=2, padding=2, remove_center=True, offset_scale=0.5,
+                                        dtype="bfloat16", params={"bwd_tile": 1}),
+    "tiled-tail-no-halo": cuda(group=2, group_channels=20, dtype="float16", params={"bwd_tile": 1, "bwd_halo": 0, "bwd_vec": 8}),
 }
 
 
@@ -60,9 +66,38 @@ def test_emulated_kernel_matches_reference(kernels, name):
     cfg, kernel = CASES[name], kernels[name]
     if isinstance(kernel, Exception):
         raise kernel
-    for seed, (n, h, w) in enumerate(((2, 9, 11), (1, 5, 4))):
+    for seed, (n, h, w) in enumerate(((2, 9, 11), (1, 5, 4), (1, 21, 19))):
         errors = verify_kernel(cfg, kernel, n, h, w, seed=seed)
         assert all(e < TOLERANCE[cfg.dtype] for e in errors.values()), f"{name} {(n, h, w)}: {errors}"
+
+
+def test_tiled_backward_matches_the_per_point_one_on_hostile_values(kernels):
+    """Tiles whose bound is not finite (inf grad_out, NaN weight) take the global fallback, and
+    NaN / inf / huge offsets sample nothing: NaNs land where the per-point backward puts them and
+    every finite value agrees."""
+    import torch
+
+    from dcngen.verify import TORCH_DTYPE, random_problem
+
+    tiled = CASES["tiled-fp16"]
+    per_point = tiled.replace(params=())
+    kernel = load(build(template_cuda.generate(per_point, emulate=True)))
+    x, om = random_problem(tiled, 1, 21, 19, seed=5).op_inputs(TORCH_DTYPE[tiled.dtype])
+    om[0, 2, 3, 0] = float("nan")  # an x offset
+    om[0, 15, 9, 5] = float("inf")  # a y offset
+    om[0, 7, 7, 3] = -6e4
+    om[0, 12, 2, 2 * tiled.num_points + 1] = float("nan")  # a weight: its tile's bound is NaN
+    go = torch.randn(1, 21, 19, tiled.channels).to(x.dtype)
+    go[0, 18, 17, 5] = float("inf")
+    results = []
+    for k in (kernels["tiled-fp16"], kernel):
+        gx, gom = torch.full_like(x, float("nan")), torch.full_like(om, float("nan"))
+        k.backward(x, om, om, go, gx, gom, gom)
+        results.append((gx.double(), gom.double()))
+    for a, b in zip(*results):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+        finite = a.isfinite()
+        assert torch.allclose(a[finite], b[finite], rtol=4e-3, atol=4e-3 * b[finite].abs().max().item())
 
 
 def test_emulated_kernel_checks_its_tensors(kernels):

@@ -126,6 +126,11 @@ def cuda_cfg(**kw) -> DCNConfig:
     return DCNConfig(**kw)
 
 
+def applies(params: dict, dtype: str) -> bool:
+    """Whether a parameter set exists for `dtype` (the tensor-core forward: fp16/bf16 only)."""
+    return not params.get("mma") or dtype in ("float16", "bfloat16")
+
+
 DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 # (name, config, (N, H, W))
@@ -148,12 +153,17 @@ CHECKS = [
     ("v3 bwd-tile 5x5 C24", dict(op="dcnv3", group=3, group_channels=24, kernel_size=5, padding=2, params={"bwd_tile": 1}), (1, 11, 10)),
     ("v4 bwd-tile halo0 4x8", dict(group=4, group_channels=16, params={"bwd_tile": 1, "bwd_halo": 0, "bwd_tile_h": 4, "bwd_tile_w": 8}), (2, 19, 21)),
     ("v4 bwd-tile stride2 dil2 rc", dict(group=2, group_channels=16, stride=2, padding=2, dilation=2, remove_center=True, params={"bwd_tile": 1}), (2, 15, 12)),
+    # tensor-core forward (fp16/bf16 only): partial pixel batches, C % 16 == 8, 1..8 warps per block
+    ("v4 mma bench-like", dict(group=4, group_channels=32, offset_scale=2.0, params={"mma": 1}), (2, 13, 17)),
+    ("v3 mma 5x5 C24", dict(op="dcnv3", group=3, group_channels=24, kernel_size=5, padding=2, params={"mma": 1, "mma_warps": 8}), (1, 11, 10)),
+    ("v4 mma stride2 dil2 rc C8", dict(group=2, group_channels=8, stride=2, padding=2, dilation=2, remove_center=True, params={"mma": 1, "mma_warps": 1}), (2, 15, 12)),
+    ("v4 mma 7x7 C64", dict(group=2, group_channels=64, kernel_size=7, padding=3, params={"mma": 1}), (1, 12, 13)),
 ]
 CHECK_DTYPES = ("float32", "float16", "bfloat16")
 
 # parameter candidates timed against the defaults on the first two benchmark shapes, per pass
 SWEEP = {
-    "fwd": [{"stage": 1}, {"unroll": 1}, {"unroll": 2}, {"pixels": 16}, {"pixels": 4}, {"vec": 16, "unroll": 1}],
+    "fwd": [{"mma": 1}, {"mma": 1, "mma_warps": 8}, {"mma": 1, "mma_warps": 2}, {"stage": 1}, {"unroll": 2}, {"pixels": 16}, {"vec": 16, "unroll": 1}],
     "bwd": [{"bwd_tile": 1}, {"bwd_tile": 1, "bwd_tile_h": 8, "bwd_tile_w": 8}, {"bwd_tile": 1, "bwd_tile_h": 16, "bwd_tile_w": 16, "bwd_tile_threads": 512},
             {"bwd_tile": 1, "bwd_halo": 2}, {"bwd_tile": 1, "atomic_dtype": 0}, {"bwd_stage": 0, "bwd_unroll": 3, "bwd_min_blocks": 2}],
 }
@@ -186,7 +196,7 @@ def verify(mods: dict) -> None:
     log("|---|---|---|---|---|---|---|")
     for name, kw, (n, h, w) in CHECKS:
         dtypes = CHECK_DTYPES + (("float64",) if name == "v4 bench-like" else ())
-        for dt in dtypes:
+        for dt in (d for d in dtypes if applies(kw.get("params", {}), d)):
             cfg = cuda_cfg(dtype=dt, **kw)
             mod = mods[cfg]
             if isinstance(mod, Exception):
@@ -287,7 +297,7 @@ def parameter_sweep(mods: dict) -> None:
             es = x.element_size()
             floor_bytes = {"fwd": (x.numel() + om.numel() + out.numel()) * es, "bwd": (2 * x.numel() + 2 * om.numel() + go.numel()) * es}
             for what, candidates in SWEEP.items():
-                for params in candidates:
+                for params in (c for c in candidates if applies(c, dt)):
                     if time.time() - START > 270:
                         log(f"| {name} | {dt} | {what} | {params} | skipped (time budget) |||||")
                         continue
@@ -422,14 +432,16 @@ def main() -> int:
     cfgs = []
     for _, kw, _ in CHECKS:
         for dt in CHECK_DTYPES + ("float64",):
-            cfgs.append(cuda_cfg(dtype=dt, **kw))
+            if applies(kw.get("params", {}), dt):
+                cfgs.append(cuda_cfg(dtype=dt, **kw))
     for _, kw, _ in BENCH:
         for dt in BENCH_DTYPES:
             cfgs.append(cuda_cfg(dtype=dt, **kw))
     for _, kw, _ in BENCH[:2]:
         for params in SWEEP["fwd"] + SWEEP["bwd"]:
             for dt in BENCH_DTYPES:
-                cfgs.append(cuda_cfg(dtype=dt, **{**kw, "params": params}))
+                if applies(params, dt):
+                    cfgs.append(cuda_cfg(dtype=dt, **{**kw, "params": params}))
     cfgs = [c for c in dict.fromkeys(cfgs) if c.dtype != "float64" or c == cuda_cfg(dtype="float64", **CHECKS[0][1])]
     t0 = time.time()
     mods = build_all(cfgs)

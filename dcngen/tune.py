@@ -58,8 +58,9 @@ def space_for(cfg: DCNConfig) -> Space:
             "vec": vec, "pixels": _pow2_upto(1, 64), "unroll": tuple(sorted({1, 2, 3, p})), "min_blocks": (1, 2, 4), "stage": (0, 1),
             "bwd_vec": vec, "bwd_pixels": _pow2_upto(1, 64), "bwd_unroll": (1, 2, 3, 4), "bwd_min_blocks": (1, 2), "bwd_stage": (0, 1),
         }
-        if cfg.dtype in ("float16", "bfloat16"):  # its fixed-point sums are finer than 16-bit storage, not than fp32
-            values["bwd_tile"] = (0, 1)
+        if cfg.dtype in ("float16", "bfloat16"):
+            values["bwd_tile"] = (0, 1)  # its fixed-point sums are finer than 16-bit storage, not than fp32
+            values["mma"] = (0, 1)  # the tensor-core forward (configs it cannot run are skipped)
         return Space(values)
     if not cfg.is_cuda:
         return Space({"pixels_per_task": _pow2_upto(1, 256), "unroll_points": (0, 1), "vector": (0, 1)})

@@ -48,6 +48,10 @@ VARIANTS = {
     "bwd-tile-fp16": DCNConfig(group=4, group_channels=32, offset_scale=2.0, dtype="float16", target="cuda:sm_90", params={"bwd_tile": 1}),
     "bwd-tile-fp32-v3-5x5": config("dcnv3", "float32", 5, 16, params={"bwd_tile": 1, "bwd_tile_threads": 512}),
     "bwd-tile-bf16-7x7-tail": config("dcnv4", "bfloat16", 7, 24, params={"bwd_tile": 1, "bwd_tile_h": 4, "bwd_tile_w": 8, "bwd_halo": 2}),
+    "mma-fp16": config("dcnv4", "float16", 3, 32, params={"mma": 1}),
+    "mma-bf16-v3-7x7-c24": config("dcnv3", "bfloat16", 7, 24, params={"mma": 1, "mma_warps": 8}),
+    "mma-fp16-c64-5x5": config("dcnv4", "float16", 5, 64, params={"mma": 1}),
+    "mma-bf16-c8-rc": DCNConfig(group=8, group_channels=8, stride=2, padding=2, dilation=2, remove_center=True, dtype="bfloat16", target="cuda:sm_90", params={"mma": 1}),
     "bwd-tile-fp16-c8-rc": DCNConfig(group=8, group_channels=8, stride=2, padding=2, dilation=2, remove_center=True, dtype="float16", target="cuda:sm_90", params={"bwd_tile": 1}),
 }
 ALL = {**SWEEP, **VARIANTS}
@@ -71,7 +75,8 @@ def reports() -> dict[str, list[dict] | Exception]:
 
 def expected_kernels(cfg: DCNConfig) -> set[str]:
     """The kernels every artifact of `cfg` must hold."""
-    return {"dcn_forward_kernel", "dcn_backward_tiled_kernel" if cfg.param_dict.get("bwd_tile") else "dcn_backward_kernel"}
+    forward = "dcn_forward_mma_kernel" if cfg.param_dict.get("mma") else "dcn_forward_kernel"
+    return {forward, "dcn_backward_tiled_kernel" if cfg.param_dict.get("bwd_tile") else "dcn_backward_kernel"}
 
 
 def check_report(report, cfg: DCNConfig) -> None:
@@ -168,3 +173,18 @@ def test_invalid_bwd_tile_rejected(params, match):
     assert e.value.field == "params"
     with pytest.raises(ConfigError, match="float64"):
         generate(config("dcnv4", "float64", 3, 64, params={"bwd_tile": 1}))
+
+
+@pytest.mark.parametrize(
+    "cfg,match",
+    [
+        (config("dcnv4", "float32", 3, 32, params={"mma": 1}), "float16/bfloat16"),
+        (config("dcnv4", "float16", 3, 20, params={"mma": 1}), "multiple of 8"),
+        (config("dcnv4", "float16", 3, 32, params={"mma": 1}).replace(target="cuda:sm_75"), "sm_80"),
+        (config("dcnv4", "float16", 3, 128, params={"mma": 1, "mma_warps": 8}), "fewer mma_warps"),
+    ],
+)
+def test_invalid_mma_rejected(cfg, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        generate(cfg)
+    assert e.value.field == "params"

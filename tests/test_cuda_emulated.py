@@ -37,13 +37,19 @@ CASES = {
     "v4-fp32-tail-staged": cuda(group=2, group_channels=20, params={"stage": 1, "bwd_stage": 0, "vec": 8, "bwd_vec": 2}),
     "v4-fp32-32-lanes": cuda(group=2, group_channels=32, params={"vec": 1, "bwd_vec": 1}),
     "v3-fp16-ragged-batches": cuda(op="dcnv3", group=4, group_channels=12, dtype="float16", params={"unroll": 2, "bwd_unroll": 4}),
-    "v3-fp64-7x7": cuda(op="dcnv3", group=1, group_channels=64, dtype="float64", kernel_size=7, padding=3),
+    "v3-fp64-7x7": cuda(op="dcnv3", group=1, group_channels=16, dtype="float64", kernel_size=7, padding=3),
     # the tiled backward (bwd_tile=1): fixed-point sums in shared memory, global fallbacks
     "tiled-fp16": cuda(group=4, group_channels=32, dtype="float16", params={"bwd_tile": 1}),
     "tiled-fp32-4x4-tiles": cuda(group=2, group_channels=16, params={"bwd_tile": 1, "bwd_tile_h": 4, "bwd_tile_w": 4, "bwd_tile_threads": 64}),
     "tiled-v3-stride-dilation-rc": cuda(op="dcnv3", group=3, group_channels=8, stride=2, dilation=2, padding=2, remove_center=True, offset_scale=0.5,
                                         dtype="bfloat16", params={"bwd_tile": 1}),
     "tiled-tail-no-halo": cuda(group=2, group_channels=20, dtype="float16", params={"bwd_tile": 1, "bwd_halo": 0, "bwd_vec": 8}),
+    # the tensor-core forward (mma=1): cp.async staging, ldmatrix, m16n8k16 mma, lane-shared points
+    "mma-fp16": cuda(group=4, group_channels=32, dtype="float16", params={"mma": 1}),
+    "mma-bf16-c24-5x5": cuda(group=3, group_channels=24, dtype="bfloat16", kernel_size=5, padding=2, params={"mma": 1}),
+    "mma-v3-fp16-c64-stride-dilation-rc": cuda(op="dcnv3", group=2, group_channels=64, dtype="float16", stride=2, dilation=2, padding=2,
+                                              remove_center=True, offset_scale=0.5, params={"mma": 1, "mma_warps": 2}),
+    "mma-bf16-c8-1x1": cuda(group=2, group_channels=8, dtype="bfloat16", kernel_size=1, padding=0, params={"mma": 1, "mma_warps": 1}),
 }
 
 
@@ -66,7 +72,8 @@ def test_emulated_kernel_matches_reference(kernels, name):
     cfg, kernel = CASES[name], kernels[name]
     if isinstance(kernel, Exception):
         raise kernel
-    for seed, (n, h, w) in enumerate(((2, 9, 11), (1, 5, 4), (1, 21, 19))):
+    shapes = ((2, 9, 11), (1, 5, 4)) + (((1, 21, 19),) if {"bwd_tile", "mma"} & set(cfg.param_dict) else ())  # several tiles
+    for seed, (n, h, w) in enumerate(shapes):
         errors = verify_kernel(cfg, kernel, n, h, w, seed=seed)
         assert all(e < TOLERANCE[cfg.dtype] for e in errors.values()), f"{name} {(n, h, w)}: {errors}"
 
@@ -98,6 +105,33 @@ def test_tiled_backward_matches_the_per_point_one_on_hostile_values(kernels):
         assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
         finite = a.isfinite()
         assert torch.allclose(a[finite], b[finite], rtol=4e-3, atol=4e-3 * b[finite].abs().max().item())
+
+
+def test_mma_forward_matches_the_per_point_one_on_hostile_values(kernels):
+    """NaN / inf / huge offsets and NaN / huge weights: the tensor-core forward puts NaN where the
+    per-point forward does, never reads off the image, and agrees elsewhere."""
+    import torch
+
+    from dcngen.verify import TORCH_DTYPE, random_problem
+
+    mma = CASES["mma-fp16"]
+    per_point = load(build(template_cuda.generate(mma.replace(params=()), emulate=True)))
+    x, om = random_problem(mma, 1, 13, 17, seed=7).op_inputs(TORCH_DTYPE[mma.dtype])
+    p = mma.num_points
+    om[0, 2, 3, 0] = float("nan")
+    om[0, 5, 9, 7] = float("inf")
+    om[0, 7, 7, 3] = -6e4
+    om[0, 12, 2, 2 * p + 1] = float("nan")  # a weight
+    om[0, 9, 16, 3 * p + 4] = 6e4
+    outs = []
+    for k in (kernels["mma-fp16"], per_point):
+        out = torch.full((1, 13, 17, mma.channels), float("nan"), dtype=x.dtype)
+        k.forward(x, om, om, out)
+        outs.append(out.double())
+    a, b = outs
+    assert a.isnan().any() and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+    finite = a.isfinite()
+    assert torch.allclose(a[finite], b[finite], rtol=4e-3, atol=4e-3 * b[finite].abs().max().item())
 
 
 def test_emulated_kernel_checks_its_tensors(kernels):

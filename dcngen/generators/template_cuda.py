@@ -21,6 +21,11 @@ Parameters (cfg.params; defaults from `default_params`):
                        32-bit fixed point scaled to the tile's max|grad_out| x max|mask|, before one
                        atomic add per position; contributions beyond the region go to global memory
   bwd_tile_h / bwd_tile_w / bwd_tile_threads / bwd_halo  its tile, threads per block and margin
+  mma                  1: tensor-core forward (fp16/bf16, group_channels % 8 == 0, sm_80+): a warp
+                       stages the corner rows of 8 pixels per point in shared memory (cp.async) and
+                       multiplies them by the block-diagonal coefficient matrix with m16n8k16 mma,
+                       fp32 accumulators; coefficients (mask x bilinear weight) rounded to the dtype
+  mma_warps            warps per block of the tensor-core forward
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ PARAM_BOUNDS = {
     "bwd_tile_w": (1, 64),
     "bwd_tile_threads": (32, 1024),
     "bwd_halo": (0, 32),
+    "mma": (0, 1),
+    "mma_warps": (1, 32),
 }
 MAX_THREADS = 1024
 MAX_SMEM = 227 * 1024  # dynamic shared memory per block on sm_90 (sm_80: 163 KB; checked at launch)
@@ -116,7 +123,27 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
         "bwd_tile_threads": 256,
         # the region covers offsets up to +-2 (before offset_scale) around the kernel footprint
         "bwd_halo": max(1, math.ceil(2 * abs(cfg.offset_scale))),
+        "mma": 0,
+        "mma_warps": 4,
     }
+
+
+MMA_ROWS = 32  # corner rows a warp stages per point (8 pixels x 4 corners), two buffers
+MAX_STATIC_SMEM = 48 * 1024
+
+
+def _check_mma(cfg: DCNConfig, params: dict[str, int]) -> None:
+    """Reject the tensor-core forward where its instructions or layout cannot run it."""
+    if cfg.dtype not in ("float16", "bfloat16"):
+        raise ConfigError("params", f"mma=1 multiplies 16-bit inputs on tensor cores; {cfg.dtype} has no such mma (use float16/bfloat16)")
+    if cfg.group_channels % 8:
+        raise ConfigError("params", f"mma=1 copies corner rows in 16-byte pieces: group_channels={cfg.group_channels} must be a multiple of 8")
+    if int(cfg.arch[3:]) < 80:
+        raise ConfigError("params", f"mma=1 needs cp.async and the m16n8k16 mma of sm_80 or newer; the target is {cfg.arch}")
+    row = ((cfg.group_channels // 8) | 1) * 8
+    smem = params["mma_warps"] * (2 * MMA_ROWS * row + 8) * 2
+    if smem > MAX_STATIC_SMEM:
+        raise ConfigError("params", f"mma_warps={params['mma_warps']} stages {smem // 1024} KB of corner rows per block; at most {MAX_STATIC_SMEM // 1024} KB (fewer mma_warps)")
 
 
 def tile_region(cfg: DCNConfig, tile_h: int, tile_w: int, halo: int) -> dict[str, int]:
@@ -215,6 +242,8 @@ def generate(cfg: DCNConfig, *, emulate: bool = False) -> KernelSource:
         raise ConfigError("target", f"the CUDA template needs a cuda target, got {cfg.target!r}")
     params = resolve_params(cfg, default_params(cfg), PARAM_BOUNDS)
     geometry = _check(cfg, params)
+    if params["mma"]:
+        _check_mma(cfg, params)
     _auto_batches(cfg, params)
     if params["min_blocks"] == 0:
         params["min_blocks"] = _auto_min_blocks(cfg, params)

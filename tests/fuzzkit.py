@@ -217,13 +217,14 @@ def reference_grads(cfg: DCNConfig, case: Case, offset=None, mask=None):
     return out.detach(), zero(x.grad, x), zero(offset.grad, offset), zero(mask.grad, mask)
 
 
-def kernel_outputs(cfg: DCNConfig, tensors: tuple, grad_out: torch.Tensor, extra_channels: int = 0):
-    """Calls the loaded kernel directly with NaN-poisoned outputs; returns (out, grad_x, grad_offset_like, grad_mask_like).
+def kernel_outputs(cfg: DCNConfig, tensors: tuple, grad_out: torch.Tensor, extra_channels: int = 0, kernel=None):
+    """Calls the loaded kernel (cfg's, or `kernel`) directly with NaN-poisoned outputs; returns
+    (out, grad_x, grad_offset_like, grad_mask_like).
 
     DCNv4: grad_offset_like is the packed gradient (its padding channels pre-zeroed where the
     backend's kernel leaves them alone) and grad_mask_like is the same tensor.
     """
-    k = kernel_for(cfg)
+    k = kernel or kernel_for(cfg)
     dt = TORCH_DTYPE[cfg.dtype]
     x = tensors[0]
     offset = tensors[1]

@@ -115,6 +115,31 @@ def hostile_case(cfg: DCNConfig, seed: int, fraction: float = 0.3) -> tuple[Case
     return case, hit.any(-1)
 
 
+# the CUDA template's four kernels (per-point and tensor-core forward, per-point and tiled backward)
+EMULATED = [
+    DCNConfig(op="dcnv4", group=2, group_channels=16, dtype="bfloat16", target="cuda:sm_90", params={"bwd_tile": 1}),
+    DCNConfig(op="dcnv3", group=3, group_channels=8, stride=2, offset_scale=0.5, dtype="bfloat16", target="cuda:sm_90", params={"mma": 1}),
+]
+CUDA_HEADERS = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include", "cuda_fp16.h").is_file()
+
+
+@pytest.mark.skipif(not CUDA_HEADERS, reason="the SIMT emulator needs the CUDA toolkit's headers")
+@pytest.mark.parametrize("cfg", EMULATED, ids=[c.key for c in EMULATED])
+def test_emulated_cuda_kernels_on_hostile_offsets(cfg):
+    """The CUDA kernels on the SIMT emulator: hostile offsets contribute nothing. Under
+    test_under_sanitizers, AddressSanitizer also checks that no offset makes them read or write
+    outside their tensors."""
+    from dcngen.build import build, load
+    from dcngen.generators import template_cuda
+
+    kernel = load(build(template_cuda.generate(cfg, emulate=True)))
+    case, _ = hostile_case(cfg, seed=4)
+    live, ref = expected(cfg, case)
+    out, gx, goff, gmask = kernel_outputs(cfg, op_tensors(cfg, case), case.grad_out, case.extra_channels, kernel=kernel)
+    off, m, _ = split_grads(cfg, goff, gmask)
+    assert_matches(cfg, case, [("emulated cuda", out, gx, off, m)], ref, live)
+
+
 @pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_hostile_offsets_contribute_nothing(cfg, seed):

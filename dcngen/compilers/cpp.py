@@ -116,10 +116,16 @@ class _Module:
 def load(path: Path, sanitized: bool = False) -> _Module:
     """Load a built library. A sanitized one without the ASan runtime in the process would abort
     the interpreter, so that is refused with a clear error instead."""
-    if sanitized and not asan_runtime_loaded():
+    if sanitized:
+        require_asan_runtime(path)
+    return _Module(path)
+
+
+def require_asan_runtime(path: Path) -> None:
+    """Raise BuildError unless this process can load the sanitized library at `path`."""
+    if not asan_runtime_loaded():
         raise BuildError(
             f"{path} was built with DCNGEN_SANITIZE=1 and needs the AddressSanitizer runtime: run Python with "
             "LD_PRELOAD=\"$(gcc -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so.6)\" "
             "ASAN_OPTIONS=detect_leaks=0, or unset DCNGEN_SANITIZE"
         )
-    return _Module(path)

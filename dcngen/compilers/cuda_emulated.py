@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..source import KernelSource
 from . import cpp, cuda
-from .cuda import load  # noqa: F401  (same entry points and calling convention)
+from .cpp import SANITIZE_FLAGS, SANITIZE_LDFLAGS  # noqa: F401  (DCNGEN_SANITIZE=1 builds it sanitized too)
 
 
 def version() -> str:
@@ -17,3 +17,10 @@ def version() -> str:
 
 def compile(source: KernelSource, out_dir: Path) -> dict:
     return cpp.compile(source, out_dir, include_paths=(str(Path(cuda.cuda_home(), "include")),))
+
+
+def load(path: Path, sanitized: bool = False):
+    """The CUDA artifact's module (same entry points and calling convention), on CPU tensors."""
+    if sanitized:
+        cpp.require_asan_runtime(path)
+    return cuda.load(path)

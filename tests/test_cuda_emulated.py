@@ -1,8 +1,9 @@
 """The CUDA template's kernels and launchers, run on the SIMT emulator (templates/cuda/emulator.h.j2)
 on the CPU against the float64 reference, outputs NaN-poisoned: thread mapping, channel tails,
 point batches, shared-memory staging, the warp-shuffle reductions, every input-gradient
-accumulation mode (fp32 workspace, native fp16/bf16 atomics, int64 fixed point), DCNv4's padding
-gradient and the launch sizes, without a GPU."""
+accumulation mode (fp32 workspace, native fp16/bf16 atomics, int64 fixed point) with the sm_90
+vector reductions and the sm_80 atomics (the target's code paths run), DCNv4's padding gradient,
+the tiled backward, the tensor-core forward and the launch sizes, without a GPU."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ CASES = {
     "v4-fp32": cuda(group=4, group_channels=16),
     "v4-fp16-native-atomics": cuda(group=4, group_channels=32, dtype="float16"),
     "v4-fp16-fp32-accumulator": cuda(group=2, group_channels=16, dtype="float16", params={"atomic_dtype": 0}),
+    "v4-fp16-sm80-atomics": DCNConfig(target="cuda:sm_80", group=4, group_channels=16, dtype="float16"),  # pre-sm_90 scatter
+    "v4-bf16-sm80-native-atomics-vec2": DCNConfig(target="cuda:sm_80", group=2, group_channels=16, dtype="bfloat16", params={"atomic_dtype": 1, "bwd_vec": 2}),
     "v4-bf16-5x5-idle-lane": cuda(group=2, group_channels=24, dtype="bfloat16", kernel_size=5, padding=2),
     "v4-bf16-native-atomics": cuda(group=2, group_channels=16, dtype="bfloat16", params={"atomic_dtype": 1}),
     "v3-fp32-stride-dilation-rc": cuda(op="dcnv3", group=3, group_channels=8, stride=2, dilation=2, padding=2, remove_center=True, offset_scale=0.5),

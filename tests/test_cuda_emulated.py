@@ -35,7 +35,6 @@ CASES = {
     "v4-bf16-5x5-idle-lane": cuda(group=2, group_channels=24, dtype="bfloat16", kernel_size=5, padding=2),
     "v4-bf16-native-atomics": cuda(group=2, group_channels=16, dtype="bfloat16", params={"atomic_dtype": 1}),
     "v3-fp32-stride-dilation-rc": cuda(op="dcnv3", group=3, group_channels=8, stride=2, dilation=2, padding=2, remove_center=True, offset_scale=0.5),
-    "v4-fp16-deterministic": cuda(group=2, group_channels=32, dtype="float16", params={"deterministic": 1}),
     "v3-bf16-deterministic-3x5": cuda(op="dcnv3", group=2, group_channels=8, dtype="bfloat16", kernel_size=(3, 5), padding=(1, 2), params={"deterministic": 1}),
     "v4-fp32-tail-staged": cuda(group=2, group_channels=20, params={"stage": 1, "bwd_stage": 0, "vec": 8, "bwd_vec": 2}),
     "v4-fp32-32-lanes": cuda(group=2, group_channels=32, params={"vec": 1, "bwd_vec": 1}),

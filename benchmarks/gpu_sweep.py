@@ -61,8 +61,9 @@ SHAPES = [("N64 56x56", (64, 56, 56)), ("N1 200x320", (1, 200, 320))]
 DTYPES = ("float16", "float32")
 CHECK_SHAPE = (2, 13, 17)  # 221 pixels: a partial last block for every pixels-per-block value
 
-FWD_KEYS = ("vec", "pixels", "unroll", "stage", "min_blocks")
-BWD_KEYS = ("bwd_vec", "bwd_pixels", "bwd_unroll", "bwd_stage", "bwd_min_blocks", "atomic_dtype")
+FWD_KEYS = ("vec", "pixels", "unroll", "stage", "min_blocks", "mma", "mma_warps")
+BWD_KEYS = ("bwd_vec", "bwd_pixels", "bwd_unroll", "bwd_stage", "bwd_min_blocks", "atomic_dtype", "bwd_tile", "bwd_tile_h", "bwd_tile_w",
+            "bwd_tile_threads", "bwd_halo")
 
 
 def scaled(dtype: str, pixels: int) -> int:
@@ -82,6 +83,7 @@ def fwd_candidates(dtype: str) -> list[dict]:
         c.append(dict(vec=v8, pixels=scaled(dtype, pixels // 2), unroll=unroll, stage=1, min_blocks=mb))
     if dtype == "float16":
         c.append(dict(vec=16, pixels=16, unroll=1, stage=1, min_blocks=1))
+        c += [dict(mma=1, mma_warps=w) for w in (4, 1, 2, 8)]  # the tensor-core forward
     return c
 
 
@@ -97,6 +99,9 @@ def bwd_candidates(dtype: str) -> list[dict]:
                     c.append(dict(bwd_vec=v16, bwd_pixels=scaled(dtype, pixels), bwd_unroll=unroll, bwd_stage=stage, bwd_min_blocks=mb, atomic_dtype=a))
         for pixels, unroll in ((16, 2), (32, 1)):
             c.append(dict(bwd_vec=v8, bwd_pixels=scaled(dtype, pixels // 2), bwd_unroll=unroll, bwd_stage=1, bwd_min_blocks=1, atomic_dtype=a))
+    if dtype == "float16":  # the tiled backward: tile shapes, block sizes, halos
+        for h, w, threads, halo in ((8, 16, 256, 4), (8, 8, 128, 4), (16, 16, 512, 4), (8, 16, 256, 2), (4, 32, 256, 4), (8, 32, 512, 4)):
+            c.append(dict(bwd_tile=1, bwd_tile_h=h, bwd_tile_w=w, bwd_tile_threads=threads, bwd_halo=halo))
     return c
 
 

@@ -47,12 +47,12 @@ SANITIZE_FLAGS = ("-fsanitize=address,undefined,float-cast-overflow", "-fno-omit
 SANITIZE_LDFLAGS = ("-fsanitize=address,undefined,float-cast-overflow",)
 
 
-def compile(source: KernelSource, out_dir: Path, include_paths: tuple[str, ...] = ()) -> dict:
+def compile(source: KernelSource, out_dir: Path, include_paths: tuple[str, ...] = (), sanitize_flags: tuple[str, ...] = SANITIZE_FLAGS) -> dict:
     import tvm_ffi.cpp
 
     build_dir = out_dir / "build"
     sanitize = settings.sanitize()
-    cflags = [*source.flags, *(SANITIZE_FLAGS if sanitize else ())]
+    cflags = [*source.flags, *(sanitize_flags if sanitize else ())]
     ldflags = ["-fopenmp", *(SANITIZE_LDFLAGS if sanitize else ())]
     try:
         lib = tvm_ffi.cpp.build_inline(

@@ -71,9 +71,10 @@ MAX_VEC_BYTES = 128  # registers: 4 corners x vec values per thread
 TARGET_THREADS = 256  # default block size to aim for
 
 FLAGS = ("-O3", "-std=c++17", "-lineinfo")
-# host build of the emulated kernels: quick to compile; hidden symbols, so the emulator's CUDA
-# runtime functions are never interposed by a real CUDA runtime in the process
-EMULATE_FLAGS = ("-O1", "-std=c++17", "-fvisibility=hidden")
+# host build of the emulated kernels: -O0 compiles fastest and runs the small test shapes quickly
+# enough; hidden symbols, so the emulator's CUDA runtime functions are never interposed by a real
+# CUDA runtime in the process
+EMULATE_FLAGS = ("-O0", "-std=c++17", "-fvisibility=hidden")
 
 
 def next_pow2(v: int) -> int:

@@ -124,10 +124,9 @@ def verify(
         _fail("--emulate runs the CUDA template kernels: it needs --target cuda... and --backend template")
     with console.status(f"verifying {cfg.key}" + (" on the SIMT emulator" if emulate else "")):
         if emulate:
-            from .build import build, load
-            from .generators import template_cuda
+            from .kernels import emulated_kernel
 
-            errors = verify_kernel(cfg, load(build(template_cuda.generate(cfg, emulate=True))), n, h, w, seed=seed)
+            errors = verify_kernel(cfg, emulated_kernel(cfg), n, h, w, seed=seed)
         else:
             errors = run_verify(cfg, n, h, w, seed=seed, device="cuda" if cfg.is_cuda else "cpu")
     tol = TOLERANCE[cfg.dtype]
@@ -248,9 +247,9 @@ def doctor() -> None:
     """Build and check a tiny kernel per backend and target this machine can handle; PASS/FAIL each."""
     import torch
 
-    from .build import build as build_artifact, load
     from .compilers.cuda import ptxas_report
-    from .generators import generate, template_cuda
+    from .generators import generate
+    from .kernels import emulated_kernel
     from .verify import TOLERANCE, verify as run_verify, verify_kernel
 
     small = dict(group=2, group_channels=8, kernel_size=3, dtype="float32")
@@ -270,9 +269,7 @@ def doctor() -> None:
             return
         yield "compiles for sm_90, no spills (no GPU here)", lambda: compiles_without_spills(cfg)
         if cfg.backend == "template":
-            yield "forward + gradients vs reference on the SIMT emulator", lambda: passes(
-                cfg, verify_kernel(cfg, load(build_artifact(template_cuda.generate(cfg, emulate=True))), 1, 6, 7)
-            )
+            yield "forward + gradients vs reference on the SIMT emulator", lambda: passes(cfg, verify_kernel(cfg, emulated_kernel(cfg), 1, 6, 7))
 
     table = Table(title="dcngen doctor")
     for col in ("backend", "target", "check", "result"):

@@ -9,7 +9,7 @@ import torch
 
 from .build import Artifact, build, load
 from .config import DCNConfig
-from .generators import generate
+from .generators import generate, template_cuda
 from .records import bucket, tuned_config
 
 _loaded: dict[DCNConfig, object] = {}
@@ -35,6 +35,12 @@ def kernel_for(cfg: DCNConfig, shape: tuple[int, int, int] | None = None):
             if mod is None:
                 mod = _loaded[cfg] = load(build_config(cfg))
     return mod
+
+
+def emulated_kernel(cfg: DCNConfig):
+    """cfg's CUDA template kernels built for the SIMT emulator and loaded (CPU tensors; the cache
+    as for any artifact)."""
+    return load(build(template_cuda.generate(cfg, emulate=True)))
 
 
 @functools.lru_cache(maxsize=None)

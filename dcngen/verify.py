@@ -110,26 +110,40 @@ def verify_kernel(cfg: DCNConfig, kernel, n: int = 2, h: int = 9, w: int = 11, *
     fails. DCNv4's offset_mask gradient is checked in all its channels, padding (zeros) included,
     when the kernel writes them (generators.backward_zeroes_padding); else the padding is zeroed
     first, as the op does. Same keys as `verify`."""
-    from .generators import backward_zeroes_padding
-
     problem = random_problem(cfg, n, h, w, seed=seed)
     dtype = TORCH_DTYPE[cfg.dtype]
     tensors = problem.op_inputs(dtype, device)
     ref = [t.double().cpu().requires_grad_() for t in tensors]
     expected = run_reference(cfg, tuple(ref))
     expected.backward(problem.grad_out.to(dtype).double())
-    x, grad_out = tensors[0], problem.grad_out.to(dtype=dtype, device=device)
-    offset, mask = (tensors[1], tensors[1]) if cfg.op == "dcnv4" else tensors[1:]
-    out = torch.full(expected.shape, float("nan"), dtype=dtype, device=device)
-    kernel.forward(x, offset, mask, out)
-    grads = [torch.full_like(t, float("nan")) for t in tensors]
-    if cfg.op == "dcnv4":
-        if not backward_zeroes_padding(cfg):
-            grads[1][..., cfg.min_offset_mask_channels :] = 0
-        kernel.backward(x, offset, mask, grad_out, grads[0], grads[1], grads[1])
-    else:
-        kernel.backward(x, offset, mask, grad_out, *grads)
+    out, grad_x, grad_offset, grad_mask = poisoned_call(cfg, kernel, tensors, problem.grad_out.to(dtype=dtype, device=device))
+    grads = (grad_x, grad_offset) if cfg.op == "dcnv4" else (grad_x, grad_offset, grad_mask)
     names = ("grad_input", "grad_offset_mask") if cfg.op == "dcnv4" else ("grad_input", "grad_offset", "grad_mask")
     errors = {"output": rel_err(out, expected)}
     errors.update({name: rel_err(a, b.grad) for name, a, b in zip(names, grads, ref)})
     return errors
+
+
+def poisoned_call(cfg: DCNConfig, kernel, tensors: tuple[torch.Tensor, ...], grad_out: torch.Tensor):
+    """A loaded kernel's forward and backward on the op's `tensors` ((x, offset_mask) or (x, offset,
+    mask)), every output NaN-poisoned first -> (out, grad_x, grad_offset, grad_mask). DCNv4:
+    grad_offset is the packed gradient and grad_mask the same tensor; its padding channels are
+    zeroed first where the kernel leaves them alone (generators.backward_zeroes_padding), as the
+    op does."""
+    from .generators import backward_zeroes_padding
+
+    x = tensors[0]
+    offset, mask = (tensors[1], tensors[1]) if cfg.op == "dcnv4" else tensors[1:]
+    n, h, w, _ = x.shape
+    out = torch.full((n, *cfg.output_size(h, w), cfg.channels), float("nan"), dtype=x.dtype, device=x.device)
+    kernel.forward(x, offset, mask, out)
+    grad_x = torch.full_like(x, float("nan"))
+    grad_offset = torch.full_like(offset, float("nan"))
+    if cfg.op == "dcnv4":
+        if not backward_zeroes_padding(cfg):
+            grad_offset[..., cfg.min_offset_mask_channels :] = 0
+        grad_mask = grad_offset
+    else:
+        grad_mask = torch.full_like(mask, float("nan"))
+    kernel.backward(x, offset, mask, grad_out.to(x.dtype).contiguous(), grad_x, grad_offset, grad_mask)
+    return out, grad_x, grad_offset, grad_mask

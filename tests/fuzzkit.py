@@ -26,8 +26,8 @@ import torch
 import dcngen.ops as ops
 from dcngen import reference
 from dcngen.config import DCNConfig
-from dcngen.generators import backward_zeroes_padding
 from dcngen.kernels import kernel_for
+from dcngen.verify import poisoned_call
 
 REPO = Path(__file__).resolve().parents[1]
 TORCH_DTYPE = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -217,33 +217,14 @@ def reference_grads(cfg: DCNConfig, case: Case, offset=None, mask=None):
     return out.detach(), zero(x.grad, x), zero(offset.grad, offset), zero(mask.grad, mask)
 
 
-def kernel_outputs(cfg: DCNConfig, tensors: tuple, grad_out: torch.Tensor, extra_channels: int = 0, kernel=None):
+def kernel_outputs(cfg: DCNConfig, tensors: tuple, grad_out: torch.Tensor, kernel=None):
     """Calls the loaded kernel (cfg's, or `kernel`) directly with NaN-poisoned outputs; returns
     (out, grad_x, grad_offset_like, grad_mask_like).
 
     DCNv4: grad_offset_like is the packed gradient (its padding channels pre-zeroed where the
     backend's kernel leaves them alone) and grad_mask_like is the same tensor.
     """
-    k = kernel or kernel_for(cfg)
-    dt = TORCH_DTYPE[cfg.dtype]
-    x = tensors[0]
-    offset = tensors[1]
-    mask = tensors[1] if cfg.op == "dcnv4" else tensors[2]
-    n, h, w, _ = x.shape
-    ho, wo = cfg.output_size(h, w)
-    out = torch.full((n, ho, wo, cfg.channels), float("nan"), dtype=dt)
-    k.forward(x, offset, mask, out)
-    g_out = grad_out.to(dt).contiguous()
-    grad_x = torch.full_like(x, float("nan"))
-    grad_offset = torch.full_like(offset, float("nan"))
-    if cfg.op == "dcnv4":
-        if extra_channels and not backward_zeroes_padding(cfg):
-            grad_offset[..., cfg.min_offset_mask_channels :] = 0
-        grad_mask = grad_offset
-    else:
-        grad_mask = torch.full_like(mask, float("nan"))
-    k.backward(x, offset, mask, g_out, grad_x, grad_offset, grad_mask)
-    return out, grad_x, grad_offset, grad_mask
+    return poisoned_call(cfg, kernel or kernel_for(cfg), tensors, grad_out)
 
 
 def split_grads(cfg: DCNConfig, grad_offset: torch.Tensor, grad_mask: torch.Tensor):
@@ -300,7 +281,7 @@ def check_case(cfg: DCNConfig, case: Case, *, via_ops: bool = True) -> list[str]
         if pad is not None and (msg := mismatch("grad_padding", pad, expected_pad, cfg.dtype)) is not None:
             problems.append(f"[{tag}] {msg}")
 
-    compare("kernel", *kernel_outputs(cfg, tensors, case.grad_out, case.extra_channels))
+    compare("kernel", *kernel_outputs(cfg, tensors, case.grad_out))
     if via_ops:
         leaves = [t.clone().requires_grad_() for t in tensors]
         fn = ops.dcnv4 if cfg.op == "dcnv4" else ops.dcnv3

@@ -13,9 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from dcngen.build import build, load
 from dcngen.config import DCNConfig
-from dcngen.generators import template_cuda
+from dcngen.kernels import emulated_kernel
 from dcngen.verify import TOLERANCE, verify_kernel
 
 NVCC = shutil.which("nvcc") or (os.path.exists("/usr/local/cuda/bin/nvcc") and "/usr/local/cuda/bin/nvcc")
@@ -61,7 +60,7 @@ def kernels() -> dict:
 
     def one(cfg):
         try:
-            return load(build(template_cuda.generate(cfg, emulate=True)))
+            return emulated_kernel(cfg)
         except Exception as e:  # reported by the test of that case
             return e
 
@@ -90,7 +89,7 @@ def test_tiled_backward_matches_the_per_point_one_on_hostile_values(kernels):
 
     tiled = CASES["tiled-fp16"]
     per_point = tiled.replace(params=())
-    kernel = load(build(template_cuda.generate(per_point, emulate=True)))
+    kernel = emulated_kernel(per_point)
     x, om = random_problem(tiled, 1, 21, 19, seed=5).op_inputs(TORCH_DTYPE[tiled.dtype])
     om[0, 2, 3, 0] = float("nan")  # an x offset
     om[0, 15, 9, 5] = float("inf")  # a y offset
@@ -117,7 +116,7 @@ def test_mma_forward_matches_the_per_point_one_on_hostile_values(kernels):
     from dcngen.verify import TORCH_DTYPE, random_problem
 
     mma = CASES["mma-fp16"]
-    per_point = load(build(template_cuda.generate(mma.replace(params=()), emulate=True)))
+    per_point = emulated_kernel(mma.replace(params=()))
     x, om = random_problem(mma, 1, 13, 17, seed=7).op_inputs(TORCH_DTYPE[mma.dtype])
     p = mma.num_points
     om[0, 2, 3, 0] = float("nan")

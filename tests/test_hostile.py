@@ -75,7 +75,7 @@ def run_both(cfg: DCNConfig, case: Case):
     """[(tag, out, grad_x, grad_offset (N,Ho,Wo,G,P,2), grad_mask (N,Ho,Wo,G,P))] from the poisoned kernel and the op."""
     tensors = op_tensors(cfg, case)
     results = []
-    out, gx, goff, gmask = kernel_outputs(cfg, tensors, case.grad_out, case.extra_channels)
+    out, gx, goff, gmask = kernel_outputs(cfg, tensors, case.grad_out)
     off, m, _ = split_grads(cfg, goff, gmask)
     results.append(("kernel", out, gx, off, m))
     leaves = [t.clone().requires_grad_() for t in tensors]
@@ -131,13 +131,12 @@ def test_emulated_cuda_kernels_on_hostile_offsets(cfg):
     """The CUDA kernels on the SIMT emulator: hostile offsets contribute nothing. Under
     test_under_sanitizers, AddressSanitizer also checks that no offset makes them read or write
     outside their tensors."""
-    from dcngen.build import build, load
-    from dcngen.generators import template_cuda
+    from dcngen.kernels import emulated_kernel
 
-    kernel = load(build(template_cuda.generate(cfg, emulate=True)))
+    kernel = emulated_kernel(cfg)
     case, _ = hostile_case(cfg, seed=4)
     live, ref = expected(cfg, case)
-    out, gx, goff, gmask = kernel_outputs(cfg, op_tensors(cfg, case), case.grad_out, case.extra_channels, kernel=kernel)
+    out, gx, goff, gmask = kernel_outputs(cfg, op_tensors(cfg, case), case.grad_out, kernel=kernel)
     off, m, _ = split_grads(cfg, goff, gmask)
     assert_matches(cfg, case, [("emulated cuda", out, gx, off, m)], ref, live)
 
@@ -213,7 +212,7 @@ def test_empty_batch(cfg):
     case = random_case(cfg, random.Random(3))
     case = Case(0, case.h, case.w, case.x[:0], case.offset[:0], case.mask[:0], case.grad_out[:0], case.extra_channels)
     tensors = op_tensors(cfg, case)
-    out, gx, goff, gmask = kernel_outputs(cfg, tensors, case.grad_out, case.extra_channels)  # direct call: a no-op
+    out, gx, goff, gmask = kernel_outputs(cfg, tensors, case.grad_out)  # direct call: a no-op
     assert out.shape[0] == 0 and gx.shape == tensors[0].shape
     results = run_both(cfg, case)
     for tag, out, gx, goff, gmask in results:

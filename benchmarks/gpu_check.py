@@ -36,7 +36,9 @@ from dcngen import reference  # noqa: E402
 from dcngen.bench import compare  # noqa: E402
 from dcngen.build import build, load  # noqa: E402
 from dcngen.config import DCNConfig  # noqa: E402
+from dcngen.errors import ConfigError  # noqa: E402
 from dcngen.generators import generate  # noqa: E402
+from dcngen.generators.template_cuda import launch_params  # noqa: E402
 from dcngen.verify import poisoned_call, rel_err  # noqa: E402
 
 START = time.time()
@@ -114,9 +116,13 @@ def cuda_cfg(**kw) -> DCNConfig:
     return DCNConfig(**kw)
 
 
-def applies(params: dict, dtype: str) -> bool:
-    """Whether a parameter set exists for `dtype` (the tensor-core forward: fp16/bf16 only)."""
-    return not params.get("mma") or dtype in ("float16", "bfloat16")
+def applies(kw: dict, dtype: str) -> bool:
+    """Whether the generator accepts the config `kw` in `dtype` (e.g. mma=1: fp16/bf16 only)."""
+    try:
+        launch_params(cuda_cfg(dtype=dtype, **kw))
+    except ConfigError:
+        return False
+    return True
 
 
 DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -184,7 +190,7 @@ def verify(mods: dict) -> None:
     log("|---|---|---|---|---|---|---|")
     for name, kw, (n, h, w) in CHECKS:
         dtypes = CHECK_DTYPES + (("float64",) if name == "v4 bench-like" else ())
-        for dt in (d for d in dtypes if applies(kw.get("params", {}), d)):
+        for dt in (d for d in dtypes if applies(kw, d)):
             cfg = cuda_cfg(dtype=dt, **kw)
             mod = mods[cfg]
             if isinstance(mod, Exception):
@@ -285,7 +291,7 @@ def parameter_sweep(mods: dict) -> None:
             es = x.element_size()
             floor_bytes = {"fwd": (x.numel() + om.numel() + out.numel()) * es, "bwd": (2 * x.numel() + 2 * om.numel() + go.numel()) * es}
             for what, candidates in SWEEP.items():
-                for params in (c for c in candidates if applies(c, dt)):
+                for params in (c for c in candidates if applies({**kw, "params": c}, dt)):
                     if time.time() - START > 270:
                         log(f"| {name} | {dt} | {what} | {params} | skipped (time budget) |||||")
                         continue
@@ -420,7 +426,7 @@ def main() -> int:
     cfgs = []
     for _, kw, _ in CHECKS:
         for dt in CHECK_DTYPES + ("float64",):
-            if applies(kw.get("params", {}), dt):
+            if applies(kw, dt):
                 cfgs.append(cuda_cfg(dtype=dt, **kw))
     for _, kw, _ in BENCH:
         for dt in BENCH_DTYPES:
@@ -428,7 +434,7 @@ def main() -> int:
     for _, kw, _ in BENCH[:2]:
         for params in SWEEP["fwd"] + SWEEP["bwd"]:
             for dt in BENCH_DTYPES:
-                if applies(params, dt):
+                if applies({**kw, "params": params}, dt):
                     cfgs.append(cuda_cfg(dtype=dt, **{**kw, "params": params}))
     cfgs = [c for c in dict.fromkeys(cfgs) if c.dtype != "float64" or c == cuda_cfg(dtype="float64", **CHECKS[0][1])]
     t0 = time.time()

@@ -40,7 +40,7 @@ from dcngen.build import build, load  # noqa: E402
 from dcngen.config import DCNConfig  # noqa: E402
 from dcngen.errors import ConfigError  # noqa: E402
 from dcngen.generators import generate  # noqa: E402
-from dcngen.generators.template_cuda import default_params  # noqa: E402
+from dcngen.generators.template_cuda import default_params, launch_params  # noqa: E402
 
 START = time.time()
 BUDGET_S = float(os.environ.get("SWEEP_BUDGET_S", "200"))
@@ -123,7 +123,7 @@ def candidates(dtype: str) -> list[dict]:
             continue
         seen.add(key)
         try:
-            generate(cfg_of(dtype, p))  # drops combinations the generator rejects (> 1024 threads)
+            launch_params(cfg_of(dtype, p))  # drops combinations the generator rejects (> 1024 threads)
         except ConfigError:
             continue
         uniq.append(p)

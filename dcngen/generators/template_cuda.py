@@ -129,22 +129,29 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
     }
 
 
-MMA_ROWS = 32  # corner rows a warp stages per point (8 pixels x 4 corners), two buffers
+MMA_PIXELS = 8  # output pixels per warp: the N of m16n8k16
 MAX_STATIC_SMEM = 48 * 1024
 
 
-def _check_mma(cfg: DCNConfig, params: dict[str, int]) -> None:
-    """Reject the tensor-core forward where its instructions or layout cannot run it."""
+def mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
+    """The tensor-core forward's shared-memory layout, in 16-bit elements per warp (the template
+    declares exactly this); rejects configs its instructions or layout cannot run."""
     if cfg.dtype not in ("float16", "bfloat16"):
         raise ConfigError("params", f"mma=1 multiplies 16-bit inputs on tensor cores; {cfg.dtype} has no such mma (use float16/bfloat16)")
     if cfg.group_channels % 8:
         raise ConfigError("params", f"mma=1 copies corner rows in 16-byte pieces: group_channels={cfg.group_channels} must be a multiple of 8")
     if int(cfg.arch[3:]) < 80:
         raise ConfigError("params", f"mma=1 needs cp.async and the m16n8k16 mma of sm_80 or newer; the target is {cfg.arch}")
-    row = ((cfg.group_channels // 8) | 1) * 8
-    smem = params["mma_warps"] * (2 * MMA_ROWS * row + 8) * 2
+    chunks = cfg.group_channels // 8  # 16-byte pieces per corner row
+    row = (chunks | 1) * 8  # a staged row spans an odd number of 16-byte pieces: conflict-free ldmatrix
+    rows = 4 * MMA_PIXELS  # corner rows per point
+    buffer = rows * row
+    stage = 2 * buffer + 8  # double-buffered, plus the 8 channels the last 16-channel tile reads past C
+    smem = params["mma_warps"] * stage * 2
     if smem > MAX_STATIC_SMEM:
         raise ConfigError("params", f"mma_warps={params['mma_warps']} stages {smem // 1024} KB of corner rows per block; at most {MAX_STATIC_SMEM // 1024} KB (fewer mma_warps)")
+    return {"warps": params["mma_warps"], "pixels": MMA_PIXELS, "chunks": chunks, "row": row, "rows": rows, "tiles": -(-cfg.group_channels // 16),
+            "buffer": buffer, "stage": stage, "smem_bytes": smem}
 
 
 def tile_region(cfg: DCNConfig, tile_h: int, tile_w: int, halo: int) -> dict[str, int]:
@@ -178,7 +185,9 @@ def bwd_tile_geometry(cfg: DCNConfig, params: dict[str, int] | None = None) -> d
         raise ConfigError("params", f"bwd_tile_threads={threads} is fewer than the {lanes(cfg, params['bwd_vec'])} lanes of one pixel")
     tile_h, tile_w = params["bwd_tile_h"], params["bwd_tile_w"]
     region = tile_region(cfg, tile_h, tile_w, params["bwd_halo"])
-    smem = region["reg_h"] * region["reg_w"] * (cfg.group_channels + 1) * 4
+    stride = cfg.group_channels + 1  # ints per region position: consecutive positions start on different banks
+    elems = region["reg_h"] * region["reg_w"] * stride
+    smem = elems * 4
     if smem > MAX_SMEM:
         raise ConfigError("params", f"bwd_tile {tile_h}x{tile_w} with bwd_halo {params['bwd_halo']} needs {smem // 1024} KB of shared memory; at most {MAX_SMEM // 1024} KB")
     # sums of up to tile_h * tile_w * P contributions of at most 2^bits each stay below 2^30
@@ -187,7 +196,8 @@ def bwd_tile_geometry(cfg: DCNConfig, params: dict[str, int] | None = None) -> d
     # occupancy) for kernels of at most 9 points in whole vectors; others run uncapped
     small = cfg.group_channels % params["bwd_vec"] == 0 and cfg.num_points <= 9
     min_blocks = max(1, min(512 // threads, (228 * 1024) // (smem + 1024))) if small else 1
-    return {"tile_h": tile_h, "tile_w": tile_w, "threads": threads, "min_blocks": min_blocks, "smem_bytes": smem, "fixed_bits": fixed_bits,
+    return {"tile_h": tile_h, "tile_w": tile_w, "threads": threads, "min_blocks": min_blocks, "stride": stride, "elems": elems, "smem_bytes": smem,
+            "fixed_bits": fixed_bits,
             "halo": params["bwd_halo"], **region}
 
 
@@ -236,21 +246,27 @@ def _check(cfg: DCNConfig, params: dict[str, int]) -> dict:
     return geometry
 
 
+def launch_params(cfg: DCNConfig) -> tuple[dict[str, int], dict]:
+    """cfg.params over the defaults, with the automatic ones filled in, and the launch geometry;
+    raises ConfigError for a combination the kernels cannot run."""
+    params = resolve_params(cfg, default_params(cfg), PARAM_BOUNDS)
+    geometry = _check(cfg, params)
+    if params["mma"]:
+        geometry["mma"] = mma_geometry(cfg, params)
+    _auto_batches(cfg, params)
+    if params["min_blocks"] == 0:
+        params["min_blocks"] = _auto_min_blocks(cfg, params)
+    if params["bwd_tile"]:
+        geometry["bwd_tile"] = bwd_tile_geometry(cfg, params)
+    return params, geometry
+
+
 def generate(cfg: DCNConfig, *, emulate: bool = False) -> KernelSource:
     """The CUDA source of `cfg` for nvcc; with `emulate`, the same kernels and launchers on the SIMT
     emulator (templates/cuda/emulator.h.j2) for the host C++ compiler, working on CPU tensors."""
     if not cfg.is_cuda:
         raise ConfigError("target", f"the CUDA template needs a cuda target, got {cfg.target!r}")
-    params = resolve_params(cfg, default_params(cfg), PARAM_BOUNDS)
-    geometry = _check(cfg, params)
-    if params["mma"]:
-        _check_mma(cfg, params)
-    _auto_batches(cfg, params)
-    if params["min_blocks"] == 0:
-        params["min_blocks"] = _auto_min_blocks(cfg, params)
-    bwd_tile = bwd_tile_geometry(cfg, params) if params["bwd_tile"] else None
-    if bwd_tile:
-        geometry["bwd_tile"] = bwd_tile
+    params, geometry = launch_params(cfg)
     text = render(
         "cuda/dcn.cu.j2",
         cfg,
@@ -258,7 +274,8 @@ def generate(cfg: DCNConfig, *, emulate: bool = False) -> KernelSource:
         dl_dtype=DL_DTYPE[cfg.dtype],
         itemsize=ITEMSIZE[cfg.dtype],
         params=params,
-        bwd_tile=bwd_tile,
+        mma=geometry.get("mma"),
+        bwd_tile=geometry.get("bwd_tile"),
         emulate=emulate,
     )
     return KernelSource(

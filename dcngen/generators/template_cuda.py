@@ -26,6 +26,15 @@ Parameters (cfg.params; defaults from `default_params`):
                        multiplies them by the block-diagonal coefficient matrix with m16n8k16 mma,
                        fp32 accumulators; coefficients (mask x bilinear weight) rounded to the dtype
   mma_warps            warps per block of the tensor-core forward
+  bwd_mma              1: tiled backward on tensor cores (fp16/bf16, group_channels % 16 == 0,
+                       sm_80+): a block stages a bwd_mma_h x bwd_mma_w output tile's input region
+                       and grad_out in shared memory, sums the tile's coefficients (mask x bilinear
+                       weight, rounded to the dtype) per (region position, pixel) into a matrix M,
+                       and gets the input gradient as M x grad_out and the offset/mask gradients
+                       from region x grad_out^T with m16n8k16 mma (fp32 accumulators); samples
+                       beyond the region (`bwd_halo`) and tiles with non-finite grad_out take the
+                       per-point path
+  bwd_mma_h / bwd_mma_w / bwd_mma_warps  its tile and warps per block
 """
 
 from __future__ import annotations
@@ -64,6 +73,10 @@ PARAM_BOUNDS = {
     "bwd_halo": (0, 32),
     "mma": (0, 1),
     "mma_warps": (1, 32),
+    "bwd_mma": (0, 1),
+    "bwd_mma_h": (1, 64),
+    "bwd_mma_w": (1, 64),
+    "bwd_mma_warps": (1, 32),
 }
 MAX_THREADS = 1024
 MAX_SMEM = 227 * 1024  # dynamic shared memory per block on sm_90 (sm_80: 163 KB; checked at launch)
@@ -126,6 +139,10 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
         "bwd_halo": max(1, math.ceil(2 * abs(cfg.offset_scale))),
         "mma": 0,
         "mma_warps": 4,
+        "bwd_mma": 0,
+        "bwd_mma_h": 8,
+        "bwd_mma_w": 8,
+        "bwd_mma_warps": 4,
     }
 
 
@@ -133,15 +150,19 @@ MMA_PIXELS = 8  # output pixels per warp: the N of m16n8k16
 MAX_STATIC_SMEM = 48 * 1024
 
 
+def _check_tensor_cores(cfg: DCNConfig, what: str) -> None:
+    if cfg.dtype not in ("float16", "bfloat16"):
+        raise ConfigError("params", f"{what} multiplies 16-bit inputs on tensor cores; {cfg.dtype} has no such mma (use float16/bfloat16)")
+    if int(cfg.arch[3:]) < 80:
+        raise ConfigError("params", f"{what} needs cp.async and the m16n8k16 mma of sm_80 or newer; the target is {cfg.arch}")
+
+
 def mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     """The tensor-core forward's shared-memory layout, in 16-bit elements per warp (the template
     declares exactly this); rejects configs its instructions or layout cannot run."""
-    if cfg.dtype not in ("float16", "bfloat16"):
-        raise ConfigError("params", f"mma=1 multiplies 16-bit inputs on tensor cores; {cfg.dtype} has no such mma (use float16/bfloat16)")
+    _check_tensor_cores(cfg, "mma=1")
     if cfg.group_channels % 8:
         raise ConfigError("params", f"mma=1 copies corner rows in 16-byte pieces: group_channels={cfg.group_channels} must be a multiple of 8")
-    if int(cfg.arch[3:]) < 80:
-        raise ConfigError("params", f"mma=1 needs cp.async and the m16n8k16 mma of sm_80 or newer; the target is {cfg.arch}")
     chunks = cfg.group_channels // 8  # 16-byte pieces per corner row
     row = (chunks | 1) * 8  # a staged row spans an odd number of 16-byte pieces: conflict-free ldmatrix
     rows = 4 * MMA_PIXELS  # corner rows per point
@@ -201,6 +222,39 @@ def bwd_tile_geometry(cfg: DCNConfig, params: dict[str, int] | None = None) -> d
             "halo": params["bwd_halo"], **region}
 
 
+def bwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
+    """The tensor-core backward's tile, region and shared-memory layout (the template declares
+    exactly this); rejects configs it cannot run."""
+    _check_tensor_cores(cfg, "bwd_mma=1")
+    c = cfg.group_channels
+    if c % 16:
+        raise ConfigError("params", f"bwd_mma=1 multiplies 16-channel steps: group_channels={c} must be a multiple of 16")
+    if params["deterministic"] or params["bwd_tile"]:
+        raise ConfigError("params", "bwd_mma=1 is its own backward: drop deterministic / bwd_tile")
+    tile_h, tile_w = params["bwd_mma_h"], params["bwd_mma_w"]
+    pixels = tile_h * tile_w
+    if pixels % 16:
+        raise ConfigError("params", f"bwd_mma_h x bwd_mma_w = {pixels} pixels; the mma's k-steps need a multiple of 16")
+    threads = 32 * params["bwd_mma_warps"]
+    if threads < lanes(cfg, params["bwd_vec"]):
+        raise ConfigError("params", f"bwd_mma_warps={params['bwd_mma_warps']}: fewer threads than the {lanes(cfg, params['bwd_vec'])} lanes of one pixel")
+    region = tile_region(cfg, tile_h, tile_w, params["bwd_halo"])
+    rows = -(-region["reg_h"] * region["reg_w"] // 16) * 16  # region positions, padded to whole m16 tiles
+    chunk = 32 if pixels % 32 == 0 else 16  # pixels per pass of the region x grad_out^T product
+    x_stride = c + 8  # 16-bit elements per staged row: 16 bytes of padding spread the rows over the banks
+    m_stride = pixels + 8
+    d_stride = chunk + 4  # floats
+    x_bytes, go_bytes = rows * x_stride * 2, pixels * x_stride * 2
+    union_bytes = max(rows * m_stride * 2, rows * d_stride * 4)  # M, then the dot products
+    info_bytes = pixels * cfg.num_points * 16
+    smem = x_bytes + go_bytes + union_bytes + info_bytes
+    if smem > MAX_SMEM:
+        raise ConfigError("params", f"bwd_mma {tile_h}x{tile_w} with bwd_halo {params['bwd_halo']} needs {smem // 1024} KB of shared memory; at most {MAX_SMEM // 1024} KB")
+    return {"tile_h": tile_h, "tile_w": tile_w, "pixels": pixels, "threads": threads, "rows": rows, "chunk": chunk, "x_stride": x_stride,
+            "m_stride": m_stride, "d_stride": d_stride, "x_offset": 0, "go_offset": x_bytes, "m_offset": x_bytes + go_bytes,
+            "info_offset": x_bytes + go_bytes + union_bytes, "smem_bytes": smem, "halo": params["bwd_halo"], **region}
+
+
 def _auto_batches(cfg: DCNConfig, params: dict[str, int]) -> None:
     """unroll / bwd_unroll 0 -> ~48 registers of raw corners (forward), 2 points (backward) at
     16-byte vectors; one point per batch for wider vectors."""
@@ -258,6 +312,8 @@ def launch_params(cfg: DCNConfig) -> tuple[dict[str, int], dict]:
         params["min_blocks"] = _auto_min_blocks(cfg, params)
     if params["bwd_tile"]:
         geometry["bwd_tile"] = bwd_tile_geometry(cfg, params)
+    if params["bwd_mma"]:
+        geometry["bwd_mma"] = bwd_mma_geometry(cfg, params)
     return params, geometry
 
 
@@ -276,6 +332,7 @@ def generate(cfg: DCNConfig, *, emulate: bool = False) -> KernelSource:
         params=params,
         mma=geometry.get("mma"),
         bwd_tile=geometry.get("bwd_tile"),
+        bwd_mma=geometry.get("bwd_mma"),
         emulate=emulate,
     )
     return KernelSource(

@@ -52,6 +52,9 @@ VARIANTS = {
     "mma-bf16-v3-7x7-c24": config("dcnv3", "bfloat16", 7, 24, params={"mma": 1, "mma_warps": 8}),
     "mma-fp16-c64-5x5": config("dcnv4", "float16", 5, 64, params={"mma": 1}),
     "mma-bf16-c8-rc": DCNConfig(group=8, group_channels=8, stride=2, padding=2, dilation=2, remove_center=True, dtype="bfloat16", target="cuda:sm_90", params={"mma": 1}),
+    "bwd-mma-fp16": config("dcnv4", "float16", 3, 32, params={"bwd_mma": 1}),
+    "bwd-mma-bf16-v3-7x7-c16-4x8": config("dcnv3", "bfloat16", 7, 16, params={"bwd_mma": 1, "bwd_mma_h": 4, "bwd_mma_w": 8, "bwd_mma_warps": 8}),
+    "bwd-mma-fp16-c64-5x5-fp32-accumulator": config("dcnv4", "float16", 5, 64, params={"bwd_mma": 1, "atomic_dtype": 0, "mma": 1}),
     "bwd-tile-fp16-c8-rc": DCNConfig(group=8, group_channels=8, stride=2, padding=2, dilation=2, remove_center=True, dtype="float16", target="cuda:sm_90", params={"bwd_tile": 1}),
 }
 ALL = {**SWEEP, **VARIANTS}
@@ -76,7 +79,9 @@ def reports() -> dict[str, list[dict] | Exception]:
 def expected_kernels(cfg: DCNConfig) -> set[str]:
     """The kernels every artifact of `cfg` must hold."""
     forward = "dcn_forward_mma_kernel" if cfg.param_dict.get("mma") else "dcn_forward_kernel"
-    return {forward, "dcn_backward_tiled_kernel" if cfg.param_dict.get("bwd_tile") else "dcn_backward_kernel"}
+    params = cfg.param_dict
+    backward = "dcn_backward_tiled_kernel" if params.get("bwd_tile") else "dcn_backward_mma_kernel" if params.get("bwd_mma") else "dcn_backward_kernel"
+    return {forward, backward}
 
 
 def check_report(report, cfg: DCNConfig) -> None:
@@ -185,6 +190,24 @@ def test_invalid_bwd_tile_rejected(params, match):
     ],
 )
 def test_invalid_mma_rejected(cfg, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        generate(cfg)
+    assert e.value.field == "params"
+
+
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        ({"dtype": "float32"}, "float16/bfloat16"),
+        ({"group_channels": 24}, "multiple of 16"),
+        ({"target": "cuda:sm_75"}, "sm_80"),
+        ({"params": {"bwd_mma": 1, "deterministic": 1}}, "drop deterministic"),
+        ({"params": {"bwd_mma": 1, "bwd_mma_h": 5, "bwd_mma_w": 5}}, "multiple of 16"),
+        ({"params": {"bwd_mma": 1, "bwd_mma_h": 32, "bwd_mma_w": 32}}, "KB of shared memory"),
+    ],
+)
+def test_invalid_bwd_mma_rejected(params, match):
+    cfg = config("dcnv4", "float16", 3, 32, params={"bwd_mma": 1}).replace(**params)
     with pytest.raises(ConfigError, match=match) as e:
         generate(cfg)
     assert e.value.field == "params"

@@ -3,7 +3,7 @@ on the CPU against the float64 reference, outputs NaN-poisoned: thread mapping, 
 point batches, shared-memory staging, the warp-shuffle reductions, every input-gradient
 accumulation mode (fp32 workspace, native fp16/bf16 atomics, int64 fixed point) with the sm_90
 vector reductions and the sm_80 atomics (the target's code paths run), DCNv4's padding gradient,
-the tiled backward, the tensor-core forward and the launch sizes, without a GPU."""
+the tiled backward, the tensor-core forward and backward and the launch sizes, without a GPU."""
 
 from __future__ import annotations
 
@@ -45,6 +45,12 @@ CASES = {
     "tiled-v3-stride-dilation-rc": cuda(op="dcnv3", group=3, group_channels=8, stride=2, dilation=2, padding=2, remove_center=True, offset_scale=0.5,
                                         dtype="bfloat16", params={"bwd_tile": 1}),
     "tiled-tail-no-halo": cuda(group=2, group_channels=20, dtype="float16", params={"bwd_tile": 1, "bwd_halo": 0, "bwd_vec": 8}),
+    # the tensor-core backward (bwd_mma=1): coefficient matrix, two mma products, per-point fallbacks
+    "bwd-mma-fp16": cuda(group=4, group_channels=32, dtype="float16", params={"bwd_mma": 1}),
+    "bwd-mma-v3-bf16-stride-dilation-rc-no-halo": cuda(op="dcnv3", group=2, group_channels=32, dtype="bfloat16", stride=2, dilation=2, padding=2,
+                                                       remove_center=True, offset_scale=0.5, params={"bwd_mma": 1, "bwd_halo": 0}),
+    "bwd-mma-fp16-sm80-fp32-accumulator-c64-5x5": DCNConfig(target="cuda:sm_80", group=2, group_channels=64, dtype="float16", kernel_size=5, padding=2,
+                                                            params={"bwd_mma": 1, "atomic_dtype": 0, "bwd_mma_h": 4, "bwd_mma_w": 8, "bwd_mma_warps": 2}),
     # the tensor-core forward (mma=1): cp.async staging, ldmatrix, m16n8k16 mma, lane-shared points
     "mma-fp16": cuda(group=4, group_channels=32, dtype="float16", params={"mma": 1}),
     "mma-bf16-c24-5x5": cuda(group=3, group_channels=24, dtype="bfloat16", kernel_size=5, padding=2, params={"mma": 1}),
@@ -73,21 +79,22 @@ def test_emulated_kernel_matches_reference(kernels, name):
     cfg, kernel = CASES[name], kernels[name]
     if isinstance(kernel, Exception):
         raise kernel
-    shapes = ((2, 9, 11), (1, 5, 4)) + (((1, 21, 19),) if {"bwd_tile", "mma"} & set(cfg.param_dict) else ())  # several tiles
+    shapes = ((2, 9, 11), (1, 5, 4)) + (((1, 21, 19),) if {"bwd_tile", "bwd_mma", "mma"} & set(cfg.param_dict) else ())  # several tiles
     for seed, (n, h, w) in enumerate(shapes):
         errors = verify_kernel(cfg, kernel, n, h, w, seed=seed)
         assert all(e < TOLERANCE[cfg.dtype] for e in errors.values()), f"{name} {(n, h, w)}: {errors}"
 
 
-def test_tiled_backward_matches_the_per_point_one_on_hostile_values(kernels):
-    """Tiles whose bound is not finite (inf grad_out, NaN weight) take the global fallback, and
+@pytest.mark.parametrize("name", ["tiled-fp16", "bwd-mma-fp16"])
+def test_tiled_backward_matches_the_per_point_one_on_hostile_values(kernels, name):
+    """Tiles whose bound is not finite (inf grad_out, NaN weight) take the per-point fallback, and
     NaN / inf / huge offsets sample nothing: NaNs land where the per-point backward puts them and
     every finite value agrees."""
     import torch
 
     from dcngen.verify import TORCH_DTYPE, random_problem
 
-    tiled = CASES["tiled-fp16"]
+    tiled = CASES[name]
     per_point = tiled.replace(params=())
     kernel = emulated_kernel(per_point)
     x, om = random_problem(tiled, 1, 21, 19, seed=5).op_inputs(TORCH_DTYPE[tiled.dtype])
@@ -98,7 +105,7 @@ def test_tiled_backward_matches_the_per_point_one_on_hostile_values(kernels):
     go = torch.randn(1, 21, 19, tiled.channels).to(x.dtype)
     go[0, 18, 17, 5] = float("inf")
     results = []
-    for k in (kernels["tiled-fp16"], kernel):
+    for k in (kernels[name], kernel):
         gx, gom = torch.full_like(x, float("nan")), torch.full_like(om, float("nan"))
         k.backward(x, om, om, go, gx, gom, gom)
         results.append((gx.double(), gom.double()))

@@ -63,7 +63,7 @@ CHECK_SHAPE = (2, 13, 17)  # 221 pixels: a partial last block for every pixels-p
 
 FWD_KEYS = ("vec", "pixels", "unroll", "stage", "min_blocks", "mma", "mma_warps")
 BWD_KEYS = ("bwd_vec", "bwd_pixels", "bwd_unroll", "bwd_stage", "bwd_min_blocks", "atomic_dtype", "bwd_tile", "bwd_tile_h", "bwd_tile_w",
-            "bwd_tile_threads", "bwd_halo")
+            "bwd_tile_threads", "bwd_halo", "bwd_mma", "bwd_mma_h", "bwd_mma_w", "bwd_mma_warps")
 
 
 def scaled(dtype: str, pixels: int) -> int:
@@ -102,6 +102,9 @@ def bwd_candidates(dtype: str) -> list[dict]:
     if dtype == "float16":  # the tiled backward: tile shapes, block sizes, halos
         for h, w, threads, halo in ((8, 16, 256, 4), (8, 8, 128, 4), (16, 16, 512, 4), (8, 16, 256, 2), (4, 32, 256, 4), (8, 32, 512, 4)):
             c.append(dict(bwd_tile=1, bwd_tile_h=h, bwd_tile_w=w, bwd_tile_threads=threads, bwd_halo=halo))
+        # the tensor-core backward: tile shapes, warps per block, halos
+        for h, w, warps, halo in ((8, 8, 4, 4), (8, 8, 8, 4), (8, 16, 4, 4), (4, 8, 2, 4), (8, 8, 4, 2), (16, 8, 8, 4)):
+            c.append(dict(bwd_mma=1, bwd_mma_h=h, bwd_mma_w=w, bwd_mma_warps=warps, bwd_halo=halo))
     return c
 
 

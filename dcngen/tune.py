@@ -61,6 +61,7 @@ def space_for(cfg: DCNConfig) -> Space:
         if cfg.dtype in ("float16", "bfloat16"):
             values["bwd_tile"] = (0, 1)  # its fixed-point sums are finer than 16-bit storage, not than fp32
             values["mma"] = (0, 1)  # the tensor-core forward (configs it cannot run are skipped)
+            values["bwd_mma"] = (0, 1)  # the tensor-core backward (with bwd_tile=1: skipped)
         return Space(values)
     if not cfg.is_cuda:
         return Space({"pixels_per_task": _pow2_upto(1, 256), "unroll_points": (0, 1), "vector": (0, 1)})

@@ -242,7 +242,9 @@ def bwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     rows = -(-region["reg_h"] * region["reg_w"] // 16) * 16  # region positions, padded to whole m16 tiles
     chunk = 32 if pixels % 32 == 0 else 16  # pixels per pass of the region x grad_out^T product
     x_stride = c + 8  # 16-bit elements per staged row: 16 bytes of padding spread the rows over the banks
-    m_stride = pixels + 8
+    # M's rows, then the tile's grad_x rows: C values of the input-gradient accumulator (the dtype
+    # with atomic_dtype=1, else fp32)
+    m_stride = max(pixels, c if params["atomic_dtype"] else 2 * c) + 8
     d_stride = chunk + 4  # floats
     x_bytes, go_bytes = rows * x_stride * 2, pixels * x_stride * 2
     union_bytes = max(rows * m_stride * 2, rows * d_stride * 4)  # M, then the dot products
@@ -250,7 +252,11 @@ def bwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     smem = x_bytes + go_bytes + union_bytes + info_bytes
     if smem > MAX_SMEM:
         raise ConfigError("params", f"bwd_mma {tile_h}x{tile_w} with bwd_halo {params['bwd_halo']} needs {smem // 1024} KB of shared memory; at most {MAX_SMEM // 1024} KB")
-    return {"tile_h": tile_h, "tile_w": tile_w, "pixels": pixels, "threads": threads, "rows": rows, "chunk": chunk, "x_stride": x_stride,
+    # blocks per SM that shared memory allows, as the register allocation's target (without one,
+    # ptxas picked 80 registers and spilled); never a cap below 128 registers
+    min_blocks = max(1, min((228 * 1024) // (smem + 1024), (65536 // 128) // threads))
+    return {"tile_h": tile_h, "tile_w": tile_w, "pixels": pixels, "threads": threads, "min_blocks": min_blocks, "rows": rows, "chunk": chunk,
+            "x_stride": x_stride,
             "m_stride": m_stride, "d_stride": d_stride, "x_offset": 0, "go_offset": x_bytes, "m_offset": x_bytes + go_bytes,
             "info_offset": x_bytes + go_bytes + union_bytes, "smem_bytes": smem, "halo": params["bwd_halo"], **region}
 

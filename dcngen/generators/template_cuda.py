@@ -245,7 +245,7 @@ def bwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     # M's rows, then the tile's grad_x rows: C values of the input-gradient accumulator (the dtype
     # with atomic_dtype=1, else fp32)
     m_stride = max(pixels, c if params["atomic_dtype"] else 2 * c) + 8
-    d_stride = chunk + 4  # floats
+    d_stride = chunk + 8  # floats: a half-warp's float2 stores of a D fragment hit distinct banks
     x_bytes, go_bytes = rows * x_stride * 2, pixels * x_stride * 2
     union_bytes = max(rows * m_stride * 2, rows * d_stride * 4)  # M, then the dot products
     info_bytes = pixels * cfg.num_points * 16

@@ -176,6 +176,8 @@ BENCH = [
     ("N64 28x28 G8 C32", dict(group=8, group_channels=32, offset_scale=2.0), (64, 28, 28)),
 ]
 BENCH_DTYPES = ("float16", "float32")
+# parameter sets timed on every benchmark shape: the defaults, and the tensor-core kernels where they apply
+BENCH_PARAMS = ({}, {"mma": 1, "bwd_mma": 1})
 
 
 def build_all(cfgs: list[DCNConfig]) -> dict:
@@ -356,25 +358,27 @@ def benchmark(mods: dict) -> None:
     log("| shape | dtype | fwd us | fwd % floor | bwd us | bwd % floor | bwd/fwd | ref fwd us | ref bwd us | speedup fwd / bwd | official fwd / bwd us | check |")
     log("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, kw, (n, h, w) in BENCH:
-        for dt in BENCH_DTYPES:
+        for params, dt in ((p, d) for p in BENCH_PARAMS for d in BENCH_DTYPES if applies({**kw, "params": p}, d)):
+            label = " ".join([dt] + [f"{k}={v}" for k, v in params.items()])
             if time.time() - START > 200:
-                log(f"| {name} | {dt} | skipped (time budget) |||||||||||")
+                log(f"| {name} | {label} | skipped (time budget) |||||||||||")
                 continue
-            cfg = cuda_cfg(dtype=dt, **kw)
+            cfg = cuda_cfg(dtype=dt, **kw, params=params)
             mod = mods[cfg]
             if isinstance(mod, Exception):
-                log(f"| {name} | {dt} | build failed ||||||||||| ")
+                log(f"| {name} | {label} | build failed ||||||||||| ")
                 continue
             try:
-                bench_one(name, dt, cfg, mod, n, h, w, peak, official)
+                bench_one(name, label, cfg, mod, n, h, w, peak, official)
             except Exception as e:  # noqa: BLE001
-                failed(f"bench {name} {dt}", e, f"| {name} | {dt} | error: {str(e).splitlines()[0][:80]} |||||||||||")
+                failed(f"bench {name} {label}", e, f"| {name} | {label} | error: {str(e).splitlines()[0][:80]} |||||||||||")
     log("")
 
 
-def bench_one(name, dt, cfg, mod, n, h, w, peak, official) -> None:
+def bench_one(name, label, cfg, mod, n, h, w, peak, official) -> None:
+    """One row of the benchmark table; `label`: the dtype and any non-default parameters."""
     torch.cuda.empty_cache()
-    dtype = DT[dt]
+    dtype = DT[cfg.dtype]
     x, (om,) = make_inputs(cfg, n, h, w, dtype)
     ho, wo = cfg.output_size(h, w)
     out = torch.empty(n, ho, wo, cfg.channels, device="cuda", dtype=dtype)
@@ -392,7 +396,7 @@ def bench_one(name, dt, cfg, mod, n, h, w, peak, official) -> None:
     check = rel_err(out, r)
     ok = check <= max(TOL[dtype], 1e-4) * 2
     if not ok:
-        FAILURES.append(f"bench {name} {dt}: output error {check:.2e}")
+        FAILURES.append(f"bench {name} {label}: output error {check:.2e}")
     del r
     # PyTorch reference timings
     try:
@@ -418,7 +422,7 @@ def bench_one(name, dt, cfg, mod, n, h, w, peak, official) -> None:
         except Exception as e:  # noqa: BLE001
             off = f"error: {type(e).__name__}"
     log(
-        f"| {name} | {dt} | {t_fwd * 1e3:.1f} | {pct(fwd_bytes, t_fwd)} | {t_bwd * 1e3:.1f} | {pct(bwd_bytes, t_bwd)} | {t_bwd / t_fwd:.2f} | "
+        f"| {name} | {label} | {t_fwd * 1e3:.1f} | {pct(fwd_bytes, t_fwd)} | {t_bwd * 1e3:.1f} | {pct(bwd_bytes, t_bwd)} | {t_bwd / t_fwd:.2f} | "
         f"{t_ref_fwd * 1e3:.0f} | {t_ref_bwd * 1e3:.0f} | {t_ref_fwd / t_fwd:.1f}x / {t_ref_bwd / t_bwd:.1f}x | {off} | {'ok' if ok else 'FAIL'} {check:.1e} |"
     )
 
@@ -435,8 +439,10 @@ def main() -> int:
             if applies(kw, dt):
                 cfgs.append(cuda_cfg(dtype=dt, **kw))
     for _, kw, _ in BENCH:
-        for dt in BENCH_DTYPES:
-            cfgs.append(cuda_cfg(dtype=dt, **kw))
+        for params in BENCH_PARAMS:
+            for dt in BENCH_DTYPES:
+                if applies({**kw, "params": params}, dt):
+                    cfgs.append(cuda_cfg(dtype=dt, **kw, params=params))
     for _, kw, _ in BENCH[:2]:
         for params in SWEEP["fwd"] + SWEEP["bwd"]:
             for dt in BENCH_DTYPES:

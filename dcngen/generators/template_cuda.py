@@ -32,8 +32,8 @@ Parameters (cfg.params; defaults from `default_params`):
                        weight, rounded to the dtype) per (region position, pixel) into a matrix M,
                        and gets the input gradient as M x grad_out and the offset/mask gradients
                        from region x grad_out^T with m16n8k16 mma (fp32 accumulators); samples
-                       beyond the region (`bwd_halo`) and tiles with non-finite grad_out take the
-                       per-point path
+                       beyond the region (`bwd_halo`), and tiles with non-finite grad_out or with
+                       weights that could overflow the dtype, take the per-point path
   bwd_mma_h / bwd_mma_w / bwd_mma_warps  its tile and warps per block
 """
 
@@ -256,9 +256,9 @@ def bwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     # ptxas picked 80 registers and spilled); never a cap below 128 registers
     min_blocks = max(1, min((228 * 1024) // (smem + 1024), (65536 // 128) // threads))
     return {"tile_h": tile_h, "tile_w": tile_w, "pixels": pixels, "threads": threads, "min_blocks": min_blocks, "rows": rows, "chunk": chunk,
-            "x_stride": x_stride,
-            "m_stride": m_stride, "d_stride": d_stride, "x_offset": 0, "go_offset": x_bytes, "m_offset": x_bytes + go_bytes,
-            "info_offset": x_bytes + go_bytes + union_bytes, "smem_bytes": smem, "halo": params["bwd_halo"], **region}
+            "x_stride": x_stride, "m_stride": m_stride, "d_stride": d_stride, "x_offset": 0, "go_offset": x_bytes,
+            "m_offset": x_bytes + go_bytes, "info_offset": x_bytes + go_bytes + union_bytes, "smem_bytes": smem, "halo": params["bwd_halo"],
+            **region}
 
 
 def _auto_batches(cfg: DCNConfig, params: dict[str, int]) -> None:

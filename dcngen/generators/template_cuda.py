@@ -175,6 +175,13 @@ def mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
             "buffer": buffer, "stage": stage, "smem_bytes": smem}
 
 
+def _register_target(threads: int, smem: int) -> int:
+    """Resident blocks per SM for __launch_bounds__: as many as `smem` bytes of shared memory per
+    block allow (228 KB per SM, 1 KB reserved per block), never so many that fewer than 128
+    registers per thread remain."""
+    return max(1, min((228 * 1024) // (smem + 1024), (65536 // 128) // threads))
+
+
 def tile_region(cfg: DCNConfig, tile_h: int, tile_w: int, halo: int) -> dict[str, int]:
     """Input region of a tile_h x tile_w output tile: origin (reg_y0, reg_x0) relative to
     (ho0 * stride - pad, wo0 * stride - pad) and size (reg_h, reg_w), holding all four corners of
@@ -216,7 +223,7 @@ def bwd_tile_geometry(cfg: DCNConfig, params: dict[str, int] | None = None) -> d
     # register cap: 512 resident threads per SM where shared memory allows (the per-point backward's
     # occupancy) for kernels of at most 9 points in whole vectors; others run uncapped
     small = cfg.group_channels % params["bwd_vec"] == 0 and cfg.num_points <= 9
-    min_blocks = max(1, min(512 // threads, (228 * 1024) // (smem + 1024))) if small else 1
+    min_blocks = _register_target(threads, smem) if small else 1
     return {"tile_h": tile_h, "tile_w": tile_w, "threads": threads, "min_blocks": min_blocks, "stride": stride, "elems": elems, "smem_bytes": smem,
             "fixed_bits": fixed_bits,
             "halo": params["bwd_halo"], **region}
@@ -252,9 +259,7 @@ def bwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     smem = x_bytes + go_bytes + union_bytes + info_bytes
     if smem > MAX_SMEM:
         raise ConfigError("params", f"bwd_mma {tile_h}x{tile_w} with bwd_halo {params['bwd_halo']} needs {smem // 1024} KB of shared memory; at most {MAX_SMEM // 1024} KB")
-    # blocks per SM that shared memory allows, as the register allocation's target (without one,
-    # ptxas picked 80 registers and spilled); never a cap below 128 registers
-    min_blocks = max(1, min((228 * 1024) // (smem + 1024), (65536 // 128) // threads))
+    min_blocks = _register_target(threads, smem)  # without one, ptxas picked 80 registers and spilled
     return {"tile_h": tile_h, "tile_w": tile_w, "pixels": pixels, "threads": threads, "min_blocks": min_blocks, "rows": rows, "chunk": chunk,
             "x_stride": x_stride, "m_stride": m_stride, "d_stride": d_stride, "x_offset": 0, "go_offset": x_bytes,
             "m_offset": x_bytes + go_bytes, "info_offset": x_bytes + go_bytes + union_bytes, "smem_bytes": smem, "halo": params["bwd_halo"],

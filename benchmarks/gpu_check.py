@@ -152,18 +152,21 @@ CHECKS = [
     ("v3 mma 5x5 C24", dict(op="dcnv3", group=3, group_channels=24, kernel_size=5, padding=2, params={"mma": 1, "mma_warps": 8}), (1, 11, 10)),
     ("v4 mma stride2 dil2 rc C8", dict(group=2, group_channels=8, stride=2, padding=2, dilation=2, remove_center=True, params={"mma": 1, "mma_warps": 1}), (2, 15, 12)),
     ("v4 mma 7x7 C64", dict(group=2, group_channels=64, kernel_size=7, padding=3, params={"mma": 1}), (1, 12, 13)),
-    # tensor-core backward (fp16/bf16 only): partial tiles, the per-point fallback (halo 0), fp32 accumulator
-    ("v4 bwd-mma bench-like", dict(group=4, group_channels=32, offset_scale=2.0, params={"bwd_mma": 1}), (2, 13, 17)),
-    ("v3 bwd-mma stride2 dil2 rc halo0", dict(op="dcnv3", group=2, group_channels=32, stride=2, padding=2, dilation=2, remove_center=True,
-                                              params={"bwd_mma": 1, "bwd_halo": 0}), (2, 15, 12)),
-    ("v4 bwd-mma 5x5 C64 4x8 fp32-acc", dict(group=2, group_channels=64, kernel_size=5, padding=2,
-                                             params={"bwd_mma": 1, "bwd_mma_h": 4, "bwd_mma_w": 8, "atomic_dtype": 0}), (1, 12, 13)),
+    # tiled tensor-core forward and backward (fp16/bf16 only): partial tiles, the per-point paths
+    # (halo 0), fp32 accumulator, one warp per 32-pixel forward tile
+    ("v4 mma-tiled bench-like", dict(group=4, group_channels=32, offset_scale=2.0, params={"fwd_mma": 1, "bwd_mma": 1}), (2, 13, 17)),
+    ("v3 mma-tiled stride2 dil2 rc halo0", dict(op="dcnv3", group=2, group_channels=32, stride=2, padding=2, dilation=2, remove_center=True,
+                                                params={"fwd_mma": 1, "fwd_halo": 0, "bwd_mma": 1, "bwd_halo": 0}), (2, 15, 12)),
+    ("v4 mma-tiled 5x5 C64 4x8 fp32-acc", dict(group=2, group_channels=64, kernel_size=5, padding=2,
+                                               params={"fwd_mma": 1, "fwd_mma_h": 4, "fwd_mma_w": 8, "fwd_mma_warps": 1,
+                                                       "bwd_mma": 1, "bwd_mma_h": 4, "bwd_mma_w": 8, "atomic_dtype": 0}), (1, 12, 13)),
 ]
 CHECK_DTYPES = ("float32", "float16", "bfloat16")
 
 # parameter candidates timed against the defaults on the first two benchmark shapes, per pass
 SWEEP = {
-    "fwd": [{"mma": 1}, {"mma": 1, "mma_warps": 8}, {"mma": 1, "mma_warps": 2}, {"stage": 1}, {"unroll": 2}, {"pixels": 16}, {"vec": 16, "unroll": 1}],
+    "fwd": [{"fwd_mma": 1}, {"fwd_mma": 1, "fwd_mma_warps": 4}, {"fwd_mma": 1, "fwd_halo": 2}, {"mma": 1}, {"mma": 1, "mma_warps": 8},
+            {"stage": 1}, {"unroll": 2}, {"pixels": 16}],
     "bwd": [{"bwd_mma": 1}, {"bwd_mma": 1, "bwd_mma_warps": 8}, {"bwd_mma": 1, "bwd_mma_w": 16}, {"bwd_mma": 1, "bwd_mma_h": 4, "bwd_mma_w": 8},
             {"bwd_tile": 1}, {"bwd_tile": 1, "bwd_tile_h": 16, "bwd_tile_w": 16, "bwd_tile_threads": 512}, {"bwd_stage": 0, "bwd_unroll": 3, "bwd_min_blocks": 2}],
 }
@@ -177,7 +180,7 @@ BENCH = [
 ]
 BENCH_DTYPES = ("float16", "float32")
 # parameter sets timed on every benchmark shape: the defaults, and the tensor-core kernels where they apply
-BENCH_PARAMS = ({}, {"mma": 1, "bwd_mma": 1})
+BENCH_PARAMS = ({}, {"fwd_mma": 1, "bwd_mma": 1})
 
 
 def build_all(cfgs: list[DCNConfig]) -> dict:

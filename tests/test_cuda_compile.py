@@ -52,8 +52,10 @@ VARIANTS = {
     "mma-bf16-v3-7x7-c24": config("dcnv3", "bfloat16", 7, 24, params={"mma": 1, "mma_warps": 8}),
     "mma-fp16-c64-5x5": config("dcnv4", "float16", 5, 64, params={"mma": 1}),
     "mma-bf16-c8-rc": DCNConfig(group=8, group_channels=8, stride=2, padding=2, dilation=2, remove_center=True, dtype="bfloat16", target="cuda:sm_90", params={"mma": 1}),
-    "bwd-mma-fp16": config("dcnv4", "float16", 3, 32, params={"bwd_mma": 1}),
-    "bwd-mma-bf16-v3-7x7-c16-4x8": config("dcnv3", "bfloat16", 7, 16, params={"bwd_mma": 1, "bwd_mma_h": 4, "bwd_mma_w": 8, "bwd_mma_warps": 8}),
+    "mma-tiled-fp16": config("dcnv4", "float16", 3, 32, params={"fwd_mma": 1, "bwd_mma": 1}),
+    "mma-tiled-bf16-v3-7x7-c16-4x8": config("dcnv3", "bfloat16", 7, 16, params={"fwd_mma": 1, "fwd_mma_h": 4, "fwd_mma_w": 8, "bwd_mma": 1,
+                                                                                 "bwd_mma_h": 4, "bwd_mma_w": 8, "bwd_mma_warps": 8}),
+    "fwd-mma-fp16-c64-5x5-16x8-4-warps": config("dcnv4", "float16", 5, 64, params={"fwd_mma": 1, "fwd_mma_h": 16, "fwd_mma_warps": 4}),
     "bwd-mma-fp16-c64-5x5-fp32-accumulator": config("dcnv4", "float16", 5, 64, params={"bwd_mma": 1, "atomic_dtype": 0, "mma": 1}),
     "bwd-tile-fp16-c8-rc": DCNConfig(group=8, group_channels=8, stride=2, padding=2, dilation=2, remove_center=True, dtype="float16", target="cuda:sm_90", params={"bwd_tile": 1}),
 }
@@ -78,8 +80,8 @@ def reports() -> dict[str, list[dict] | Exception]:
 
 def expected_kernels(cfg: DCNConfig) -> set[str]:
     """The kernels every artifact of `cfg` must hold."""
-    forward = "dcn_forward_mma_kernel" if cfg.param_dict.get("mma") else "dcn_forward_kernel"
     params = cfg.param_dict
+    forward = "dcn_forward_mma_kernel" if params.get("mma") else "dcn_forward_tiled_mma_kernel" if params.get("fwd_mma") else "dcn_forward_kernel"
     backward = "dcn_backward_tiled_kernel" if params.get("bwd_tile") else "dcn_backward_mma_kernel" if params.get("bwd_mma") else "dcn_backward_kernel"
     return {forward, backward}
 
@@ -208,6 +210,25 @@ def test_invalid_mma_rejected(cfg, match):
 )
 def test_invalid_bwd_mma_rejected(params, match):
     cfg = config("dcnv4", "float16", 3, 32, params={"bwd_mma": 1}).replace(**params)
+    with pytest.raises(ConfigError, match=match) as e:
+        generate(cfg)
+    assert e.value.field == "params"
+
+
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        ({"dtype": "float32"}, "float16/bfloat16"),
+        ({"group_channels": 24}, "multiple of 16"),
+        ({"target": "cuda:sm_75"}, "sm_80"),
+        ({"params": {"fwd_mma": 1, "mma": 1}}, "drop one of them"),
+        ({"params": {"fwd_mma": 1, "fwd_mma_h": 5, "fwd_mma_w": 5}}, "whole 16-pixel m-tiles"),
+        ({"params": {"fwd_mma": 1, "fwd_mma_warps": 3}}, "whole 16-pixel m-tiles"),
+        ({"params": {"fwd_mma": 1, "fwd_mma_h": 32, "fwd_mma_w": 32}}, "KB of shared memory"),
+    ],
+)
+def test_invalid_fwd_mma_rejected(params, match):
+    cfg = config("dcnv4", "float16", 3, 32, params={"fwd_mma": 1}).replace(**params)
     with pytest.raises(ConfigError, match=match) as e:
         generate(cfg)
     assert e.value.field == "params"

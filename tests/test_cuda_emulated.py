@@ -3,7 +3,7 @@ on the CPU against the float64 reference, outputs NaN-poisoned: thread mapping, 
 point batches, shared-memory staging, the warp-shuffle reductions, every input-gradient
 accumulation mode (fp32 workspace, native fp16/bf16 atomics, int64 fixed point) with the sm_90
 vector reductions and the sm_80 atomics (the target's code paths run), DCNv4's padding gradient,
-the tiled backward, the tensor-core forward and backward and the launch sizes, without a GPU."""
+the tiled backward, the tensor-core forwards and backward and the launch sizes, without a GPU."""
 
 from __future__ import annotations
 
@@ -45,12 +45,15 @@ CASES = {
     "tiled-v3-stride-dilation-rc": cuda(op="dcnv3", group=3, group_channels=8, stride=2, dilation=2, padding=2, remove_center=True, offset_scale=0.5,
                                         dtype="bfloat16", params={"bwd_tile": 1}),
     "tiled-tail-no-halo": cuda(group=2, group_channels=20, dtype="float16", params={"bwd_tile": 1, "bwd_halo": 0, "bwd_vec": 8}),
-    # the tensor-core backward (bwd_mma=1): coefficient matrix, two mma products, per-point fallbacks
-    "bwd-mma-fp16": cuda(group=4, group_channels=32, dtype="float16", params={"bwd_mma": 1}),
-    "bwd-mma-v3-bf16-stride-dilation-rc-no-halo": cuda(op="dcnv3", group=2, group_channels=32, dtype="bfloat16", stride=2, dilation=2, padding=2,
-                                                       remove_center=True, offset_scale=0.5, params={"bwd_mma": 1, "bwd_halo": 0}),
-    "bwd-mma-fp16-sm80-fp32-accumulator-c64-5x5": DCNConfig(target="cuda:sm_80", group=2, group_channels=64, dtype="float16", kernel_size=5, padding=2,
-                                                            params={"bwd_mma": 1, "atomic_dtype": 0, "bwd_mma_h": 4, "bwd_mma_w": 8, "bwd_mma_warps": 2}),
+    # the tiled tensor-core forward and backward (fwd_mma=1, bwd_mma=1): coefficient matrix, mma
+    # products over the region (the forward's over its warps' bands), per-point paths
+    "mma-tiled-fp16": cuda(group=4, group_channels=32, dtype="float16", params={"fwd_mma": 1, "bwd_mma": 1}),
+    "mma-tiled-v3-bf16-stride-dilation-rc-no-halo": cuda(op="dcnv3", group=2, group_channels=32, dtype="bfloat16", stride=2, dilation=2, padding=2,
+                                                         remove_center=True, offset_scale=0.5,
+                                                         params={"fwd_mma": 1, "fwd_halo": 0, "bwd_mma": 1, "bwd_halo": 0}),
+    "mma-tiled-fp16-sm80-fp32-accumulator-c64-5x5": DCNConfig(target="cuda:sm_80", group=2, group_channels=64, dtype="float16", kernel_size=5, padding=2,
+                                                              params={"fwd_mma": 1, "fwd_mma_h": 4, "fwd_mma_w": 8, "fwd_mma_warps": 1, "bwd_mma": 1,
+                                                                      "atomic_dtype": 0, "bwd_mma_h": 4, "bwd_mma_w": 8, "bwd_mma_warps": 2}),
     # the tensor-core forward (mma=1): cp.async staging, ldmatrix, m16n8k16 mma, lane-shared points
     "mma-fp16": cuda(group=4, group_channels=32, dtype="float16", params={"mma": 1}),
     "mma-bf16-c24-5x5": cuda(group=3, group_channels=24, dtype="bfloat16", kernel_size=5, padding=2, params={"mma": 1}),
@@ -79,13 +82,13 @@ def test_emulated_kernel_matches_reference(kernels, name):
     cfg, kernel = CASES[name], kernels[name]
     if isinstance(kernel, Exception):
         raise kernel
-    shapes = ((2, 9, 11), (1, 5, 4)) + (((1, 21, 19),) if {"bwd_tile", "bwd_mma", "mma"} & set(cfg.param_dict) else ())  # several tiles
+    shapes = ((2, 9, 11), (1, 5, 4)) + (((1, 21, 19),) if {"bwd_tile", "bwd_mma", "mma", "fwd_mma"} & set(cfg.param_dict) else ())  # several tiles
     for seed, (n, h, w) in enumerate(shapes):
         errors = verify_kernel(cfg, kernel, n, h, w, seed=seed)
         assert all(e < TOLERANCE[cfg.dtype] for e in errors.values()), f"{name} {(n, h, w)}: {errors}"
 
 
-@pytest.mark.parametrize("name", ["tiled-fp16", "bwd-mma-fp16"])
+@pytest.mark.parametrize("name", ["tiled-fp16", "mma-tiled-fp16"])
 def test_tiled_backward_matches_the_per_point_one_on_hostile_values(kernels, name):
     """Tiles whose bound is not finite (inf grad_out, NaN weight) take the per-point fallback, and
     NaN / inf / huge offsets sample nothing: NaNs land where the per-point backward puts them and
@@ -115,14 +118,15 @@ def test_tiled_backward_matches_the_per_point_one_on_hostile_values(kernels, nam
         assert torch.allclose(a[finite], b[finite], rtol=4e-3, atol=4e-3 * b[finite].abs().max().item())
 
 
-def test_mma_forward_matches_the_per_point_one_on_hostile_values(kernels):
-    """NaN / inf / huge offsets and NaN / huge weights: the tensor-core forward puts NaN where the
-    per-point forward does, never reads off the image, and agrees elsewhere."""
+@pytest.mark.parametrize("name", ["mma-fp16", "mma-tiled-fp16"])
+def test_mma_forward_matches_the_per_point_one_on_hostile_values(kernels, name):
+    """NaN / inf / huge offsets and NaN / huge weights: the tensor-core forwards put NaN where the
+    per-point forward does, never read off the image, and agree elsewhere."""
     import torch
 
     from dcngen.verify import TORCH_DTYPE, random_problem
 
-    mma = CASES["mma-fp16"]
+    mma = CASES[name]
     per_point = emulated_kernel(mma.replace(params=()))
     x, om = random_problem(mma, 1, 13, 17, seed=7).op_inputs(TORCH_DTYPE[mma.dtype])
     p = mma.num_points
@@ -132,7 +136,7 @@ def test_mma_forward_matches_the_per_point_one_on_hostile_values(kernels):
     om[0, 12, 2, 2 * p + 1] = float("nan")  # a weight
     om[0, 9, 16, 3 * p + 4] = 6e4
     outs = []
-    for k in (kernels["mma-fp16"], per_point):
+    for k in (kernels[name], per_point):
         out = torch.full((1, 13, 17, mma.channels), float("nan"), dtype=x.dtype)
         k.forward(x, om, om, out)
         outs.append(out.double())

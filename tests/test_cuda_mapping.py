@@ -82,18 +82,45 @@ TILES = [
 ]
 
 
-@pytest.mark.parametrize("case", range(len(TILES)))
-def test_tiled_backward_mapping(tmp_path, case):
-    """Every (pixel, group, lane) visited once; samples within the halo have all corners in the region."""
-    from dcngen.generators.template_cuda import bwd_tile_geometry, default_params, lanes
-
-    fields, params, shapes = TILES[case]
-    cfg = DCNConfig(**fields, target="cuda:sm_90", params={"bwd_tile": 1, **params})
-    n_lanes = lanes(cfg, default_params(cfg)["bwd_vec"])
+def check_tiles(tmp_path: Path, cfg: DCNConfig, tile: dict, lanes: int, shapes) -> None:
+    """Build the tile mapping check of `tile` (a geometry dict) and run it on each output shape
+    (N, Ho, Wo) of an input a little larger than the output needs."""
     src = tmp_path / "tile_check.cc"
-    src.write_text(render("cuda/tile_check.cc.j2", cfg, tile=bwd_tile_geometry(cfg), lanes=n_lanes))
+    src.write_text(render("cuda/tile_check.cc.j2", cfg, tile=tile, lanes=lanes))
     exe = tmp_path / "tile_check"
     subprocess.run([CXX, "-std=c++17", "-O2", str(src), "-o", str(exe)], check=True, capture_output=True)
     for n, ho, wo in shapes:
         out = run(exe, n, ho, wo, ho * cfg.stride[0] + 2, wo * cfg.stride[1] + 3)
         assert int(out.split()[-5]) > 0, out  # some samples were checked
+
+
+@pytest.mark.parametrize("case", range(len(TILES)))
+def test_tiled_backward_mapping(tmp_path, case):
+    """Every (pixel, group, lane) visited once; samples within the halo have all corners in their
+    pixel's band of the region."""
+    from dcngen.generators.template_cuda import bwd_tile_geometry, default_params, lanes
+
+    fields, params, shapes = TILES[case]
+    cfg = DCNConfig(**fields, target="cuda:sm_90", params={"bwd_tile": 1, **params})
+    check_tiles(tmp_path, cfg, bwd_tile_geometry(cfg), lanes(cfg, default_params(cfg)["bwd_vec"]), shapes)
+
+
+# Tiled tensor-core forward: (config fields, params, output shapes (N, Ho, Wo)).
+FORWARD_TILES = [
+    (dict(group=4, group_channels=32, dtype="float16"), {}, [(2, 56, 56), (1, 13, 29)]),
+    (dict(op="dcnv3", group=2, group_channels=16, dtype="bfloat16", kernel_size=(5, 3), stride=2, padding=(2, 1), dilation=(1, 2), offset_scale=-0.7),
+     {"fwd_mma_h": 4, "fwd_mma_w": 8, "fwd_halo": 1}, [(2, 9, 17)]),
+]
+
+
+@pytest.mark.parametrize("case", range(len(FORWARD_TILES)))
+def test_tiled_forward_mapping(tmp_path, case):
+    """The tensor-core forward's tiles (one thread per pixel): every pixel visited once; samples
+    within the halo have all corners in their pixel's band."""
+    from dcngen.generators.jinja import resolve_params
+    from dcngen.generators.template_cuda import PARAM_BOUNDS, default_params, fwd_mma_geometry
+
+    fields, params, shapes = FORWARD_TILES[case]
+    cfg = DCNConfig(**fields, target="cuda:sm_90", params={"fwd_mma": 1, **params})
+    geometry = fwd_mma_geometry(cfg, resolve_params(cfg, default_params(cfg), PARAM_BOUNDS))
+    check_tiles(tmp_path, cfg, geometry, 1, shapes)

@@ -115,14 +115,26 @@ def hostile_case(cfg: DCNConfig, seed: int, fraction: float = 0.3) -> tuple[Case
     return case, hit.any(-1)
 
 
-# the CUDA template's five kernels: per-point forward and backward (the defaults), tensor-core
-# forward and backward, tiled backward. Under the sanitizers only the tensor-core artifact (a
-# build takes 20 s there; the default kernels also ran under compute-sanitizer on a GPU,
-# benchmarks/RESULTS.md).
+def nan_pixel_case(cfg: DCNConfig, seed: int, size: tuple[int, int, int] | None = None) -> Case:
+    """A random case (of `size` (N, H, W) if given) with one input pixel NaN in every channel, no
+    sample on a grid line (a zero bilinear weight times NaN is NaN)."""
+    case = random_case(cfg, random.Random(seed), size)
+    gen = torch.Generator().manual_seed(seed)
+    n, y, x = (int(torch.randint(0, s, (1,), generator=gen)) for s in (case.n, case.h, case.w))
+    case.x = case.x.clone()
+    case.x[n, y, x, :] = float("nan")
+    case.offset = keep_off_grid_lines(cfg, case.offset)
+    return case
+
+
+# the CUDA template's six kernels: per-point forward and backward (the defaults), the tiled
+# tensor-core forward and backward, the per-point tensor-core forward, the tiled backward. Under
+# the sanitizers only the tiled tensor-core artifact (a build takes 20 s there; the default kernels
+# also ran under compute-sanitizer on a GPU, benchmarks/RESULTS.md).
 EMULATED = [
-    DCNConfig(op="dcnv3", group=3, group_channels=16, stride=2, offset_scale=0.5, dtype="bfloat16", target="cuda:sm_90", params={"mma": 1, "bwd_mma": 1}),
+    DCNConfig(op="dcnv3", group=3, group_channels=16, stride=2, offset_scale=0.5, dtype="bfloat16", target="cuda:sm_90", params={"fwd_mma": 1, "bwd_mma": 1}),
     DCNConfig(op="dcnv4", group=2, group_channels=16, dtype="bfloat16", target="cuda:sm_90"),
-    DCNConfig(op="dcnv3", group=3, group_channels=8, stride=2, offset_scale=0.5, dtype="bfloat16", target="cuda:sm_90", params={"bwd_tile": 1}),
+    DCNConfig(op="dcnv3", group=3, group_channels=8, stride=2, offset_scale=0.5, dtype="bfloat16", target="cuda:sm_90", params={"mma": 1, "bwd_tile": 1}),
 ][: 1 if SANITIZED else None]
 CUDA_HEADERS = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include", "cuda_fp16.h").is_file()
 
@@ -137,6 +149,21 @@ def test_emulated_cuda_kernels_on_hostile_offsets(cfg):
 
     kernel = emulated_kernel(cfg)
     case, _ = hostile_case(cfg, seed=4)
+    live, ref = expected(cfg, case)
+    out, gx, goff, gmask = kernel_outputs(cfg, op_tensors(cfg, case), case.grad_out, kernel=kernel)
+    off, m, _ = split_grads(cfg, goff, gmask)
+    assert_matches(cfg, case, [("emulated cuda", out, gx, off, m)], ref, live)
+
+
+@pytest.mark.skipif(not CUDA_HEADERS, reason="the SIMT emulator needs the CUDA toolkit's headers")
+@pytest.mark.parametrize("cfg", EMULATED, ids=[c.key for c in EMULATED])
+def test_emulated_cuda_kernels_on_nan_input_pixel(cfg):
+    """The CUDA kernels on the SIMT emulator: a NaN input pixel poisons exactly the samples that read
+    it (the tiled tensor-core forward multiplies it by zero for the others, then recomputes them)."""
+    from dcngen.kernels import emulated_kernel
+
+    kernel = emulated_kernel(cfg)
+    case = nan_pixel_case(cfg, seed=13, size=(2, 19, 21))  # several tiles, most pixels far from the NaN
     live, ref = expected(cfg, case)
     out, gx, goff, gmask = kernel_outputs(cfg, op_tensors(cfg, case), case.grad_out, kernel=kernel)
     off, m, _ = split_grads(cfg, goff, gmask)
@@ -199,12 +226,7 @@ def test_inf_weights(cfg):
 @pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
 def test_nan_input_pixel(cfg):
     """A NaN input pixel poisons exactly the samples whose corners read it (as the reference does)."""
-    case = random_case(cfg, random.Random(13))
-    gen = torch.Generator().manual_seed(13)
-    n, y, x = (int(torch.randint(0, s, (1,), generator=gen)) for s in (case.n, case.h, case.w))
-    case.x = case.x.clone()
-    case.x[n, y, x, :] = float("nan")
-    case.offset = keep_off_grid_lines(cfg, case.offset)
+    case = nan_pixel_case(cfg, seed=13)
     live, ref = expected(cfg, case)
     assert_matches(cfg, case, run_both(cfg, case), ref, live)
 

@@ -26,6 +26,14 @@ Parameters (cfg.params; defaults from `default_params`):
                        multiplies them by the block-diagonal coefficient matrix with m16n8k16 mma,
                        fp32 accumulators; coefficients (mask x bilinear weight) rounded to the dtype
   mma_warps            warps per block of the tensor-core forward
+  fwd_mma              1: tiled forward on tensor cores (fp16/bf16, group_channels % 16 == 0,
+                       sm_80+): a block stages a fwd_mma_h x fwd_mma_w output tile's input region
+                       in shared memory, sums the tile's coefficients per (region position, pixel)
+                       into a matrix M as bwd_mma does, and gets the output as M^T x region with
+                       m16n8k16 mma (fp32 accumulators), each warp over its pixels' bands of the
+                       region only; samples beyond their pixel's band (`fwd_halo`) are added per
+                       point, and pixels whose product is not finite are recomputed per point
+  fwd_mma_h / fwd_mma_w / fwd_mma_warps / fwd_halo  its tile, warps per block and margin
   bwd_mma              1: tiled backward on tensor cores (fp16/bf16, group_channels % 16 == 0,
                        sm_80+): a block stages a bwd_mma_h x bwd_mma_w output tile's input region
                        and grad_out in shared memory, sums the tile's coefficients (mask x bilinear
@@ -77,6 +85,11 @@ PARAM_BOUNDS = {
     "bwd_mma_h": (1, 64),
     "bwd_mma_w": (1, 64),
     "bwd_mma_warps": (1, 32),
+    "fwd_mma": (0, 1),
+    "fwd_mma_h": (1, 64),
+    "fwd_mma_w": (1, 64),
+    "fwd_mma_warps": (1, 32),
+    "fwd_halo": (0, 32),
 }
 MAX_THREADS = 1024
 MAX_SMEM = 227 * 1024  # dynamic shared memory per block on sm_90 (sm_80: 163 KB; checked at launch)
@@ -143,6 +156,11 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
         "bwd_mma_h": 8,
         "bwd_mma_w": 8,
         "bwd_mma_warps": 4,
+        "fwd_mma": 0,
+        "fwd_mma_h": 8,
+        "fwd_mma_w": 8,
+        "fwd_mma_warps": 2,
+        "fwd_halo": max(1, math.ceil(2 * abs(cfg.offset_scale))),
     }
 
 
@@ -266,6 +284,36 @@ def bwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
             **region}
 
 
+def fwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
+    """The tiled tensor-core forward's tile, region and shared-memory layout (the template declares
+    exactly this); rejects configs it cannot run."""
+    _check_tensor_cores(cfg, "fwd_mma=1")
+    c = cfg.group_channels
+    if c % 16:
+        raise ConfigError("params", f"fwd_mma=1 stages and multiplies 16-channel steps: group_channels={c} must be a multiple of 16")
+    if params["mma"]:
+        raise ConfigError("params", "fwd_mma=1 and mma=1 are two tensor-core forwards: drop one of them")
+    tile_h, tile_w = params["fwd_mma_h"], params["fwd_mma_w"]
+    pixels = tile_h * tile_w
+    warps = params["fwd_mma_warps"]
+    if pixels % (16 * warps):
+        raise ConfigError("params", f"fwd_mma_h x fwd_mma_w = {pixels} pixels must split into whole 16-pixel m-tiles over fwd_mma_warps={warps} warps")
+    threads = 32 * warps
+    region = tile_region(cfg, tile_h, tile_w, params["fwd_halo"])
+    rows = -(-region["reg_h"] * region["reg_w"] // 16) * 16  # region positions, padded to whole k-steps
+    x_stride = c + 8  # 16-bit elements per staged row: 16 bytes of padding spread the rows over the banks
+    m_stride = pixels + 8
+    out_stride = c + 8  # floats: a quarter-warp's float2 stores of a fragment row hit distinct banks
+    x_bytes = rows * x_stride * 2
+    union_bytes = max(rows * m_stride * 2, pixels * out_stride * 4)  # M, then the fp32 output rows
+    smem = x_bytes + union_bytes
+    if smem > MAX_SMEM:
+        raise ConfigError("params", f"fwd_mma {tile_h}x{tile_w} with fwd_halo {params['fwd_halo']} needs {smem // 1024} KB of shared memory; at most {MAX_SMEM // 1024} KB")
+    return {"tile_h": tile_h, "tile_w": tile_w, "threads": threads, "warp_tiles": pixels // 16 // warps, "min_blocks": _register_target(threads, smem),
+            "rows": rows, "x_stride": x_stride, "m_stride": m_stride, "out_stride": out_stride, "x_offset": 0, "m_offset": x_bytes,
+            "smem_bytes": smem, "halo": params["fwd_halo"], **region}
+
+
 def _auto_batches(cfg: DCNConfig, params: dict[str, int]) -> None:
     """unroll / bwd_unroll 0 -> ~48 registers of raw corners (forward), 2 points (backward) at
     16-byte vectors; one point per batch for wider vectors."""
@@ -318,6 +366,8 @@ def launch_params(cfg: DCNConfig) -> tuple[dict[str, int], dict]:
     geometry = _check(cfg, params)
     if params["mma"]:
         geometry["mma"] = mma_geometry(cfg, params)
+    if params["fwd_mma"]:
+        geometry["fwd_mma"] = fwd_mma_geometry(cfg, params)
     _auto_batches(cfg, params)
     if params["min_blocks"] == 0:
         params["min_blocks"] = _auto_min_blocks(cfg, params)
@@ -342,6 +392,7 @@ def generate(cfg: DCNConfig, *, emulate: bool = False) -> KernelSource:
         itemsize=ITEMSIZE[cfg.dtype],
         params=params,
         mma=geometry.get("mma"),
+        fwd_mma=geometry.get("fwd_mma"),
         bwd_tile=geometry.get("bwd_tile"),
         bwd_mma=geometry.get("bwd_mma"),
         emulate=emulate,

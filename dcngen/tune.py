@@ -12,6 +12,7 @@ if it is faster. Candidates already in the record file are not measured again (r
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import os
@@ -60,7 +61,10 @@ def space_for(cfg: DCNConfig) -> Space:
         }
         if cfg.dtype in ("float16", "bfloat16"):
             values["bwd_tile"] = (0, 1)  # its fixed-point sums are finer than 16-bit storage, not than fp32
-            values["mma"] = (0, 1)  # the tensor-core forward (configs it cannot run are skipped)
+            values["mma"] = (0, 1)  # the tensor-core forwards (configs they cannot run are skipped)
+            values["fwd_mma"] = (0, 1)  # (with mma=1: skipped)
+            values["fwd_mma_warps"] = (1, 2, 4)
+            values["fwd_halo"] = (1, 2, 3)
             values["bwd_mma"] = (0, 1)  # the tensor-core backward (with bwd_tile=1: skipped)
         return Space(values)
     if not cfg.is_cuda:
@@ -77,32 +81,40 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
     return dict(generate(cfg.replace(params=())).params)
 
 
-def _valid(cfg: DCNConfig, params: dict) -> bool:
-    """Whether the generator accepts `params` (template generators: a cheap render; TVM: checked at build)."""
+def _kernel_key(cfg: DCNConfig, params: dict) -> str | None:
+    """What identifies the kernel `params` give, None if the generator rejects them. Template
+    generators: the hash of the source (a cheap render) without the config key it names, so
+    parameters that leave the kernel unchanged (e.g. another kernel's tile while that kernel is
+    off) are not timed twice; TVM: the parameters (checked at build)."""
     if cfg.backend != "template":
-        return True
+        return records.params_name(params)
     from .generators import generate
 
     try:
-        generate(cfg.replace(params=tuple(params.items())))
+        source = generate(cfg.replace(params=tuple(params.items())))
     except DCNGenError:
-        return False
-    return True
+        return None
+    return hashlib.sha256(source.text.replace(source.config.key, "").encode()).hexdigest()
 
 
 def candidates(cfg: DCNConfig, space: Space, default: dict, seed: int = 0):
     """Parameter sets in search order: the default, then one parameter varied at a time, then the
-    rest of the grid in a seeded random order (sampled when the grid is large). Invalid sets are skipped."""
+    rest of the grid in a seeded random order (sampled when the grid is large). Invalid sets, and
+    sets that give a kernel already emitted, are skipped."""
     names = sorted(space.values)
     seen: set[str] = set()
+    kernels: set[str] = set()
 
     def emit(params):
         name = records.params_name(params)
-        if name not in seen:
-            seen.add(name)
-            if _valid(cfg, params):
-                return params
-        return None
+        if name in seen:
+            return None
+        seen.add(name)
+        key = _kernel_key(cfg, params)
+        if key is None or key in kernels:
+            return None
+        kernels.add(key)
+        return params
 
     ordered = [dict(default)]
     for name in names:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import time
@@ -11,7 +12,7 @@ import pytest
 
 from dcngen import kernels, records, tune
 from dcngen.config import DCNConfig
-from dcngen.generators import template_cpu
+from dcngen.generators import generate, template_cpu
 
 CFG = DCNConfig(op="dcnv4", group=2, group_channels=8)
 SHAPE = (1, 8, 8)
@@ -94,6 +95,20 @@ def test_search_space_and_candidate_order():
     for cfg in (CFG.replace(target="cuda:sm_90"), CFG.replace(backend="tvm")):
         sp = tune.space_for(cfg)
         assert set(sp.values) <= set(tune.default_params(cfg)) | {"min_blocks"}
+
+
+def test_candidates_that_give_the_same_kernel_are_timed_once():
+    """Another kernel's knob while that kernel is off (the tiled forward's warps with fwd_mma=0)
+    leaves the source unchanged: that candidate is skipped."""
+    cfg = CFG.replace(target="cuda:sm_90", dtype="float16", group_channels=32)
+    space = tune.space_for(cfg)
+    default = tune.default_params(cfg)
+    assert default["fwd_mma"] == 0 and len(space.values["fwd_mma_warps"]) > 1
+    first = list(itertools.islice(tune.candidates(cfg, space, default), 60))
+    varied = [{k for k, v in p.items() if v != default[k]} for p in first]
+    assert {"fwd_mma"} in varied and {"fwd_mma_warps"} not in varied and {"fwd_halo"} not in varied
+    sources = [generate(cfg.replace(params=tuple(p.items()))) for p in first]
+    assert len({src.text.replace(src.config.key, "") for src in sources}) == len(first)
 
 
 def _sign_error_generator(monkeypatch, bad_chunk: int):

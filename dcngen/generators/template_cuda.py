@@ -227,8 +227,6 @@ def bwd_tile_geometry(cfg: DCNConfig, params: dict[str, int] | None = None) -> d
     threads = params["bwd_tile_threads"]
     if threads % 32:
         raise ConfigError("params", f"bwd_tile_threads={threads} must be a multiple of 32")
-    if threads < lanes(cfg, params["bwd_vec"]):
-        raise ConfigError("params", f"bwd_tile_threads={threads} is fewer than the {lanes(cfg, params['bwd_vec'])} lanes of one pixel")
     tile_h, tile_w = params["bwd_tile_h"], params["bwd_tile_w"]
     region = tile_region(cfg, tile_h, tile_w, params["bwd_halo"])
     stride = cfg.group_channels + 1  # ints per region position: consecutive positions start on different banks
@@ -261,8 +259,6 @@ def bwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     if pixels % 16:
         raise ConfigError("params", f"bwd_mma_h x bwd_mma_w = {pixels} pixels; the mma's k-steps need a multiple of 16")
     threads = 32 * params["bwd_mma_warps"]
-    if threads < lanes(cfg, params["bwd_vec"]):
-        raise ConfigError("params", f"bwd_mma_warps={params['bwd_mma_warps']}: fewer threads than the {lanes(cfg, params['bwd_vec'])} lanes of one pixel")
     region = tile_region(cfg, tile_h, tile_w, params["bwd_halo"])
     rows = -(-region["reg_h"] * region["reg_w"] // 16) * 16  # region positions, padded to whole m16 tiles
     chunk = 32 if pixels % 32 == 0 else 16  # pixels per pass of the region x grad_out^T product

@@ -197,19 +197,11 @@ def test_invalid_mma_rejected(cfg, match):
     assert e.value.field == "params"
 
 
-@pytest.mark.parametrize(
-    "params,match",
-    [
-        ({"dtype": "float32"}, "float16/bfloat16"),
-        ({"group_channels": 24}, "multiple of 16"),
-        ({"target": "cuda:sm_75"}, "sm_80"),
-        ({"params": {"bwd_mma": 1, "deterministic": 1}}, "drop deterministic"),
-        ({"params": {"bwd_mma": 1, "bwd_mma_h": 5, "bwd_mma_w": 5}}, "multiple of 16"),
-        ({"params": {"bwd_mma": 1, "bwd_mma_h": 32, "bwd_mma_w": 32}}, "KB of shared memory"),
-    ],
-)
-def test_invalid_bwd_mma_rejected(params, match):
-    cfg = config("dcnv4", "float16", 3, 32, params={"bwd_mma": 1}).replace(**params)
+@pytest.mark.parametrize("kernel", ["bwd_mma", "fwd_mma"])
+@pytest.mark.parametrize("fields,match", [({"dtype": "float32"}, "float16/bfloat16"), ({"group_channels": 24}, "multiple of 16"),
+                                          ({"target": "cuda:sm_75"}, "sm_80")])
+def test_tiled_tensor_core_kernels_reject_what_they_cannot_run(kernel, fields, match):
+    cfg = config("dcnv4", "float16", 3, 32, params={kernel: 1}).replace(**fields)
     with pytest.raises(ConfigError, match=match) as e:
         generate(cfg)
     assert e.value.field == "params"
@@ -218,17 +210,16 @@ def test_invalid_bwd_mma_rejected(params, match):
 @pytest.mark.parametrize(
     "params,match",
     [
-        ({"dtype": "float32"}, "float16/bfloat16"),
-        ({"group_channels": 24}, "multiple of 16"),
-        ({"target": "cuda:sm_75"}, "sm_80"),
-        ({"params": {"fwd_mma": 1, "mma": 1}}, "drop one of them"),
-        ({"params": {"fwd_mma": 1, "fwd_mma_h": 5, "fwd_mma_w": 5}}, "whole 16-pixel m-tiles"),
-        ({"params": {"fwd_mma": 1, "fwd_mma_warps": 3}}, "whole 16-pixel m-tiles"),
-        ({"params": {"fwd_mma": 1, "fwd_mma_h": 32, "fwd_mma_w": 32}}, "KB of shared memory"),
+        ({"bwd_mma": 1, "deterministic": 1}, "drop deterministic"),
+        ({"bwd_mma": 1, "bwd_mma_h": 5, "bwd_mma_w": 5}, "multiple of 16"),
+        ({"bwd_mma": 1, "bwd_mma_h": 32, "bwd_mma_w": 32}, "KB of shared memory"),
+        ({"fwd_mma": 1, "mma": 1}, "drop one of them"),
+        ({"fwd_mma": 1, "fwd_mma_h": 5, "fwd_mma_w": 5}, "whole 16-pixel m-tiles"),
+        ({"fwd_mma": 1, "fwd_mma_warps": 3}, "whole 16-pixel m-tiles"),
+        ({"fwd_mma": 1, "fwd_mma_h": 32, "fwd_mma_w": 32}, "KB of shared memory"),
     ],
 )
-def test_invalid_fwd_mma_rejected(params, match):
-    cfg = config("dcnv4", "float16", 3, 32, params={"fwd_mma": 1}).replace(**params)
+def test_invalid_tiled_tensor_core_params_rejected(params, match):
     with pytest.raises(ConfigError, match=match) as e:
-        generate(cfg)
+        generate(config("dcnv4", "float16", 3, 32, params=params))
     assert e.value.field == "params"

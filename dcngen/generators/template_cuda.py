@@ -168,19 +168,20 @@ MMA_PIXELS = 8  # output pixels per warp: the N of m16n8k16
 MAX_STATIC_SMEM = 48 * 1024
 
 
-def _check_tensor_cores(cfg: DCNConfig, what: str) -> None:
+def _check_tensor_cores(cfg: DCNConfig, what: str, multiple: int, why: str) -> None:
+    """What every tensor-core kernel needs: 16-bit inputs, sm_80+, group_channels % multiple == 0 (`why`)."""
     if cfg.dtype not in ("float16", "bfloat16"):
         raise ConfigError("params", f"{what} multiplies 16-bit inputs on tensor cores; {cfg.dtype} has no such mma (use float16/bfloat16)")
     if int(cfg.arch[3:]) < 80:
         raise ConfigError("params", f"{what} needs cp.async and the m16n8k16 mma of sm_80 or newer; the target is {cfg.arch}")
+    if cfg.group_channels % multiple:
+        raise ConfigError("params", f"{what} {why}: group_channels={cfg.group_channels} must be a multiple of {multiple}")
 
 
 def mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     """The tensor-core forward's shared-memory layout, in 16-bit elements per warp (the template
     declares exactly this); rejects configs its instructions or layout cannot run."""
-    _check_tensor_cores(cfg, "mma=1")
-    if cfg.group_channels % 8:
-        raise ConfigError("params", f"mma=1 copies corner rows in 16-byte pieces: group_channels={cfg.group_channels} must be a multiple of 8")
+    _check_tensor_cores(cfg, "mma=1", 8, "copies corner rows in 16-byte pieces")
     chunks = cfg.group_channels // 8  # 16-byte pieces per corner row
     row = (chunks | 1) * 8  # a staged row spans an odd number of 16-byte pieces: conflict-free ldmatrix
     rows = 4 * MMA_PIXELS  # corner rows per point
@@ -248,10 +249,8 @@ def bwd_tile_geometry(cfg: DCNConfig, params: dict[str, int] | None = None) -> d
 def bwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     """The tensor-core backward's tile, region and shared-memory layout (the template declares
     exactly this); rejects configs it cannot run."""
-    _check_tensor_cores(cfg, "bwd_mma=1")
+    _check_tensor_cores(cfg, "bwd_mma=1", 16, "multiplies 16-channel steps")
     c = cfg.group_channels
-    if c % 16:
-        raise ConfigError("params", f"bwd_mma=1 multiplies 16-channel steps: group_channels={c} must be a multiple of 16")
     if params["deterministic"] or params["bwd_tile"]:
         raise ConfigError("params", "bwd_mma=1 is its own backward: drop deterministic / bwd_tile")
     tile_h, tile_w = params["bwd_mma_h"], params["bwd_mma_w"]
@@ -283,10 +282,8 @@ def bwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
 def fwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     """The tiled tensor-core forward's tile, region and shared-memory layout (the template declares
     exactly this); rejects configs it cannot run."""
-    _check_tensor_cores(cfg, "fwd_mma=1")
+    _check_tensor_cores(cfg, "fwd_mma=1", 16, "stages and multiplies 16-channel steps")
     c = cfg.group_channels
-    if c % 16:
-        raise ConfigError("params", f"fwd_mma=1 stages and multiplies 16-channel steps: group_channels={c} must be a multiple of 16")
     if params["mma"]:
         raise ConfigError("params", "fwd_mma=1 and mma=1 are two tensor-core forwards: drop one of them")
     tile_h, tile_w = params["fwd_mma_h"], params["fwd_mma_w"]

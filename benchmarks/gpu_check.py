@@ -69,16 +69,16 @@ def peak_bandwidth(name: str) -> float | None:
 
 # ---------------------------------------------------------------------------------------------
 # inputs
-def make_inputs(cfg: DCNConfig, n: int, h: int, w: int, dtype: torch.dtype, seed: int = 0):
+def make_inputs(cfg: DCNConfig, n: int, h: int, w: int, dtype: torch.dtype, seed: int = 0, reach: int = 2):
     """x (N, H, W, G*C); DCNv4: (offset_mask,), DCNv3: (offset, mask). Offsets are multiples of
-    1/64 plus 1/128 within [-2, 2): every sampling point lies >= 1/256 px away from pixel-grid
-    lines (no floor() ties between precisions) and many cross the borders."""
+    1/64 plus 1/128 within [-reach, reach): every sampling point lies >= 1/256 px away from
+    pixel-grid lines (no floor() ties between precisions) and many cross the borders."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     dev = "cuda"
     ho, wo = cfg.output_size(h, w)
     gp = cfg.group * cfg.num_points
     x = torch.randn(n, h, w, cfg.channels, generator=g, device=dev).to(dtype)
-    off = (torch.randint(-128, 128, (n, ho, wo, gp * 2), generator=g, device=dev).float() / 64 + 1 / 128).to(dtype)
+    off = (torch.randint(-64 * reach, 64 * reach, (n, ho, wo, gp * 2), generator=g, device=dev).float() / 64 + 1 / 128).to(dtype)
     mask = torch.randn(n, ho, wo, gp, generator=g, device=dev).to(dtype)
     if cfg.op == "dcnv4":
         return x, (reference.pack_offset_mask(cfg, off, mask),)
@@ -179,6 +179,9 @@ BENCH = [
     ("N64 28x28 G8 C32", dict(group=8, group_channels=32, offset_scale=2.0), (64, 28, 28)),
 ]
 BENCH_DTYPES = ("float16", "float32")
+# the first shape again with small offsets, within +-1 at offset_scale 1 (every sample within 1 px of
+# its kernel position): where the tiled kernels' regions are smallest; fp16 only
+SMALL_OFFSETS = ("N64 56x56 G4 C32, offsets +-1 x 1", dict(group=4, group_channels=32, offset_scale=1.0), (64, 56, 56), 1)
 # parameter sets timed on every benchmark shape: the defaults, and the tensor-core kernels where they apply
 BENCH_PARAMS = ({}, {"fwd_mma": 1, "bwd_mma": 1})
 
@@ -360,8 +363,9 @@ def benchmark(mods: dict) -> None:
     log("'% floor' = floor time / measured time. Times are medians in microseconds.\n")
     log("| shape | dtype | fwd us | fwd % floor | bwd us | bwd % floor | bwd/fwd | ref fwd us | ref bwd us | speedup fwd / bwd | official fwd / bwd us | check |")
     log("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, kw, (n, h, w) in BENCH:
-        for params, dt in ((p, d) for p in BENCH_PARAMS for d in BENCH_DTYPES if applies({**kw, "params": p}, d)):
+    rows = [(*b, 2, BENCH_DTYPES) for b in BENCH] + [(*SMALL_OFFSETS, ("float16",))]
+    for name, kw, (n, h, w), reach, dtypes in rows:
+        for params, dt in ((p, d) for p in BENCH_PARAMS for d in dtypes if applies({**kw, "params": p}, d)):
             label = " ".join([dt] + [f"{k}={v}" for k, v in params.items()])
             if time.time() - START > 200:
                 log(f"| {name} | {label} | skipped (time budget) |||||||||||")
@@ -372,17 +376,18 @@ def benchmark(mods: dict) -> None:
                 log(f"| {name} | {label} | build failed ||||||||||| ")
                 continue
             try:
-                bench_one(name, label, cfg, mod, n, h, w, peak, official)
+                bench_one(name, label, cfg, mod, n, h, w, peak, official, reach)
             except Exception as e:  # noqa: BLE001
                 failed(f"bench {name} {label}", e, f"| {name} | {label} | error: {str(e).splitlines()[0][:80]} |||||||||||")
     log("")
 
 
-def bench_one(name, label, cfg, mod, n, h, w, peak, official) -> None:
-    """One row of the benchmark table; `label`: the dtype and any non-default parameters."""
+def bench_one(name, label, cfg, mod, n, h, w, peak, official, reach: int = 2) -> None:
+    """One row of the benchmark table; `label`: the dtype and any non-default parameters;
+    offsets within [-reach, reach)."""
     torch.cuda.empty_cache()
     dtype = DT[cfg.dtype]
-    x, (om,) = make_inputs(cfg, n, h, w, dtype)
+    x, (om,) = make_inputs(cfg, n, h, w, dtype, reach=reach)
     ho, wo = cfg.output_size(h, w)
     out = torch.empty(n, ho, wo, cfg.channels, device="cuda", dtype=dtype)
     go = torch.randn_like(out)
@@ -441,7 +446,7 @@ def main() -> int:
         for dt in CHECK_DTYPES + ("float64",):
             if applies(kw, dt):
                 cfgs.append(cuda_cfg(dtype=dt, **kw))
-    for _, kw, _ in BENCH:
+    for _, kw, _ in BENCH + [SMALL_OFFSETS[:3]]:
         for params in BENCH_PARAMS:
             for dt in BENCH_DTYPES:
                 if applies({**kw, "params": params}, dt):

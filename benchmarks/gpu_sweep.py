@@ -61,7 +61,8 @@ SHAPES = [("N64 56x56", (64, 56, 56)), ("N1 200x320", (1, 200, 320))]
 DTYPES = ("float16", "float32")
 CHECK_SHAPE = (2, 13, 17)  # 221 pixels: a partial last block for every pixels-per-block value
 
-FWD_KEYS = ("vec", "pixels", "unroll", "stage", "min_blocks", "mma", "mma_warps", "fwd_mma", "fwd_mma_h", "fwd_mma_w", "fwd_mma_warps", "fwd_halo")
+FWD_KEYS = ("vec", "pixels", "unroll", "stage", "min_blocks", "mma", "mma_warps", "fwd_mma", "fwd_mma_h", "fwd_mma_w", "fwd_mma_warps", "fwd_halo",
+            "fwd_mma_tiles")
 BWD_KEYS = ("bwd_vec", "bwd_pixels", "bwd_unroll", "bwd_stage", "bwd_min_blocks", "atomic_dtype", "bwd_tile", "bwd_tile_h", "bwd_tile_w",
             "bwd_tile_threads", "bwd_halo", "bwd_mma", "bwd_mma_h", "bwd_mma_w", "bwd_mma_warps")
 
@@ -84,9 +85,9 @@ def fwd_candidates(dtype: str) -> list[dict]:
     if dtype == "float16":
         c.append(dict(vec=16, pixels=16, unroll=1, stage=1, min_blocks=1))
         c += [dict(mma=1, mma_warps=w) for w in (4, 1, 2, 8)]  # the tensor-core forward
-        # the tiled tensor-core forward: tile shapes, warps per block, halos
-        for h, w, warps, halo in ((8, 8, 2, 4), (8, 8, 4, 4), (8, 8, 1, 4), (4, 8, 1, 4), (8, 16, 4, 4), (8, 8, 2, 2)):
-            c.append(dict(fwd_mma=1, fwd_mma_h=h, fwd_mma_w=w, fwd_mma_warps=warps, fwd_halo=halo))
+        # the tiled tensor-core forward: tile shapes, warps per block, halos, tiles per block
+        for h, w, warps, halo, tiles in ((8, 8, 2, 4, 1), (8, 8, 4, 4, 1), (8, 8, 2, 4, 4), (4, 8, 1, 4, 4), (8, 16, 4, 4, 1), (8, 8, 2, 2, 4)):
+            c.append(dict(fwd_mma=1, fwd_mma_h=h, fwd_mma_w=w, fwd_mma_warps=warps, fwd_halo=halo, fwd_mma_tiles=tiles))
     return c
 
 

@@ -64,6 +64,7 @@ def space_for(cfg: DCNConfig) -> Space:
             values["mma"] = (0, 1)  # the tensor-core forwards (configs they cannot run are skipped)
             values["fwd_mma"] = (0, 1)  # (with mma=1: skipped)
             values["fwd_mma_warps"] = (1, 2, 4)
+            values["fwd_mma_tiles"] = (1, 4)
             values["fwd_halo"] = (1, 2, 3)
             values["bwd_mma"] = (0, 1)  # the tensor-core backward (with bwd_tile=1: skipped)
         return Space(values)

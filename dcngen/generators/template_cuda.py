@@ -34,6 +34,9 @@ Parameters (cfg.params; defaults from `default_params`):
                        region only; samples beyond their pixel's band (`fwd_halo`) are added per
                        point, and pixels whose product is not finite are recomputed per point
   fwd_mma_h / fwd_mma_w / fwd_mma_warps / fwd_halo  its tile, warps per block and margin
+  fwd_mma_tiles        tiles per block of the tiled forward (> 1: the next tile's region is
+                       copied while one is computed); 0: 4 where the second region buffer still
+                       leaves room for 2 blocks per SM, else 1
   bwd_mma              1: tiled backward on tensor cores (fp16/bf16, group_channels % 16 == 0,
                        sm_80+): a block stages a bwd_mma_h x bwd_mma_w output tile's input region
                        and grad_out in shared memory, sums the tile's coefficients (mask x bilinear
@@ -89,6 +92,7 @@ PARAM_BOUNDS = {
     "fwd_mma_h": (1, 64),
     "fwd_mma_w": (1, 64),
     "fwd_mma_warps": (1, 32),
+    "fwd_mma_tiles": (0, 64),
     "fwd_halo": (0, 32),
 }
 MAX_THREADS = 1024
@@ -160,6 +164,7 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
         "fwd_mma_h": 8,
         "fwd_mma_w": 8,
         "fwd_mma_warps": 2,
+        "fwd_mma_tiles": 0,  # 0: automatic, see _auto_fwd_mma_tiles
         "fwd_halo": max(1, math.ceil(2 * abs(cfg.offset_scale))),
     }
 
@@ -297,14 +302,27 @@ def fwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     x_stride = c + 8  # 16-bit elements per staged row: 16 bytes of padding spread the rows over the banks
     m_stride = pixels + 8
     out_stride = c + 8  # floats: a quarter-warp's float2 stores of a fragment row hit distinct banks
-    x_bytes = rows * x_stride * 2
-    union_bytes = max(rows * m_stride * 2, pixels * out_stride * 4)  # M, then the fp32 output rows
-    smem = x_bytes + union_bytes
+    # a region buffer holds the tile's x, then its fp32 output rows; a second one takes the next
+    # tile's region while this one is computed
+    buffer_bytes = -(-max(rows * x_stride * 2, pixels * out_stride * 4) // 16) * 16
+    buffers = 2 if params["fwd_mma_tiles"] > 1 else 1
+    m_offset = buffers * buffer_bytes
+    pos_offset = m_offset + rows * m_stride * 2
+    smem = pos_offset + -(-pixels * cfg.num_points * 2 // 16) * 16  # then each sample's row of M (int16)
     if smem > MAX_SMEM:
-        raise ConfigError("params", f"fwd_mma {tile_h}x{tile_w} with fwd_halo {params['fwd_halo']} needs {smem // 1024} KB of shared memory; at most {MAX_SMEM // 1024} KB")
+        raise ConfigError("params", f"fwd_mma {tile_h}x{tile_w} with fwd_halo {params['fwd_halo']} and {buffers} region buffers needs "
+                                    f"{smem // 1024} KB of shared memory; at most {MAX_SMEM // 1024} KB")
     return {"tile_h": tile_h, "tile_w": tile_w, "threads": threads, "warp_tiles": pixels // 16 // warps, "min_blocks": _register_target(threads, smem),
-            "rows": rows, "x_stride": x_stride, "m_stride": m_stride, "out_stride": out_stride, "x_offset": 0, "m_offset": x_bytes,
-            "smem_bytes": smem, "halo": params["fwd_halo"], **region}
+            "tiles": params["fwd_mma_tiles"], "buffers": buffers, "rows": rows, "x_stride": x_stride, "m_stride": m_stride, "out_stride": out_stride,
+            "buffer_bytes": buffer_bytes, "m_offset": m_offset, "pos_offset": pos_offset, "smem_bytes": smem, "halo": params["fwd_halo"], **region}
+
+
+def _fits_twice(geometry) -> bool:
+    """Whether geometry() (a layout) is accepted and leaves room for 2 resident blocks per SM."""
+    try:
+        return geometry()["min_blocks"] >= 2
+    except ConfigError:
+        return False
 
 
 def _auto_batches(cfg: DCNConfig, params: dict[str, int]) -> None:
@@ -360,6 +378,8 @@ def launch_params(cfg: DCNConfig) -> tuple[dict[str, int], dict]:
     if params["mma"]:
         geometry["mma"] = mma_geometry(cfg, params)
     if params["fwd_mma"]:
+        if params["fwd_mma_tiles"] == 0:
+            params["fwd_mma_tiles"] = 4 if _fits_twice(lambda: fwd_mma_geometry(cfg, {**params, "fwd_mma_tiles": 4})) else 1
         geometry["fwd_mma"] = fwd_mma_geometry(cfg, params)
     _auto_batches(cfg, params)
     if params["min_blocks"] == 0:

@@ -308,13 +308,16 @@ def fwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     buffers = 2 if params["fwd_mma_tiles"] > 1 else 1
     m_offset = buffers * buffer_bytes
     pos_offset = m_offset + rows * m_stride * 2
-    smem = pos_offset + -(-pixels * cfg.num_points * 2 // 16) * 16  # then each sample's row of M (int16)
+    om_offset = pos_offset + -(-pixels * cfg.num_points * 2 // 16) * 16  # each sample's row of M (int16)
+    om_stride = 3 * cfg.num_points | 1  # 16-bit elements per pixel: its offsets and weights
+    smem = om_offset + -(-pixels * om_stride * 2 // 16) * 16
     if smem > MAX_SMEM:
         raise ConfigError("params", f"fwd_mma {tile_h}x{tile_w} with fwd_halo {params['fwd_halo']} and {buffers} region buffers needs "
                                     f"{smem // 1024} KB of shared memory; at most {MAX_SMEM // 1024} KB")
     return {"tile_h": tile_h, "tile_w": tile_w, "threads": threads, "warp_tiles": pixels // 16 // warps, "min_blocks": _register_target(threads, smem),
             "tiles": params["fwd_mma_tiles"], "buffers": buffers, "rows": rows, "x_stride": x_stride, "m_stride": m_stride, "out_stride": out_stride,
-            "buffer_bytes": buffer_bytes, "m_offset": m_offset, "pos_offset": pos_offset, "smem_bytes": smem, "halo": params["fwd_halo"], **region}
+            "buffer_bytes": buffer_bytes, "m_offset": m_offset, "pos_offset": pos_offset, "om_offset": om_offset, "om_stride": om_stride,
+            "smem_bytes": smem, "halo": params["fwd_halo"], **region}
 
 
 def _fits_twice(geometry) -> bool:

@@ -274,13 +274,15 @@ def bwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     x_bytes, go_bytes = rows * x_stride * 2, pixels * x_stride * 2
     union_bytes = max(rows * m_stride * 2, rows * d_stride * 4)  # M, then the dot products
     info_bytes = pixels * cfg.num_points * 16
-    smem = x_bytes + go_bytes + union_bytes + info_bytes
+    om_stride = 3 * cfg.num_points | 1  # 16-bit elements per pixel: its offsets and weights, then their gradients
+    smem = x_bytes + go_bytes + union_bytes + info_bytes + -(-pixels * om_stride * 2 // 16) * 16
     if smem > MAX_SMEM:
         raise ConfigError("params", f"bwd_mma {tile_h}x{tile_w} with bwd_halo {params['bwd_halo']} needs {smem // 1024} KB of shared memory; at most {MAX_SMEM // 1024} KB")
     min_blocks = _register_target(threads, smem)  # without one, ptxas picked 80 registers and spilled
     return {"tile_h": tile_h, "tile_w": tile_w, "pixels": pixels, "threads": threads, "min_blocks": min_blocks, "rows": rows, "chunk": chunk,
             "x_stride": x_stride, "m_stride": m_stride, "d_stride": d_stride, "x_offset": 0, "go_offset": x_bytes,
-            "m_offset": x_bytes + go_bytes, "info_offset": x_bytes + go_bytes + union_bytes, "smem_bytes": smem, "halo": params["bwd_halo"],
+            "m_offset": x_bytes + go_bytes, "info_offset": x_bytes + go_bytes + union_bytes, "om_offset": x_bytes + go_bytes + union_bytes + info_bytes,
+            "om_stride": om_stride, "smem_bytes": smem, "halo": params["bwd_halo"],
             **region}
 
 

@@ -14,6 +14,7 @@ Shared by tests/test_fuzz.py, tests/test_hostile.py, tests/sanitize_driver.py an
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -96,6 +97,31 @@ def config_pool(count: int, seed: int = 0, backends: list[str] | None = None) ->
             configs.append(random_config(rng, backend, dtype=DTYPES[i % len(DTYPES)], op=("dcnv4", "dcnv3")[(i // 3) % 2]))
             i += 1
         pool += configs[:count]
+    return pool
+
+
+def tensor_core_pool(count: int, seed: int = 0) -> list[DCNConfig]:
+    """`count` seeded random bf16 CUDA configs that run the tensor-core kernels: a tensor-core forward
+    (fwd_mma, or mma), bwd_mma or not, random tiles, warps, halos and tiles per block; for the SIMT
+    emulator. Draws the generator rejects are drawn again."""
+    from dcngen.errors import ConfigError
+    from dcngen.generators.template_cuda import launch_params
+
+    rng = random.Random(f"{seed}-tensor-cores")
+    pool = []
+    while len(pool) < count:
+        base = random_config(rng, dtype="bfloat16", op=("dcnv4", "dcnv3")[len(pool) % 2])
+        forward = {"fwd_mma": 1, "fwd_mma_h": rng.choice((2, 4, 8)), "fwd_mma_w": rng.choice((4, 8, 16)), "fwd_mma_warps": rng.choice((1, 2, 4)),
+                   "fwd_halo": rng.choice((0, 1, 2)), "fwd_mma_tiles": rng.choice((0, 1, 3))} if rng.random() < 0.75 else {"mma": 1}
+        backward = {"bwd_mma": 1, "bwd_mma_h": rng.choice((2, 4, 8)), "bwd_mma_w": rng.choice((4, 8, 16)), "bwd_mma_warps": rng.choice((1, 2, 4)),
+                    "bwd_halo": rng.choice((0, 1, 2)), "atomic_dtype": rng.choice((0, 1))} if rng.random() < 0.75 else {}
+        cfg = base.replace(group=min(base.group, 3), group_channels=rng.choice((16, 32, 48)), target=rng.choice(("cuda:sm_80", "cuda:sm_90")),
+                           params={**forward, **backward})
+        try:
+            launch_params(cfg)
+        except ConfigError:
+            continue
+        pool.append(cfg)
     return pool
 
 
@@ -237,8 +263,9 @@ def split_grads(cfg: DCNConfig, grad_offset: torch.Tensor, grad_mask: torch.Tens
     return grad_offset.reshape(n, ho, wo, g, p, 2), grad_mask.reshape(n, ho, wo, g, p), None
 
 
-def mismatch(name: str, got: torch.Tensor, expected: torch.Tensor, dtype: str) -> str | None:
-    """None if `got` matches `expected` within the dtype's tolerance, else a description."""
+def mismatch(name: str, got: torch.Tensor, expected: torch.Tensor, dtype: str, scale: float | None = None) -> str | None:
+    """None if `got` matches `expected` within the dtype's tolerance (absolute part relative to
+    `scale`, by default the largest |expected|), else a description."""
     got = got.detach().double()
     if got.shape != expected.shape:
         return f"{name}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
@@ -256,7 +283,7 @@ def mismatch(name: str, got: torch.Tensor, expected: torch.Tensor, dtype: str) -
     g, e = g[fin], e[fin]
     if e.numel() == 0:
         return None
-    scale = e.abs().max().item()
+    scale = e.abs().max().item() if scale is None else max(scale, e.abs().max().item())
     err = (g - e).abs()
     bound = atol * max(scale, 1e-30) + rtol * e.abs()
     if (err > bound).any():
@@ -265,23 +292,33 @@ def mismatch(name: str, got: torch.Tensor, expected: torch.Tensor, dtype: str) -
     return None
 
 
-def check_case(cfg: DCNConfig, case: Case, *, via_ops: bool = True) -> list[str]:
-    """Every discrepancy of the kernel (direct, NaN-poisoned) and of the torch op against the reference."""
+def check_case(cfg: DCNConfig, case: Case, *, via_ops: bool = True, kernel=None, magnitudes: bool = False) -> list[str]:
+    """Every discrepancy of the kernel (cfg's loaded one, or `kernel`; direct, NaN-poisoned) and of
+    the torch op against the reference. `magnitudes`: each tensor's absolute tolerance is relative
+    to the reference on |x|, |mask|, |grad_out| (its terms' magnitudes, not their sum), for kernels
+    that round the sampling weights to the dtype (the tensor-core ones), whose error follows the
+    terms, however much they cancel."""
     problems = []
     ref_out, ref_gx, ref_goff, ref_gmask = reference_grads(cfg, case)
+    scales = [None] * 4
+    if magnitudes:
+        plain = dataclasses.replace(case, x=case.x.abs(), grad_out=case.grad_out.abs())
+        scales = [t.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).abs().max().item() if t.numel() else None
+                  for t in reference_grads(cfg, plain, mask=case.mask.abs())]
     tensors = op_tensors(cfg, case)
     ho, wo = ref_out.shape[1:3]
     expected_pad = torch.zeros(case.n, ho, wo, case.extra_channels, dtype=torch.float64)
 
     def compare(tag, out, gx, goff, gmask):
         off, m, pad = split_grads(cfg, goff, gmask)
-        for name, got, exp in (("out", out, ref_out), ("grad_x", gx, ref_gx), ("grad_offset", off, ref_goff), ("grad_mask", m, ref_gmask)):
-            if (msg := mismatch(name, got, exp, cfg.dtype)) is not None:
+        for (name, got, exp), scale in zip((("out", out, ref_out), ("grad_x", gx, ref_gx), ("grad_offset", off, ref_goff), ("grad_mask", m, ref_gmask)),
+                                           scales):
+            if (msg := mismatch(name, got, exp, cfg.dtype, scale)) is not None:
                 problems.append(f"[{tag}] {msg}")
         if pad is not None and (msg := mismatch("grad_padding", pad, expected_pad, cfg.dtype)) is not None:
             problems.append(f"[{tag}] {msg}")
 
-    compare("kernel", *kernel_outputs(cfg, tensors, case.grad_out))
+    compare("kernel", *kernel_outputs(cfg, tensors, case.grad_out, kernel=kernel))
     if via_ops:
         leaves = [t.clone().requires_grad_() for t in tensors]
         fn = ops.dcnv4 if cfg.op == "dcnv4" else ops.dcnv3

@@ -13,15 +13,20 @@ Long run (documented in benchmarks/long_fuzz.py, which also writes a JSON summar
     DCNGEN_FUZZ_CONFIGS=120 DCNGEN_FUZZ_CASES=10000 DCNGEN_FUZZ_SEED=1 pytest tests/test_fuzz.py -q
 
 DCNGEN_FUZZ_RANDOM=1 draws fresh examples each run instead of the derandomized ones.
+
+The CUDA tensor-core kernels (fwd_mma, mma, bwd_mma: random tiles, warps, halos, tiles per block)
+run the same way on the SIMT emulator, DCNGEN_FUZZ_TC_CONFIGS=6 bf16 configs of
+DCNGEN_FUZZ_TC_CASES=6 cases each (skipped without the CUDA toolkit's headers).
 """
 
 from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import pytest
-from fuzzkit import available_backends, check_case, config_pool, describe, fuzz_cases_total, per_config, random_case
+from fuzzkit import available_backends, check_case, config_pool, describe, fuzz_cases_total, per_config, random_case, tensor_core_pool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -50,6 +55,29 @@ def test_fuzz_against_reference(cfg):
     def run(seed):
         case = random_case(cfg, random.Random(seed))
         problems = check_case(cfg, case)
+        assert not problems, describe(cfg, case) + "\n" + "\n".join(problems)
+
+    run()
+
+
+TC_POOL = tensor_core_pool(int(os.environ.get("DCNGEN_FUZZ_TC_CONFIGS", 6)), SEED)
+TC_CASES = int(os.environ.get("DCNGEN_FUZZ_TC_CASES", 6))
+CUDA_HEADERS = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include", "cuda_fp16.h").is_file()
+
+
+@pytest.mark.skipif(not CUDA_HEADERS, reason="the SIMT emulator needs the CUDA toolkit's headers")
+@pytest.mark.parametrize("cfg", TC_POOL, ids=[c.key for c in TC_POOL])
+def test_fuzz_tensor_core_kernels_on_the_emulator(cfg):
+    from dcngen.kernels import emulated_kernel
+
+    kernel = emulated_kernel(cfg)
+
+    @settings(max_examples=TC_CASES, deadline=None, derandomize=not RANDOM, database=None,
+              suppress_health_check=list(HealthCheck), print_blob=True)
+    @given(seed=st.integers(0, 2**62))
+    def run(seed):
+        case = random_case(cfg, random.Random(seed))
+        problems = check_case(cfg, case, via_ops=False, kernel=kernel, magnitudes=True)
         assert not problems, describe(cfg, case) + "\n" + "\n".join(problems)
 
     run()

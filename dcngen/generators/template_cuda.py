@@ -24,7 +24,8 @@ Parameters (cfg.params; defaults from `default_params`):
   mma                  1: tensor-core forward (fp16/bf16, group_channels % 8 == 0, sm_80+): a warp
                        stages the corner rows of 8 pixels per point in shared memory (cp.async) and
                        multiplies them by the block-diagonal coefficient matrix with m16n8k16 mma,
-                       fp32 accumulators; coefficients (mask x bilinear weight) rounded to the dtype
+                       fp32 accumulators; coefficients (mask x bilinear weight) rounded to the dtype;
+                       pixels whose product is not finite are recomputed per point
   mma_warps            warps per block of the tensor-core forward
   fwd_mma              1: tiled forward on tensor cores (fp16/bf16, group_channels % 16 == 0,
                        sm_80+): a block stages a fwd_mma_h x fwd_mma_w output tile's input region

@@ -165,7 +165,7 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
         "fwd_mma_h": 8,
         "fwd_mma_w": 8,
         "fwd_mma_warps": 2,
-        "fwd_mma_tiles": 0,  # 0: automatic, see _auto_fwd_mma_tiles
+        "fwd_mma_tiles": 0,  # 0: automatic, see launch_params
         "fwd_halo": max(1, math.ceil(2 * abs(cfg.offset_scale))),
     }
 
@@ -205,6 +205,10 @@ def _register_target(threads: int, smem: int) -> int:
     block allow (228 KB per SM, 1 KB reserved per block), never so many that fewer than 128
     registers per thread remain."""
     return max(1, min((228 * 1024) // (smem + 1024), (65536 // 128) // threads))
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
 
 
 def tile_region(cfg: DCNConfig, tile_h: int, tile_w: int, halo: int) -> dict[str, int]:
@@ -252,6 +256,14 @@ def bwd_tile_geometry(cfg: DCNConfig, params: dict[str, int] | None = None) -> d
             "halo": params["bwd_halo"], **region}
 
 
+def _mma_staging(cfg: DCNConfig, tile_h: int, tile_w: int, halo: int) -> tuple[dict[str, int], int, int, int]:
+    """What both tiled tensor-core kernels stage for a tile: its region, the region's rows padded to
+    whole 16-row mma steps, 16-bit elements per staged x row (16 bytes of padding spread the rows
+    over the banks) and per pixel's offsets and weights (odd: a warp's pixels on distinct banks)."""
+    region = tile_region(cfg, tile_h, tile_w, halo)
+    return region, _round_up(region["reg_h"] * region["reg_w"], 16), cfg.group_channels + 8, 3 * cfg.num_points | 1
+
+
 def bwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     """The tensor-core backward's tile, region and shared-memory layout (the template declares
     exactly this); rejects configs it cannot run."""
@@ -264,10 +276,8 @@ def bwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     if pixels % 16:
         raise ConfigError("params", f"bwd_mma_h x bwd_mma_w = {pixels} pixels; the mma's k-steps need a multiple of 16")
     threads = 32 * params["bwd_mma_warps"]
-    region = tile_region(cfg, tile_h, tile_w, params["bwd_halo"])
-    rows = -(-region["reg_h"] * region["reg_w"] // 16) * 16  # region positions, padded to whole m16 tiles
+    region, rows, x_stride, om_stride = _mma_staging(cfg, tile_h, tile_w, params["bwd_halo"])
     chunk = 32 if pixels % 32 == 0 else 16  # pixels per pass of the region x grad_out^T product
-    x_stride = c + 8  # 16-bit elements per staged row: 16 bytes of padding spread the rows over the banks
     # M's rows, then the tile's grad_x rows: C values of the input-gradient accumulator (the dtype
     # with atomic_dtype=1, else fp32)
     m_stride = max(pixels, c if params["atomic_dtype"] else 2 * c) + 8
@@ -275,8 +285,7 @@ def bwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     x_bytes, go_bytes = rows * x_stride * 2, pixels * x_stride * 2
     union_bytes = max(rows * m_stride * 2, rows * d_stride * 4)  # M, then the dot products
     info_bytes = pixels * cfg.num_points * 16
-    om_stride = 3 * cfg.num_points | 1  # 16-bit elements per pixel: its offsets and weights, then their gradients
-    smem = x_bytes + go_bytes + union_bytes + info_bytes + -(-pixels * om_stride * 2 // 16) * 16
+    smem = x_bytes + go_bytes + union_bytes + info_bytes + _round_up(pixels * om_stride * 2, 16)  # then the offsets' gradients
     if smem > MAX_SMEM:
         raise ConfigError("params", f"bwd_mma {tile_h}x{tile_w} with bwd_halo {params['bwd_halo']} needs {smem // 1024} KB of shared memory; at most {MAX_SMEM // 1024} KB")
     min_blocks = _register_target(threads, smem)  # without one, ptxas picked 80 registers and spilled
@@ -300,20 +309,17 @@ def fwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     if pixels % (16 * warps):
         raise ConfigError("params", f"fwd_mma_h x fwd_mma_w = {pixels} pixels must split into whole 16-pixel m-tiles over fwd_mma_warps={warps} warps")
     threads = 32 * warps
-    region = tile_region(cfg, tile_h, tile_w, params["fwd_halo"])
-    rows = -(-region["reg_h"] * region["reg_w"] // 16) * 16  # region positions, padded to whole k-steps
-    x_stride = c + 8  # 16-bit elements per staged row: 16 bytes of padding spread the rows over the banks
+    region, rows, x_stride, om_stride = _mma_staging(cfg, tile_h, tile_w, params["fwd_halo"])
     m_stride = pixels + 8
     out_stride = c + 8  # floats: a quarter-warp's float2 stores of a fragment row hit distinct banks
     # a region buffer holds the tile's x, then its fp32 output rows; a second one takes the next
     # tile's region while this one is computed
-    buffer_bytes = -(-max(rows * x_stride * 2, pixels * out_stride * 4) // 16) * 16
+    buffer_bytes = _round_up(max(rows * x_stride * 2, pixels * out_stride * 4), 16)
     buffers = 2 if params["fwd_mma_tiles"] > 1 else 1
     m_offset = buffers * buffer_bytes
     pos_offset = m_offset + rows * m_stride * 2
-    om_offset = pos_offset + -(-pixels * cfg.num_points * 2 // 16) * 16  # each sample's row of M (int16)
-    om_stride = 3 * cfg.num_points | 1  # 16-bit elements per pixel: its offsets and weights
-    smem = om_offset + -(-pixels * om_stride * 2 // 16) * 16
+    om_offset = pos_offset + _round_up(pixels * cfg.num_points * 2, 16)  # each sample's row of M (int16)
+    smem = om_offset + _round_up(pixels * om_stride * 2, 16)
     if smem > MAX_SMEM:
         raise ConfigError("params", f"fwd_mma {tile_h}x{tile_w} with fwd_halo {params['fwd_halo']} and {buffers} region buffers needs "
                                     f"{smem // 1024} KB of shared memory; at most {MAX_SMEM // 1024} KB")

@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
 
 import pytest
-from fuzzkit import available_backends, check_case, config_pool, describe, fuzz_cases_total, per_config, random_case, tensor_core_pool
+from fuzzkit import CUDA_HEADERS, available_backends, check_case, config_pool, describe, fuzz_cases_total, per_config, random_case, tensor_core_pool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -62,7 +61,6 @@ def test_fuzz_against_reference(cfg):
 
 TC_POOL = tensor_core_pool(int(os.environ.get("DCNGEN_FUZZ_TC_CONFIGS", 6)), SEED)
 TC_CASES = int(os.environ.get("DCNGEN_FUZZ_TC_CASES", 6))
-CUDA_HEADERS = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include", "cuda_fp16.h").is_file()
 
 
 @pytest.mark.skipif(not CUDA_HEADERS, reason="the SIMT emulator needs the CUDA toolkit's headers")

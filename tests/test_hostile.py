@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from fuzzkit import (
+    CUDA_HEADERS,
     FAR,
     TORCH_DTYPE,
     Case,
@@ -136,7 +137,6 @@ EMULATED = [
     DCNConfig(op="dcnv4", group=2, group_channels=16, dtype="bfloat16", target="cuda:sm_90"),
     DCNConfig(op="dcnv3", group=3, group_channels=8, stride=2, offset_scale=0.5, dtype="bfloat16", target="cuda:sm_90", params={"mma": 1, "bwd_tile": 1}),
 ][: 1 if SANITIZED else None]
-CUDA_HEADERS = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include", "cuda_fp16.h").is_file()
 
 
 @pytest.mark.skipif(not CUDA_HEADERS, reason="the SIMT emulator needs the CUDA toolkit's headers")

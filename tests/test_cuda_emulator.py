@@ -1,6 +1,7 @@
 """The SIMT emulator's own semantics, on small kernels written for the test: segmented butterfly
-shuffles, __syncthreads() with exited threads and block-local shared memory, several blocks, and
-the launch errors for collectives that can never complete."""
+shuffles, __syncthreads() with exited threads and block-local shared memory, several blocks, the
+launch errors for collectives that can never complete, and the shuffled, seeded schedule under
+which a read that no barrier orders after a write sees it early."""
 
 from __future__ import annotations
 
@@ -51,12 +52,25 @@ __global__ void split_warp(int* out) {
   else __syncthreads();
 }
 
+// thread 32 sets a flag that warp 0 reads after a __syncwarp() only: no barrier orders the two
+__global__ void unordered_flag(int* out) {
+  __shared__ int flag;
+  if (threadIdx.x == 0) flag = 0;
+  __syncthreads();
+  if (threadIdx.x == 32) flag = 1;
+  if (threadIdx.x < 32) {
+    __syncwarp();
+    out[threadIdx.x] = flag;
+  }
+}
+
 tvm::ffi::String run(tvm::ffi::TensorView out, int which, int blocks, int threads, int arg) {
   int* p = static_cast<int*>(out.data_ptr());
   if (which == 0) DCN_LAUNCH(butterfly, blocks, threads, 0, nullptr)(p, arg);
   if (which == 1) DCN_LAUNCH(neighbours, blocks, threads, 0, nullptr)(p, arg);
   if (which == 2) DCN_LAUNCH(exited_lane, blocks, threads, 0, nullptr)(p);
   if (which == 3) DCN_LAUNCH(split_warp, blocks, threads, 0, nullptr)(p);
+  if (which == 4) DCN_LAUNCH(unordered_flag, blocks, threads, 0, nullptr)(p);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? "" : cudaGetErrorString(e);
 }
@@ -112,3 +126,20 @@ def test_shuffle_that_cannot_complete_fails_the_launch(run):
     assert "cannot complete" in err
     err, _ = run(0, 1, 32, 32)  # the emulator is usable again after a failed launch
     assert err == ""
+
+
+def test_schedule_is_shuffled_by_the_seed_and_reproducible(run, monkeypatch):
+    """Warp 0's __syncwarp() completes as soon as its last lane arrives, so under some seeds warp 0
+    reads the flag before thread 32 has set it; the same seed gives the same schedule."""
+    seen = []
+    for seed in range(12):
+        monkeypatch.setenv("DCN_EMULATE_SEED", str(seed))
+        err, out = run(4, 1, 64)
+        assert err == ""
+        flags = out[:32]
+        assert set(flags.tolist()) <= {0, 1}
+        seen.append(flags.clone())
+        assert torch.equal(run(4, 1, 64)[1][:32], flags)  # reproducible
+    values = torch.stack(seen)
+    assert (values == 0).any(), "no schedule let warp 0 read the flag before thread 32 set it"
+    assert (values == 1).any(), "every schedule ran all of warp 0 before thread 32"

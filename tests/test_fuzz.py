@@ -65,7 +65,8 @@ TC_CASES = int(os.environ.get("DCNGEN_FUZZ_TC_CASES", 6))
 
 @pytest.mark.skipif(not CUDA_HEADERS, reason="the SIMT emulator needs the CUDA toolkit's headers")
 @pytest.mark.parametrize("cfg", TC_POOL, ids=[c.key for c in TC_POOL])
-def test_fuzz_tensor_core_kernels_on_the_emulator(cfg):
+def test_fuzz_tensor_core_kernels_on_the_emulator(cfg, monkeypatch):
+    """Each case also runs the blocks' warps in an order of its own (DCN_EMULATE_SEED)."""
     from dcngen.kernels import emulated_kernel
 
     kernel = emulated_kernel(cfg)
@@ -75,6 +76,7 @@ def test_fuzz_tensor_core_kernels_on_the_emulator(cfg):
     @given(seed=st.integers(0, 2**62))
     def run(seed):
         case = random_case(cfg, random.Random(seed))
+        monkeypatch.setenv("DCN_EMULATE_SEED", str(seed))
         problems = check_case(cfg, case, via_ops=False, kernel=kernel, magnitudes=True)
         assert not problems, describe(cfg, case) + "\n" + "\n".join(problems)
 

@@ -119,6 +119,38 @@ def test_tiled_backward_matches_the_per_point_one_on_hostile_values(kernels, nam
         assert torch.allclose(a[finite], b[finite], rtol=4e-3, atol=4e-3 * b[finite].abs().max().item())
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_tiled_backward_bound_covers_every_pixel(kernels, seed, monkeypatch):
+    """One pixel per tile with grad_out 1e5 times the others': the tiled backward's fixed-point
+    scale must come from the max over all of the tile's pixels (every warp's share), else that
+    pixel's contributions overflow. Each seed runs the warps in another order."""
+    import torch
+
+    from dcngen.generators.template_cuda import launch_params
+    from dcngen.verify import TORCH_DTYPE, random_problem
+
+    tiled = CASES["tiled-fp16"]
+    tile = launch_params(tiled)[1]["bwd_tile"]
+    per_point = emulated_kernel(tiled.replace(params=()))
+    monkeypatch.setenv("DCN_EMULATE_SEED", str(seed))
+    rng = torch.Generator().manual_seed(seed)
+    x, om = random_problem(tiled, 1, 21, 19, seed=seed).op_inputs(TORCH_DTYPE[tiled.dtype])
+    go = torch.randn(1, 21, 19, tiled.channels, generator=rng) * 1e-2
+    for y0 in range(0, 21, tile["tile_h"]):
+        for x0 in range(0, 19, tile["tile_w"]):
+            row = y0 + int(torch.randint(min(tile["tile_h"], 21 - y0), (1,), generator=rng))
+            col = x0 + int(torch.randint(min(tile["tile_w"], 19 - x0), (1,), generator=rng))
+            go[0, row, col] *= 1e5
+    go = go.to(x.dtype)
+    results = []
+    for k in (kernels["tiled-fp16"], per_point):
+        gx, gom = torch.full_like(x, float("nan")), torch.full_like(om, float("nan"))
+        k.backward(x, om, om, go, gx, gom, gom)
+        results.append(gx.double())
+    tiled_gx, expected = results
+    assert torch.allclose(tiled_gx, expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+
+
 @pytest.mark.parametrize("name", ["mma-fp16", "mma-tiled-fp16"])
 def test_mma_forward_matches_the_per_point_one_on_hostile_values(kernels, name):
     """NaN / inf / huge offsets and NaN / huge weights: the tensor-core forwards put NaN where the

@@ -98,11 +98,12 @@ def check_tiles(tmp_path: Path, cfg: DCNConfig, tile: dict, lanes: int, shapes) 
 def test_tiled_backward_mapping(tmp_path, case):
     """Every (pixel, group, lane) visited once; samples within the halo have all corners in their
     pixel's band of the region."""
-    from dcngen.generators.template_cuda import bwd_tile_geometry, default_params, lanes
+    from dcngen.generators.template_cuda import launch_params
 
     fields, params, shapes = TILES[case]
     cfg = DCNConfig(**fields, target="cuda:sm_90", params={"bwd_tile": 1, **params})
-    check_tiles(tmp_path, cfg, bwd_tile_geometry(cfg), lanes(cfg, default_params(cfg)["bwd_vec"]), shapes)
+    geometry = launch_params(cfg)[1]
+    check_tiles(tmp_path, cfg, geometry["bwd_tile"], geometry["bwd_lanes"], shapes)
 
 
 # Tiled tensor-core forward: (config fields, params, output shapes (N, Ho, Wo)).
@@ -117,10 +118,8 @@ FORWARD_TILES = [
 def test_tiled_forward_mapping(tmp_path, case):
     """The tensor-core forward's tiles (one thread per pixel): every pixel visited once; samples
     within the halo have all corners in their pixel's band."""
-    from dcngen.generators.jinja import resolve_params
-    from dcngen.generators.template_cuda import PARAM_BOUNDS, default_params, fwd_mma_geometry
+    from dcngen.generators.template_cuda import launch_params
 
     fields, params, shapes = FORWARD_TILES[case]
     cfg = DCNConfig(**fields, target="cuda:sm_90", params={"fwd_mma": 1, **params})
-    geometry = fwd_mma_geometry(cfg, resolve_params(cfg, default_params(cfg), PARAM_BOUNDS))
-    check_tiles(tmp_path, cfg, geometry, 1, shapes)
+    check_tiles(tmp_path, cfg, launch_params(cfg)[1]["fwd_mma"], 1, shapes)

@@ -9,13 +9,14 @@ import zlib
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+from .cuda_archs import LIMITS
 from .errors import ConfigError
 
 OPS = ("dcnv4", "dcnv3")
 BACKENDS = ("template", "tvm")
 CPU_DTYPES = ("float32", "float64", "bfloat16")
 CUDA_DTYPES = ("float32", "float64", "float16", "bfloat16")
-CUDA_ARCHS = ("sm_75", "sm_80", "sm_86", "sm_87", "sm_89", "sm_90", "sm_100", "sm_103", "sm_120")
+CUDA_ARCHS = tuple(LIMITS)
 
 Pair = tuple[int, int]
 

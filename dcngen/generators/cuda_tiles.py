@@ -8,9 +8,9 @@ from __future__ import annotations
 import math
 
 from ..config import DCNConfig
+from ..cuda_archs import LIMITS, REGISTERS_PER_SM, SMEM_RESERVED_PER_BLOCK
 from ..errors import ConfigError
 
-MAX_SMEM = 227 * 1024  # dynamic shared memory per block on sm_90 (sm_80: 163 KB; checked at launch)
 MMA_PIXELS = 8  # output pixels per warp: the N of m16n8k16
 MAX_STATIC_SMEM = 48 * 1024
 
@@ -41,11 +41,22 @@ def mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
             "buffer": buffer, "stage": stage, "smem_bytes": smem}
 
 
-def _register_target(threads: int, smem: int) -> int:
-    """Resident blocks per SM for __launch_bounds__: as many as `smem` bytes of shared memory per
-    block allow (228 KB per SM, 1 KB reserved per block), never so many that fewer than 128
-    registers per thread remain."""
-    return max(1, min((228 * 1024) // (smem + 1024), (65536 // 128) // threads))
+def _register_target(cfg: DCNConfig, threads: int, smem: int) -> int:
+    """Resident blocks per SM for __launch_bounds__: as many as the target's shared memory and
+    thread slots allow for blocks of `threads` threads and `smem` bytes, never so many that fewer
+    than 128 registers per thread remain."""
+    limits = LIMITS[cfg.arch]
+    by_smem = limits.smem_per_sm // (smem + SMEM_RESERVED_PER_BLOCK)
+    return max(1, min(by_smem, limits.threads_per_sm // threads, REGISTERS_PER_SM // 128 // threads))
+
+
+def _check_smem(cfg: DCNConfig, smem: int, what: str, smaller: str) -> None:
+    """Rejects a layout of `smem` bytes per block (`what` names it) beyond the target's limit;
+    `smaller` names the parameters that shrink it."""
+    limit = LIMITS[cfg.arch].smem_per_block
+    if smem > limit:
+        raise ConfigError("params", f"{what} needs {smem // 1024} KB of shared memory per block; {cfg.arch} allows at most {limit // 1024} KB "
+                                    f"(lower {smaller})")
 
 
 def _round_up(n: int, m: int) -> int:
@@ -81,14 +92,13 @@ def bwd_tile_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     stride = cfg.group_channels + 1  # ints per region position: consecutive positions start on different banks
     elems = region["reg_h"] * region["reg_w"] * stride
     smem = elems * 4
-    if smem > MAX_SMEM:
-        raise ConfigError("params", f"bwd_tile {tile_h}x{tile_w} with bwd_halo {params['bwd_halo']} needs {smem // 1024} KB of shared memory; at most {MAX_SMEM // 1024} KB")
+    _check_smem(cfg, smem, f"bwd_tile {tile_h}x{tile_w} with bwd_halo {params['bwd_halo']}", "bwd_tile_h, bwd_tile_w or bwd_halo")
     # sums of up to tile_h * tile_w * P contributions of at most 2^bits each stay below 2^30
     fixed_bits = 30 - math.ceil(math.log2(tile_h * tile_w * cfg.num_points))
     # register cap: 512 resident threads per SM where shared memory allows (the per-point backward's
     # occupancy) for kernels of at most 9 points in whole vectors; others run uncapped
     small = cfg.group_channels % params["bwd_vec"] == 0 and cfg.num_points <= 9
-    min_blocks = _register_target(threads, smem) if small else 1
+    min_blocks = _register_target(cfg, threads, smem) if small else 1
     return {"tile_h": tile_h, "tile_w": tile_w, "threads": threads, "min_blocks": min_blocks, "stride": stride, "elems": elems, "smem_bytes": smem,
             "fixed_bits": fixed_bits,
             "halo": params["bwd_halo"], **region}
@@ -124,9 +134,8 @@ def bwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     union_bytes = max(rows * m_stride * 2, rows * d_stride * 4)  # M, then the dot products
     info_bytes = pixels * cfg.num_points * 16
     smem = x_bytes + go_bytes + union_bytes + info_bytes + _round_up(pixels * om_stride * 2, 16)  # then the offsets' gradients
-    if smem > MAX_SMEM:
-        raise ConfigError("params", f"bwd_mma {tile_h}x{tile_w} with bwd_halo {params['bwd_halo']} needs {smem // 1024} KB of shared memory; at most {MAX_SMEM // 1024} KB")
-    min_blocks = _register_target(threads, smem)  # without one, ptxas picked 80 registers and spilled
+    _check_smem(cfg, smem, f"bwd_mma {tile_h}x{tile_w} with bwd_halo {params['bwd_halo']}", "bwd_mma_h, bwd_mma_w or bwd_halo")
+    min_blocks = _register_target(cfg, threads, smem)  # without one, ptxas picked 80 registers and spilled
     return {"tile_h": tile_h, "tile_w": tile_w, "pixels": pixels, "threads": threads, "min_blocks": min_blocks, "rows": rows, "chunk": chunk,
             "x_stride": x_stride, "m_stride": m_stride, "d_stride": d_stride, "x_offset": 0, "go_offset": x_bytes,
             "m_offset": x_bytes + go_bytes, "info_offset": x_bytes + go_bytes + union_bytes, "om_offset": x_bytes + go_bytes + union_bytes + info_bytes,
@@ -158,10 +167,9 @@ def fwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     pos_offset = m_offset + rows * m_stride * 2
     om_offset = pos_offset + _round_up(pixels * cfg.num_points * 2, 16)  # each sample's row of M (int16)
     smem = om_offset + _round_up(pixels * om_stride * 2, 16)
-    if smem > MAX_SMEM:
-        raise ConfigError("params", f"fwd_mma {tile_h}x{tile_w} with fwd_halo {params['fwd_halo']} and {buffers} region buffers needs "
-                                    f"{smem // 1024} KB of shared memory; at most {MAX_SMEM // 1024} KB")
-    return {"tile_h": tile_h, "tile_w": tile_w, "threads": threads, "warp_tiles": pixels // 16 // warps, "min_blocks": _register_target(threads, smem),
+    _check_smem(cfg, smem, f"fwd_mma {tile_h}x{tile_w} with fwd_halo {params['fwd_halo']} and {buffers} region buffers",
+                "fwd_mma_h, fwd_mma_w or fwd_halo, or fwd_mma_tiles=1")
+    return {"tile_h": tile_h, "tile_w": tile_w, "threads": threads, "warp_tiles": pixels // 16 // warps, "min_blocks": _register_target(cfg, threads, smem),
             "tiles": params["fwd_mma_tiles"], "buffers": buffers, "rows": rows, "x_stride": x_stride, "m_stride": m_stride, "out_stride": out_stride,
             "buffer_bytes": buffer_bytes, "m_offset": m_offset, "pos_offset": pos_offset, "om_offset": om_offset, "om_stride": om_stride,
             "smem_bytes": smem, "halo": params["fwd_halo"], **region}

@@ -17,8 +17,17 @@ _lock = threading.Lock()
 
 
 def build_config(cfg: DCNConfig) -> Artifact:
-    """Generate and build (or find in the cache) the artifact of `cfg`."""
-    return build(generate(cfg))
+    """Generate and build (or find in the cache) the artifact of `cfg`.
+
+    A CUDA template forward whose automatic register cap made ptxas spill is built again with the
+    cap one resident block per SM lower, until it does not spill or is uncapped: the cap is sized
+    for sm_80/sm_90, and other targets' code can need more registers."""
+    art = build(generate(cfg))
+    if not template_cuda.automatic_register_cap(cfg):
+        return art
+    while template_cuda.forward_spills(art.meta["ptxas"]) and art.meta["params"]["min_blocks"] > 1:
+        art = build(generate(cfg.replace(params={**cfg.param_dict, "min_blocks": art.meta["params"]["min_blocks"] - 1})))
+    return art
 
 
 def kernel_for(cfg: DCNConfig, shape: tuple[int, int, int] | None = None):

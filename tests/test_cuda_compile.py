@@ -1,6 +1,7 @@
 """CUDA template kernels compile (no GPU needed): the full DCNv4/DCNv3 x dtype x kernel size x
-group-channels sweep for sm_80 and sm_90 with zero register spills, parameter variants, the real
-builder's artifact and metadata, and generation-time rejection of impossible parameters."""
+group-channels sweep for sm_80 and sm_90 with zero register spills, parameter variants, every other
+supported architecture, the real builder's artifact and metadata, register caps relaxed where they
+spill, and build-time rejection of impossible parameters and of layouts the target cannot hold."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from dcngen.config import DCNConfig
+from dcngen.config import CUDA_ARCHS, DCNConfig
 from dcngen.errors import ConfigError
 from dcngen.generators import generate
 
@@ -239,3 +240,49 @@ def test_shared_memory_limits_follow_the_target():
     small = dict(big, offset_scale=1.0)  # halo 2
     blocks = {arch: launch_params(DCNConfig(**small, target=f"cuda:{arch}"))[1]["fwd_mma"]["min_blocks"] for arch in ("sm_86", "sm_90")}
     assert blocks == {"sm_86": 1, "sm_90": 2}
+
+
+def test_automatic_register_cap_is_relaxed_where_it_spills(tmp_path, monkeypatch):
+    """This forward fits sm_90's 64-register cap but spills under it on sm_100: the built artifact
+    has the cap one block per SM lower and no spills. A cap the config sets stays as it is."""
+    from dcngen.build import build
+    from dcngen.generators.template_cuda import forward_spills, launch_params
+    from dcngen.kernels import build_config
+
+    monkeypatch.setenv("DCNGEN_CACHE", str(tmp_path))
+    cfg = DCNConfig(group=8, group_channels=8, stride=2, padding=2, dilation=2, remove_center=True, dtype="float16", target="cuda:sm_100")
+    automatic = launch_params(cfg)[0]["min_blocks"]
+    assert forward_spills(build(generate(cfg)).meta["ptxas"])
+    art = build_config(cfg)
+    assert not forward_spills(art.meta["ptxas"]) and 1 <= art.meta["params"]["min_blocks"] < automatic
+    explicit = cfg.replace(params={"min_blocks": automatic})
+    assert build_config(explicit).meta["params"]["min_blocks"] == automatic
+
+
+# Every other supported architecture: a few configs of each kernel family compile, without spills
+# (sm_80 and sm_90 run the whole sweep above). mma=1 is only compiled: on sm_120 ptxas caps it at
+# 128 registers and spills 4 bytes; it is opt-in, and fwd_mma is the tiled forward that replaces it.
+OTHER_ARCHS = tuple(a for a in CUDA_ARCHS if a not in ARCHS)
+ARCH_CASES = {
+    "default-fp16": (config("dcnv4", "float16", 3, 32), True),
+    "default-bf16-v3-5x5-c16": (config("dcnv3", "bfloat16", 5, 16), True),
+    "bwd-tile-fp32": (config("dcnv4", "float32", 3, 16, params={"bwd_tile": 1}), True),
+    "tiled-tensor-cores-fp16": (config("dcnv4", "float16", 3, 32, params={"fwd_mma": 1, "bwd_mma": 1}), True),
+    "mma-bf16": (config("dcnv4", "bfloat16", 3, 32, params={"mma": 1}), False),
+}
+
+
+@pytest.mark.parametrize("name", list(ARCH_CASES))
+def test_other_architectures_compile(name):
+    from dcngen.compilers import cuda
+
+    cfg, spill_free = ARCH_CASES[name]
+    tensor_cores = any(cfg.param_dict.get(p) for p in ("mma", "fwd_mma", "bwd_mma"))
+    archs = tuple(a for a in OTHER_ARCHS if not tensor_cores or int(a[3:]) >= 80)
+    report = cuda.ptxas_report(generate(cfg.replace(target=f"cuda:{archs[0]}")), archs)
+    seen = {(k["kernel"], k["arch"]) for k in report}
+    for kernel, arch in itertools.product(expected_kernels(cfg), archs):
+        assert (kernel, arch) in seen, f"{kernel} missing for {arch}"
+    if spill_free:
+        for k in report:
+            assert k["spill_stores"] == 0 and k["spill_loads"] == 0 and k["stack"] == 0, f"{k['kernel']} spills on {k['arch']}: {k}"

@@ -192,6 +192,17 @@ def _auto_min_blocks(cfg: DCNConfig, params: dict[str, int]) -> int:
     return 1
 
 
+def automatic_register_cap(cfg: DCNConfig) -> bool:
+    """Whether the forward's register cap (min_blocks) of this CUDA template config is the
+    heuristic's (_auto_min_blocks), not set by the config."""
+    return cfg.is_cuda and cfg.backend == "template" and "min_blocks" not in cfg.param_dict
+
+
+def forward_spills(ptxas: list[dict]) -> bool:
+    """Whether a ptxas report (compilers.cuda.parse_ptxas) shows the per-point forward spilling."""
+    return any(k["kernel"] == "dcn_forward_kernel" and (k["spill_stores"] or k["spill_loads"]) for k in ptxas)
+
+
 def _check(cfg: DCNConfig, params: dict[str, int]) -> dict:
     """Reject parameter combinations the shell cannot run; returns the launch geometry."""
     size = ITEMSIZE[cfg.dtype]

@@ -119,6 +119,24 @@ def test_tiled_backward_matches_the_per_point_one_on_hostile_values(kernels, nam
         assert torch.allclose(a[finite], b[finite], rtol=4e-3, atol=4e-3 * b[finite].abs().max().item())
 
 
+def test_tiled_forward_grid_follows_the_device(kernels, monkeypatch):
+    """fwd_mma's launcher gives a block up to fwd_mma_tiles tiles, but launches a block per tile on
+    a device with more multiprocessors than that would keep busy: the same bits either way."""
+    import torch
+
+    from dcngen.verify import TORCH_DTYPE, random_problem
+
+    cfg = CASES["mma-tiled-fp16"]
+    x, om = random_problem(cfg, 2, 19, 21, seed=11).op_inputs(TORCH_DTYPE[cfg.dtype])
+    outs = []
+    for sms in ("1", "4096"):
+        monkeypatch.setenv("DCN_EMULATE_SMS", sms)
+        out = torch.full((2, 19, 21, cfg.channels), float("nan"), dtype=x.dtype)
+        kernels["mma-tiled-fp16"].forward(x, om, om, out)
+        outs.append(out)
+    assert not outs[0].isnan().any() and torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_tiled_backward_bound_covers_every_pixel(kernels, seed, monkeypatch):
     """One pixel per tile with grad_out 1e5 times the others': the tiled backward's fixed-point

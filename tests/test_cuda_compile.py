@@ -231,13 +231,16 @@ def test_shared_memory_limits_follow_the_target():
     naming the architecture and its limit; register caps (blocks per SM) follow its SM."""
     from dcngen.generators.template_cuda import launch_params
 
-    big = dict(op="dcnv4", group=4, group_channels=32, dtype="float16", offset_scale=2.0, params={"fwd_mma": 1})  # halo 4: a 21x21 region
-    assert launch_params(DCNConfig(**big, target="cuda:sm_90"))[1]["fwd_mma"]["smem_bytes"] > 99 * 1024
+    big = dict(op="dcnv4", group=4, group_channels=32, dtype="float16", offset_scale=2.0)  # default halo 4: a 21x21 region
+    assert launch_params(DCNConfig(**big, target="cuda:sm_90", params={"fwd_mma": 1}))[1]["fwd_mma"]["smem_bytes"] > 99 * 1024
     for arch in ("sm_86", "sm_89", "sm_120"):
         with pytest.raises(ConfigError, match=f"{arch} allows at most 99 KB") as e:
-            generate(DCNConfig(**big, target=f"cuda:{arch}"))
+            generate(DCNConfig(**big, target=f"cuda:{arch}", params={"fwd_mma": 1, "fwd_halo": 4}))
         assert e.value.field == "params" and "fwd_halo" in str(e.value)
-    small = dict(big, offset_scale=1.0)  # halo 2
+        # left to the default, the halo shrinks until the layout fits
+        params, geometry = launch_params(DCNConfig(**big, target=f"cuda:{arch}", params={"fwd_mma": 1, "bwd_mma": 1}))
+        assert 1 <= params["fwd_halo"] < 4 and geometry["fwd_mma"]["smem_bytes"] <= 99 * 1024 and geometry["bwd_mma"]["smem_bytes"] <= 99 * 1024
+    small = dict(big, offset_scale=1.0, params={"fwd_mma": 1})  # halo 2
     blocks = {arch: launch_params(DCNConfig(**small, target=f"cuda:{arch}"))[1]["fwd_mma"]["min_blocks"] for arch in ("sm_86", "sm_90")}
     assert blocks == {"sm_86": 1, "sm_90": 2}
 

@@ -50,13 +50,33 @@ def _register_target(cfg: DCNConfig, threads: int, smem: int) -> int:
     return max(1, min(by_smem, limits.threads_per_sm // threads, REGISTERS_PER_SM // 128 // threads))
 
 
+class LayoutTooLarge(ConfigError):
+    """A layout needs more shared memory per block than the target has."""
+
+
 def _check_smem(cfg: DCNConfig, smem: int, what: str, smaller: str) -> None:
     """Rejects a layout of `smem` bytes per block (`what` names it) beyond the target's limit;
     `smaller` names the parameters that shrink it."""
     limit = LIMITS[cfg.arch].smem_per_block
     if smem > limit:
-        raise ConfigError("params", f"{what} needs {smem // 1024} KB of shared memory per block; {cfg.arch} allows at most {limit // 1024} KB "
-                                    f"(lower {smaller})")
+        raise LayoutTooLarge("params", f"{what} needs {smem // 1024} KB of shared memory per block; {cfg.arch} allows at most {limit // 1024} KB "
+                                       f"(lower {smaller})")
+
+
+def fitting_halo(cfg: DCNConfig, params: dict[str, int], halo: str, geometry) -> int:
+    """params[halo], or where the config leaves it to the default, the largest halo up to it for
+    which geometry(cfg, params) fits the target's shared memory (0 at least; samples beyond a
+    smaller halo take the per-point path)."""
+    value = params[halo]
+    if halo in cfg.param_dict:
+        return value
+    while value > 0:
+        try:
+            geometry(cfg, {**params, halo: value})
+            return value
+        except LayoutTooLarge:
+            value -= 1
+    return value
 
 
 def _round_up(n: int, m: int) -> int:

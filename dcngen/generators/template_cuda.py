@@ -22,6 +22,8 @@ Parameters (cfg.params; defaults from `default_params`):
                        32-bit fixed point scaled to the tile's max|grad_out| x max|mask|, before one
                        atomic add per position; contributions beyond the region go to global memory
   bwd_tile_h / bwd_tile_w / bwd_tile_threads / bwd_halo  its tile, threads per block and margin
+                       (bwd_halo, fwd_halo default: 2 |offset_scale|, at least 1, lowered where
+                       the layout would not fit the target's shared memory)
   mma                  1: tensor-core forward (fp16/bf16, group_channels % 8 == 0, sm_80+): a warp
                        stages the corner rows of 8 pixels per point in shared memory (cp.async) and
                        multiplies them by the block-diagonal coefficient matrix with m16n8k16 mma,
@@ -58,7 +60,7 @@ import math
 from ..config import DCNConfig
 from ..errors import ConfigError
 from ..source import KernelSource
-from .cuda_tiles import bwd_mma_geometry, bwd_tile_geometry, fits_twice, fwd_mma_geometry, mma_geometry
+from .cuda_tiles import bwd_mma_geometry, bwd_tile_geometry, fits_twice, fitting_halo, fwd_mma_geometry, mma_geometry
 from .jinja import render, resolve_params
 
 BACKWARD_ZEROES_PADDING = True  # the backward writes DCNv4's padding gradient channels (zeros)
@@ -235,6 +237,7 @@ def launch_params(cfg: DCNConfig) -> tuple[dict[str, int], dict]:
     if params["mma"]:
         geometry["mma"] = mma_geometry(cfg, params)
     if params["fwd_mma"]:
+        params["fwd_halo"] = fitting_halo(cfg, {**params, "fwd_mma_tiles": params["fwd_mma_tiles"] or 1}, "fwd_halo", fwd_mma_geometry)
         if params["fwd_mma_tiles"] == 0:
             params["fwd_mma_tiles"] = 4 if fits_twice(lambda: fwd_mma_geometry(cfg, {**params, "fwd_mma_tiles": 4})) else 1
         geometry["fwd_mma"] = fwd_mma_geometry(cfg, params)
@@ -242,8 +245,10 @@ def launch_params(cfg: DCNConfig) -> tuple[dict[str, int], dict]:
     if params["min_blocks"] == 0:
         params["min_blocks"] = _auto_min_blocks(cfg, params)
     if params["bwd_tile"]:
+        params["bwd_halo"] = fitting_halo(cfg, params, "bwd_halo", bwd_tile_geometry)
         geometry["bwd_tile"] = bwd_tile_geometry(cfg, params)
     if params["bwd_mma"]:
+        params["bwd_halo"] = fitting_halo(cfg, params, "bwd_halo", bwd_mma_geometry)
         geometry["bwd_mma"] = bwd_mma_geometry(cfg, params)
     return params, geometry
 

@@ -109,7 +109,7 @@ def _dcnv4(op, input, offset_mask, *args):
 
 def _dcnv3(op, input, offset, mask, *args):
     cfg = _config("dcnv3", *args)
-    g, p = cfg.group, cfg.num_points
+    g = cfg.group
     ints = lambda v: op.Constant(value_ints=[int(a) for a in v])  # noqa: E731
     return _deform_conv(op, cfg, input, op.Reshape(offset, ints([0, 0, 0, g, -1, 2])), op.Reshape(mask, ints([0, 0, 0, g, -1, 1])))
 

@@ -37,8 +37,6 @@ TOLERANCE = {"float64": (1e-9, 1e-10), "float32": (2e-4, 2e-5), "bfloat16": (2e-
 # Samples closer than this to an integer grid line are moved (see module docstring).
 GRID_MARGIN = {"float64": 1e-7, "float32": 2e-3, "bfloat16": 2e-3}
 FAR = 1.0e4  # an offset this large puts a sample far outside every test image
-# the SIMT emulator (dcngen.kernels.emulated_kernel) compiles against the CUDA toolkit's headers
-CUDA_HEADERS = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include", "cuda_fp16.h").is_file()
 
 
 def available_backends() -> list[str]:

@@ -6,12 +6,26 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
+from dcngen.compilers import cuda
 from dcngen.config import DCNConfig
+from dcngen.errors import BuildError
 from dcngen.verify import rel_err  # noqa: F401  (re-exported for the tests)
 
 VECTORS = Path(__file__).resolve().parent / "data" / "dcnv4_torchvision.npz"  # golden vectors computed by torchvision
+
+
+def _cuda_toolkit() -> bool:
+    try:
+        return Path(cuda.nvcc()).is_file() and Path(cuda.cuda_home(), "include", "cuda_fp16.h").is_file()
+    except BuildError:
+        return False
+
+
+# nvcc and the CUDA headers: the CUDA compile tests and the SIMT emulator's host builds need them
+needs_cuda_toolkit = pytest.mark.skipif(not _cuda_toolkit(), reason="needs the CUDA toolkit (nvcc and its headers)")
 
 
 def golden_cases() -> list[tuple[str, dict]]:

@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from helpers import needs_cuda_toolkit
 
 from dcngen.config import CUDA_ARCHS, DCNConfig
 from dcngen.errors import ConfigError
 from dcngen.generators import generate
 
-NVCC = shutil.which("nvcc") or (os.path.exists("/usr/local/cuda/bin/nvcc") and "/usr/local/cuda/bin/nvcc")
-pytestmark = pytest.mark.skipif(not NVCC, reason="nvcc not available")
+pytestmark = needs_cuda_toolkit
 
 ARCHS = ("sm_80", "sm_90")
 

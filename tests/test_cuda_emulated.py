@@ -7,18 +7,16 @@ the tiled backward, the tensor-core forwards and backward and the launch sizes, 
 
 from __future__ import annotations
 
-import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from helpers import needs_cuda_toolkit
 
 from dcngen.config import DCNConfig
 from dcngen.kernels import emulated_kernel
 from dcngen.verify import TOLERANCE, verify_kernel
 
-NVCC = shutil.which("nvcc") or (os.path.exists("/usr/local/cuda/bin/nvcc") and "/usr/local/cuda/bin/nvcc")
-pytestmark = pytest.mark.skipif(not NVCC, reason="the emulator needs the CUDA toolkit's headers")
+pytestmark = needs_cuda_toolkit
 
 
 def cuda(**kw) -> DCNConfig:

@@ -6,16 +6,15 @@ which a read that no barrier orders after a write sees it early."""
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
+from helpers import needs_cuda_toolkit
 import torch
 
 from dcngen.compilers import cuda
 from dcngen.generators.jinja import environment
 
-NVCC = shutil.which("nvcc") or (os.path.exists("/usr/local/cuda/bin/nvcc") and "/usr/local/cuda/bin/nvcc")
-pytestmark = pytest.mark.skipif(not NVCC, reason="the emulator needs the CUDA toolkit's headers")
+pytestmark = needs_cuda_toolkit
 
 KERNELS = r"""
 #include <tvm/ffi/container/tensor.h>

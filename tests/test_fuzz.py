@@ -25,7 +25,8 @@ import os
 import random
 
 import pytest
-from fuzzkit import CUDA_HEADERS, available_backends, check_case, config_pool, describe, fuzz_cases_total, per_config, random_case, tensor_core_pool
+from helpers import needs_cuda_toolkit
+from fuzzkit import available_backends, check_case, config_pool, describe, fuzz_cases_total, per_config, random_case, tensor_core_pool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -63,7 +64,7 @@ TC_POOL = tensor_core_pool(int(os.environ.get("DCNGEN_FUZZ_TC_CONFIGS", 6)), SEE
 TC_CASES = int(os.environ.get("DCNGEN_FUZZ_TC_CASES", 6))
 
 
-@pytest.mark.skipif(not CUDA_HEADERS, reason="the SIMT emulator needs the CUDA toolkit's headers")
+@needs_cuda_toolkit
 @pytest.mark.parametrize("cfg", TC_POOL, ids=[c.key for c in TC_POOL])
 def test_fuzz_tensor_core_kernels_on_the_emulator(cfg, monkeypatch):
     """Each case also runs the blocks' warps in an order of its own (DCN_EMULATE_SEED)."""

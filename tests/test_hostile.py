@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import needs_cuda_toolkit
 import torch
 from fuzzkit import (
-    CUDA_HEADERS,
     FAR,
     TORCH_DTYPE,
     Case,
@@ -139,7 +139,7 @@ EMULATED = [
 ][: 1 if SANITIZED else None]
 
 
-@pytest.mark.skipif(not CUDA_HEADERS, reason="the SIMT emulator needs the CUDA toolkit's headers")
+@needs_cuda_toolkit
 @pytest.mark.parametrize("cfg", EMULATED, ids=[c.key for c in EMULATED])
 def test_emulated_cuda_kernels_on_hostile_offsets(cfg):
     """The CUDA kernels on the SIMT emulator: hostile offsets contribute nothing. Under
@@ -155,7 +155,7 @@ def test_emulated_cuda_kernels_on_hostile_offsets(cfg):
     assert_matches(cfg, case, [("emulated cuda", out, gx, off, m)], ref, live)
 
 
-@pytest.mark.skipif(not CUDA_HEADERS, reason="the SIMT emulator needs the CUDA toolkit's headers")
+@needs_cuda_toolkit
 @pytest.mark.parametrize("cfg", EMULATED, ids=[c.key for c in EMULATED])
 def test_emulated_cuda_kernels_on_nan_input_pixel(cfg):
     """The CUDA kernels on the SIMT emulator: a NaN input pixel poisons exactly the samples that read

@@ -212,6 +212,6 @@ def test_cli_verify_emulate(kernels):
 
     result = CliRunner().invoke(app, ["verify", "--target", "cuda:sm_90", "--group-channels", "16", "--emulate"])
     assert result.exit_code == 0, result.output
-    assert "SIMT emulator" in result.output and result.output.count("PASS") == 3
+    assert "SIMT emulator, 3 warp orders" in result.output and result.output.count("PASS") == 3
     result = CliRunner().invoke(app, ["verify", "--emulate"])
     assert result.exit_code == 2 and "--emulate" in result.output

@@ -288,3 +288,18 @@ def test_other_architectures_compile(name):
     if spill_free:
         for k in report:
             assert k["spill_stores"] == 0 and k["spill_loads"] == 0 and k["stack"] == 0, f"{k['kernel']} spills on {k['arch']}: {k}"
+
+
+def test_float32_tiled_backward_keeps_enough_fixed_point_bits():
+    """bwd_tile's fixed-point sums lose float32 accuracy in large tiles of many points: an explicit
+    such tile is rejected, naming the limit; the default tile shrinks for float32 (16-bit dtypes
+    keep 8x16)."""
+    from dcngen.generators.template_cuda import launch_params
+
+    with pytest.raises(ConfigError, match="float32 needs 21") as e:
+        generate(config("dcnv4", "float32", 7, 16, params={"bwd_tile": 1, "bwd_tile_h": 8, "bwd_tile_w": 16}))
+    assert e.value.field == "params" and "bwd_tile_h" in str(e.value)
+    for k in (3, 5, 7):
+        params, geometry = launch_params(config("dcnv4", "float32", k, 16, params={"bwd_tile": 1}))
+        assert geometry["bwd_tile"]["fixed_bits"] >= 21 and params["bwd_tile_h"] * params["bwd_tile_w"] * k * k <= 512
+    assert launch_params(config("dcnv4", "float16", 7, 16, params={"bwd_tile": 1}))[0]["bwd_tile_w"] == 16

@@ -98,6 +98,13 @@ def tile_region(cfg: DCNConfig, tile_h: int, tile_w: int, halo: int) -> dict[str
     return region
 
 
+# The tiled backward's fixed-point bits per contribution that float32 sums need: its error is a
+# fraction 2^-bits of the tile's bound per contribution; at 18 bits (8x16 tiles of 21 points)
+# fuzzed fp32 input gradients missed float32's tolerance, at 19 and more they met it.
+FP32_FIXED_BITS = 21
+FP32_TILE_SAMPLES = 1 << (30 - FP32_FIXED_BITS)  # pixels x points per tile that leave those bits
+
+
 def bwd_tile_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     """The tiled backward's geometry; rejects parameter combinations it cannot run."""
     if params["deterministic"]:
@@ -115,6 +122,10 @@ def bwd_tile_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     _check_smem(cfg, smem, f"bwd_tile {tile_h}x{tile_w} with bwd_halo {params['bwd_halo']}", "bwd_tile_h, bwd_tile_w or bwd_halo")
     # sums of up to tile_h * tile_w * P contributions of at most 2^bits each stay below 2^30
     fixed_bits = 30 - math.ceil(math.log2(tile_h * tile_w * cfg.num_points))
+    if cfg.dtype == "float32" and fixed_bits < FP32_FIXED_BITS:
+        raise ConfigError("params", f"bwd_tile {tile_h}x{tile_w} sums {tile_h * tile_w} pixels x {cfg.num_points} points of float32 in 32-bit fixed point, "
+                                    f"{fixed_bits} bits each; float32 needs {FP32_FIXED_BITS} (at most {FP32_TILE_SAMPLES} pixel-points per tile: smaller "
+                                    f"bwd_tile_h / bwd_tile_w)")
     # register cap: 512 resident threads per SM where shared memory allows (the per-point backward's
     # occupancy) for kernels of at most 9 points in whole vectors; others run uncapped
     small = cfg.group_channels % params["bwd_vec"] == 0 and cfg.num_points <= 9

@@ -60,7 +60,7 @@ import math
 from ..config import DCNConfig
 from ..errors import ConfigError
 from ..source import KernelSource
-from .cuda_tiles import bwd_mma_geometry, bwd_tile_geometry, fits_twice, fitting_halo, fwd_mma_geometry, mma_geometry
+from .cuda_tiles import FP32_TILE_SAMPLES, bwd_mma_geometry, bwd_tile_geometry, fits_twice, fitting_halo, fwd_mma_geometry, mma_geometry
 from .jinja import render, resolve_params
 
 BACKWARD_ZEROES_PADDING = True  # the backward writes DCNv4's padding gradient channels (zeros)
@@ -130,6 +130,15 @@ def _default_vec(cfg: DCNConfig) -> int:
     return vec
 
 
+def _bwd_tile_shape(cfg: DCNConfig) -> dict[str, int]:
+    """The tiled backward's default tile: 8x16, or for float32 the largest of 8x16, 8x8, 4x8, ...
+    whose pixels x points leave its fixed-point sums the bits float32 needs."""
+    h, w = 8, 16
+    while cfg.dtype == "float32" and h * w * cfg.num_points > FP32_TILE_SAMPLES and h * w > 1:
+        h, w = (h // 2, w) if h >= w and h > 1 else (h, w // 2)
+    return {"bwd_tile_h": h, "bwd_tile_w": w}
+
+
 def default_params(cfg: DCNConfig) -> dict[str, int]:
     vec = _default_vec(cfg)
     per_pixel = cfg.group * lanes(cfg, vec)
@@ -153,8 +162,7 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
         # fp16: half2 vector atomics into grad_x; bf16 keeps the fp32 accumulator (8-bit mantissa)
         "atomic_dtype": 1 if cfg.dtype == "float16" else 0,
         "bwd_tile": 0,
-        "bwd_tile_h": 8,
-        "bwd_tile_w": 16,
+        **_bwd_tile_shape(cfg),
         "bwd_tile_threads": 256,
         # the region covers offsets up to +-2 (before offset_scale) around the kernel footprint
         "bwd_halo": max(1, math.ceil(2 * abs(cfg.offset_scale))),

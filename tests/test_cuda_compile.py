@@ -303,3 +303,6 @@ def test_float32_tiled_backward_keeps_enough_fixed_point_bits():
         params, geometry = launch_params(config("dcnv4", "float32", k, 16, params={"bwd_tile": 1}))
         assert geometry["bwd_tile"]["fixed_bits"] >= 21 and params["bwd_tile_h"] * params["bwd_tile_w"] * k * k <= 512
     assert launch_params(config("dcnv4", "float16", 7, 16, params={"bwd_tile": 1}))[0]["bwd_tile_w"] == 16
+    # a thread per pixel and lane, up to 256: a 2x4 tile of 4 lanes per pixel is one warp
+    params, geometry = launch_params(config("dcnv4", "float32", 7, 16, params={"bwd_tile": 1}))
+    assert (params["bwd_tile_h"], params["bwd_tile_w"], geometry["bwd_lanes"], params["bwd_tile_threads"]) == (2, 4, 4, 32)

@@ -130,13 +130,15 @@ def _default_vec(cfg: DCNConfig) -> int:
     return vec
 
 
-def _bwd_tile_shape(cfg: DCNConfig) -> dict[str, int]:
-    """The tiled backward's default tile: 8x16, or for float32 the largest of 8x16, 8x8, 4x8, ...
-    whose pixels x points leave its fixed-point sums the bits float32 needs."""
+def _bwd_tile_shape(cfg: DCNConfig, vec: int) -> dict[str, int]:
+    """The tiled backward's default tile and block: 8x16, or for float32 the largest of 8x16, 8x8,
+    4x8, ... whose pixels x points leave its fixed-point sums the bits float32 needs; a thread per
+    pixel and lane (`vec` channels each) up to 256 threads."""
     h, w = 8, 16
     while cfg.dtype == "float32" and h * w * cfg.num_points > FP32_TILE_SAMPLES and h * w > 1:
         h, w = (h // 2, w) if h >= w and h > 1 else (h, w // 2)
-    return {"bwd_tile_h": h, "bwd_tile_w": w}
+    threads = min(TARGET_THREADS, -(-h * w * lanes(cfg, vec) // 32) * 32)
+    return {"bwd_tile_h": h, "bwd_tile_w": w, "bwd_tile_threads": threads}
 
 
 def default_params(cfg: DCNConfig) -> dict[str, int]:
@@ -162,8 +164,7 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
         # fp16: half2 vector atomics into grad_x; bf16 keeps the fp32 accumulator (8-bit mantissa)
         "atomic_dtype": 1 if cfg.dtype == "float16" else 0,
         "bwd_tile": 0,
-        **_bwd_tile_shape(cfg),
-        "bwd_tile_threads": 256,
+        **_bwd_tile_shape(cfg, vec),
         # the region covers offsets up to +-2 (before offset_scale) around the kernel footprint
         "bwd_halo": max(1, math.ceil(2 * abs(cfg.offset_scale))),
         "mma": 0,

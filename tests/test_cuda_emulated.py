@@ -94,7 +94,7 @@ def test_tiled_backward_matches_the_per_point_one_on_hostile_values(kernels, nam
     every finite value agrees."""
     import torch
 
-    from dcngen.verify import TORCH_DTYPE, random_problem
+    from dcngen.verify import TORCH_DTYPE, poisoned_call, random_problem
 
     tiled = CASES[name]
     per_point = tiled.replace(params=())
@@ -106,11 +106,7 @@ def test_tiled_backward_matches_the_per_point_one_on_hostile_values(kernels, nam
     om[0, 12, 2, 2 * tiled.num_points + 1] = float("nan")  # a weight: its tile's bound is NaN
     go = torch.randn(1, 21, 19, tiled.channels).to(x.dtype)
     go[0, 18, 17, 5] = float("inf")
-    results = []
-    for k in (kernels[name], kernel):
-        gx, gom = torch.full_like(x, float("nan")), torch.full_like(om, float("nan"))
-        k.backward(x, om, om, go, gx, gom, gom)
-        results.append((gx.double(), gom.double()))
+    results = [[t.double() for t in poisoned_call(tiled, k, (x, om), go)[1:3]] for k in (kernels[name], kernel)]
     for a, b in zip(*results):
         assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
         finite = a.isfinite()
@@ -143,7 +139,7 @@ def test_tiled_backward_bound_covers_every_pixel(kernels, seed, monkeypatch):
     import torch
 
     from dcngen.generators.template_cuda import launch_params
-    from dcngen.verify import TORCH_DTYPE, random_problem
+    from dcngen.verify import TORCH_DTYPE, poisoned_call, random_problem
 
     tiled = CASES["tiled-fp16"]
     tile = launch_params(tiled)[1]["bwd_tile"]
@@ -157,13 +153,7 @@ def test_tiled_backward_bound_covers_every_pixel(kernels, seed, monkeypatch):
             row = y0 + int(torch.randint(min(tile["tile_h"], 21 - y0), (1,), generator=rng))
             col = x0 + int(torch.randint(min(tile["tile_w"], 19 - x0), (1,), generator=rng))
             go[0, row, col] *= 1e5
-    go = go.to(x.dtype)
-    results = []
-    for k in (kernels["tiled-fp16"], per_point):
-        gx, gom = torch.full_like(x, float("nan")), torch.full_like(om, float("nan"))
-        k.backward(x, om, om, go, gx, gom, gom)
-        results.append(gx.double())
-    tiled_gx, expected = results
+    tiled_gx, expected = (poisoned_call(tiled, k, (x, om), go)[1].double() for k in (kernels["tiled-fp16"], per_point))
     assert torch.allclose(tiled_gx, expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
 
 

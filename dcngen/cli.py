@@ -187,7 +187,7 @@ def tune(cfg: DCNConfig, shape: Shapes = None, trials: Annotated[int, typer.Opti
     from .tune import LocalExecutor, RPCExecutor, process_age, tune as run_tune
 
     if list_records:
-        table = Table(title=f"tuning records in {records.RECORDS_DIR}")
+        table = Table(title=f"tuning records in {', '.join(map(str, records.folders()))}")
         for col in ("machine", "config", "bucket N,HW", "best params", "best ms", "default ms", "measured", "failed"):
             table.add_column(col)
         for fp, r in records.all_records():

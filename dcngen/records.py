@@ -1,7 +1,8 @@
 """Tuning records: measured kernel parameters per target machine, op config and input-shape bucket.
 
-One JSON file per target fingerprint under schedules/records/ (`<fingerprint>.json`, sorted keys,
-indented, so a re-tune reads as a diff). Layout:
+One JSON file per target fingerprint (`<fingerprint>.json`, sorted keys, indented, so a re-tune
+reads as a diff) in the record folders of `settings.records_dirs()`: a checkout's
+schedules/records/, or the user's folder and then the wheel's records for an installed dcngen. Layout:
 
     {"fingerprint": "...", "machine": {...},
      "records": {"<config key>|v<generator version>|n<N>_hw<H*W>": {
@@ -30,9 +31,8 @@ from pathlib import Path
 
 from .config import DCNConfig
 from .errors import DCNGenError
-from .settings import REPO_ROOT
+from .settings import records_dirs
 
-RECORDS_DIR = REPO_ROOT / "schedules" / "records"
 FORMAT = 1
 
 
@@ -115,8 +115,14 @@ def parse_params_name(name: str) -> dict[str, int]:
     return {k: int(v) for k, _, v in (item.partition("=") for item in name.split(",") if item)}
 
 
+def folders(root: Path | None = None) -> tuple[Path, ...]:
+    """The record folders, in lookup order: `root` alone where given, else `settings.records_dirs()`."""
+    return (Path(root),) if root else records_dirs()
+
+
 def path_for(target: str, root: Path | None = None) -> Path:
-    return Path(root or RECORDS_DIR) / f"{fingerprint(target)}.json"
+    """The file `target`'s records are written to: in the first record folder."""
+    return folders(root)[0] / f"{fingerprint(target)}.json"
 
 
 def load(path: Path) -> dict:
@@ -171,15 +177,17 @@ def _cached_file(path: str, mtime: float) -> dict:
 
 
 def _candidate_files(target: str, root: Path | None) -> list[Path]:
-    """This machine's record file; for a CUDA target with no such GPU here, every file of its architecture."""
-    exact = path_for(target, root)
+    """This machine's record files, in folder order; for a CUDA target with no such GPU here, every
+    file of its architecture."""
     if target == "cpu" or machine(target)["gpu"] is not None:
-        return [exact]
-    return sorted(Path(root or RECORDS_DIR).glob(f"cuda-*-{target.split(':', 1)[1].replace('_', '')}.json"))
+        return [folder / f"{fingerprint(target)}.json" for folder in folders(root)]
+    pattern = f"cuda-*-{target.split(':', 1)[1].replace('_', '')}.json"
+    return [path for folder in folders(root) for path in sorted(folder.glob(pattern))]
 
 
 def lookup(cfg: DCNConfig, shape: tuple[int, int, int], root: Path | None = None) -> dict | None:
-    """The record of the nearest shape bucket for cfg on this machine, or None."""
+    """The record of the nearest shape bucket for cfg on this machine, or None (at equal distance,
+    the earlier folder's)."""
     want = bucket(shape)
     prefix = f"{config_key(cfg)}|v{generator_version()}|"
     best, best_dist = None, math.inf
@@ -220,9 +228,9 @@ def tuned_config(cfg: DCNConfig, bkt: tuple[int, int]) -> DCNConfig:
 
 
 def all_records(root: Path | None = None) -> list[tuple[str, dict]]:
-    """(fingerprint, record) for every record file under `root`."""
+    """(fingerprint, record) for every record file in the record folders."""
     out = []
-    for path in sorted(Path(root or RECORDS_DIR).glob("*.json")):
+    for path in [path for folder in folders(root) for path in sorted(folder.glob("*.json"))]:
         try:
             data = load(path)
         except DCNGenError:

@@ -1,16 +1,48 @@
-"""Every environment knob dcngen reads, in one place."""
+"""Every environment knob and data location dcngen reads, in one place.
+
+dcngen runs either from a source checkout (editable install, or the tree on PYTHONPATH) or from an
+installed wheel. A checkout keeps its data beside the package (`templates/`, `schedules/`) and
+writes into the checkout (`generated/`, `schedules/records/`, which is meant to be committed); a
+wheel carries the data inside the package (`dcngen/templates/`, `dcngen/schedules/`) and writes
+into the user's cache and data folders.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = Path(__file__).resolve().parent
+INSTALLED = (PACKAGE_DIR / "templates").is_dir()  # the wheel's layout
+DATA_ROOT = PACKAGE_DIR if INSTALLED else PACKAGE_DIR.parent
+TEMPLATE_DIR = DATA_ROOT / "templates"
+SCHEDULE_DIR = DATA_ROOT / "schedules"
+SHIPPED_RECORDS_DIR = SCHEDULE_DIR / "records"
+
+
+def _user_dir(xdg_variable: str, fallback: str) -> Path:
+    return Path(os.environ.get(xdg_variable) or Path.home() / fallback) / "dcngen"
 
 
 def cache_root() -> Path:
-    """The artifact cache: $DCNGEN_CACHE, else the checkout's generated/ folder."""
-    return Path(os.environ.get("DCNGEN_CACHE") or REPO_ROOT / "generated").expanduser()
+    """The artifact cache: $DCNGEN_CACHE, else the checkout's generated/ folder, else
+    $XDG_CACHE_HOME/dcngen (~/.cache/dcngen) for an installed dcngen."""
+    if os.environ.get("DCNGEN_CACHE"):
+        return Path(os.environ["DCNGEN_CACHE"]).expanduser()
+    return _user_dir("XDG_CACHE_HOME", ".cache") if INSTALLED else DATA_ROOT / "generated"
+
+
+def records_dirs() -> tuple[Path, ...]:
+    """Tuning record folders, in lookup order; `dcngen tune` writes into the first.
+
+    $DCNGEN_RECORDS alone where set; else the checkout's schedules/records/; else, for an installed
+    dcngen, $XDG_DATA_HOME/dcngen/records (~/.local/share/dcngen/records) and then the records
+    shipped in the wheel."""
+    if os.environ.get("DCNGEN_RECORDS"):
+        return (Path(os.environ["DCNGEN_RECORDS"]).expanduser(),)
+    if INSTALLED:
+        return (_user_dir("XDG_DATA_HOME", ".local/share") / "records", SHIPPED_RECORDS_DIR)
+    return (SHIPPED_RECORDS_DIR,)
 
 
 def sanitize() -> bool:

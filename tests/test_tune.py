@@ -28,7 +28,7 @@ def _record(cfg: DCNConfig, bkt, best: dict, ms: float = 1.0) -> dict:
 @pytest.fixture
 def root(tmp_path, monkeypatch):
     """An empty records directory, and no stale lookups cached from other tests."""
-    monkeypatch.setattr(records, "RECORDS_DIR", tmp_path)
+    monkeypatch.setenv("DCNGEN_RECORDS", str(tmp_path))
     records.tuned_config.cache_clear()
     yield tmp_path
     records.tuned_config.cache_clear()

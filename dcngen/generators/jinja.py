@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import asdict
-from pathlib import Path
 
 import jinja2
 
 from ..config import DCNConfig
 from ..errors import ConfigError
 from ..layout import offset_layout
-
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "templates"
+from ..settings import TEMPLATE_DIR
 
 ACC_TYPE = {"float64": "double"}  # everything else accumulates in float
 

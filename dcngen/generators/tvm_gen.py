@@ -15,11 +15,9 @@ import json
 
 from ..config import DCNConfig
 from ..errors import ConfigError
-from ..settings import REPO_ROOT
+from ..settings import SCHEDULE_DIR
 from ..source import KernelSource
 from .jinja import resolve_params
-
-SCHEDULE_DIR = REPO_ROOT / "schedules"
 
 
 @functools.lru_cache(maxsize=None)

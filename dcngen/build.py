@@ -1,7 +1,9 @@
 """The builder: KernelSource -> compiled, content-addressed Artifact in the cache.
 
-Key = sha256 of everything that can change the binary (generator version, language, source
-text, flags, compiler version/host CPU). Builds run under a per-key file lock in a private
+Key = sha256 of everything that can change the binary: the source key (generator version,
+language, source text, flags, what the compiler builds for, such as the host CPU) and the
+compiler's version. A machine without the compiler (a GPU machine without nvcc) still finds a
+library built elsewhere for the same source key, copied into its cache. Builds run under a per-key file lock in a private
 staging directory that is published with one rename after meta.json (with the library's size
 and sha256) is written, so readers never see half an artifact; a corrupt artifact fails that
 check and is rebuilt.
@@ -54,14 +56,23 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def artifact_key(source: KernelSource) -> str:
-    """Readable prefix + hash of everything that determines the compiled library."""
+def _sha256_json(parts: list) -> str:
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def source_key(source: KernelSource) -> str:
+    """Hash of what determines the library apart from the compiler's version; needs no compiler."""
     compiler = compiler_for(source.language)
-    parts = [GENERATOR_VERSION, source.language, source.text, list(source.flags), compiler.version(), settings.sanitize()]
+    parts = [GENERATOR_VERSION, source.language, source.text, list(source.flags), compiler.built_for(), settings.sanitize()]
     if settings.sanitize():  # the sanitizer flags the compiler adds are part of the binary too
         parts.append(list(getattr(compiler, "SANITIZE_FLAGS", ())) + list(getattr(compiler, "SANITIZE_LDFLAGS", ())))
-    payload = json.dumps(parts)
-    return f"{source.name}_{hashlib.sha256(payload.encode()).hexdigest()[:20]}"
+    return _sha256_json(parts)
+
+
+def artifact_key(source: KernelSource) -> str:
+    """Readable prefix + hash of everything that determines the compiled library (runs the compiler
+    for its version: BuildError where it is missing)."""
+    return f"{source.name}_{_sha256_json([source_key(source), compiler_for(source.language).version()])[:20]}"
 
 
 _fallback_warned: set[str] = set()
@@ -118,9 +129,27 @@ def _published(path: Path) -> Artifact | None:
 
 
 def lookup(source: KernelSource) -> Artifact | None:
-    """The cached artifact of `source`, or None (no compiler run)."""
-    key = artifact_key(source)
+    """The cached artifact of `source`, or None (no compile; without the compiler, a prebuilt one)."""
+    try:
+        key = artifact_key(source)
+    except BuildError:
+        return prebuilt(source)
     return _published(settings.cache_root() / key) or _published(cache_dir() / key)
+
+
+def prebuilt(source: KernelSource) -> Artifact | None:
+    """An intact artifact in the cache for `source`'s source key, built by any compiler version (the
+    newest), or None. This is how a machine without the compiler runs libraries built elsewhere."""
+    want = source_key(source)
+    try:
+        folders = sorted(settings.cache_root().glob(f"{source.name}_*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    except OSError:
+        return None
+    for folder in folders:
+        art = _published(folder)
+        if art is not None and art.meta.get("source_key") == want:
+            return art
+    return None
 
 
 def build(source: KernelSource) -> Artifact:
@@ -130,21 +159,27 @@ def build(source: KernelSource) -> Artifact:
     published then, and the source is kept under `<cache>/.failed/` for inspection. A cache that
     cannot be written (read-only, full) falls back to a temporary directory with a warning.
     """
-    if (art := _published(settings.cache_root() / artifact_key(source))) is not None:
+    try:
+        key = artifact_key(source)
+    except BuildError as e:  # no compiler here
+        if (art := prebuilt(source)) is not None:
+            return art
+        raise BuildError(f"{e}; and the cache {settings.cache_root()} holds no library of this kernel built elsewhere "
+                         f"(build it where the compiler is, with the same dcngen, and copy its folder {source.name}_<hash> here)") from None
+    if (art := _published(settings.cache_root() / key)) is not None:
         return art  # a read-only cache still serves what it holds
     root = cache_dir()
     try:
-        return _build_in(root, source)
+        return _build_in(root, key, source)
     except CacheError as e:
         fallback = _usable_fallback(root, e)
         if fallback == root:
             raise
         _warn_fallback(root, fallback, str(e).splitlines()[0])
-        return _build_in(fallback, source)
+        return _build_in(fallback, key, source)
 
 
-def _build_in(root: Path, source: KernelSource) -> Artifact:
-    key = artifact_key(source)
+def _build_in(root: Path, key: str, source: KernelSource) -> Artifact:
     final = root / key
     if (art := _published(final)) is not None:
         return art
@@ -183,6 +218,8 @@ def _build_in(root: Path, source: KernelSource) -> Artifact:
                 "flags": list(source.flags),
                 "params": dict(source.params),
                 "compiler": compiler_for(source.language).version(),
+                "built_for": compiler_for(source.language).built_for(),
+                "source_key": source_key(source),
                 "source_file": source_file,
                 "build_seconds": round(time.perf_counter() - started, 3),
                 "library_size": lib.stat().st_size,

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from dcngen.config import DCNConfig
 from dcngen.errors import BuildError, CacheError
 from dcngen.generators import generate
 from dcngen.source import KernelSource
+from helpers import needs_cuda_toolkit
 
 REPO = Path(__file__).resolve().parents[1]
 _fresh = itertools.count()
@@ -340,3 +343,42 @@ def test_sanitized_library_is_refused_without_the_asan_runtime(cache, monkeypatc
     assert art.meta["sanitize"] is True
     with pytest.raises(BuildError, match="LD_PRELOAD"):
         load(art)
+
+
+# ---- libraries built elsewhere -------------------------------------------------------------------
+
+WITHOUT_COMPILER = textwrap.dedent(
+    """
+    import json, pickle, sys
+    from dcngen.errors import BuildError
+    from dcngen.kernels import build_config
+    built, missing = pickle.loads(bytes.fromhex(sys.argv[1]))
+    path = str(build_config(built).path)
+    try:
+        build_config(missing)
+        error = ""
+    except BuildError as e:
+        error = str(e)
+    print(json.dumps({"path": path, "error": error}))
+    """
+)
+
+
+@pytest.mark.parametrize("target", ["cpu", pytest.param("cuda:sm_90", marks=needs_cuda_toolkit)])
+def test_machine_without_the_compiler_uses_libraries_built_elsewhere(cache, target):
+    """A GPU machine without nvcc (or a host without a C++ compiler) finds a library built for the
+    same source by another machine's compiler in its cache; a kernel not there fails naming the fix."""
+    built, missing = fresh_config(target=target), fresh_config(target=target)
+    art = build(generate(built))  # "elsewhere": this process, with the compiler
+    assert art.meta["source_key"] == build_mod.source_key(generate(built))
+    env = {**os.environ, "DCNGEN_CACHE": str(cache)}
+    if target == "cpu":
+        env["PATH"] = str(cache / "no-such-dir")  # no c++ on PATH
+    else:
+        env["CUDA_HOME"] = str(cache / "no-such-toolkit")
+    run = subprocess.run([sys.executable, "-c", WITHOUT_COMPILER, pickle.dumps((built, missing)).hex()], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.splitlines()[-1])
+    assert result["path"] == str(art.path)
+    assert "holds no library of this kernel built elsewhere" in result["error"], result["error"]
+    assert "no working host C++ compiler" in result["error"] if target == "cpu" else "nvcc not found" in result["error"]

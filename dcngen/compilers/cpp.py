@@ -18,13 +18,17 @@ from . import LIBRARY
 
 @functools.lru_cache(maxsize=1)
 def version() -> str:
-    """The host compiler's version and the CPU model (kernels are built with -march=native)."""
+    """The host compiler's version line."""
     cxx = shutil.which("c++") or shutil.which("g++") or "c++"
     try:
-        first = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+        return subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
     except (OSError, subprocess.CalledProcessError, IndexError) as e:
         raise BuildError(f"no working host C++ compiler ({cxx}): {e}") from None
-    return f"{first} | {_cpu_model()}"
+
+
+def built_for() -> str:
+    """What a library built here is specific to beyond its source and flags: this CPU (-march=native)."""
+    return _cpu_model()
 
 
 def _cpu_model() -> str:

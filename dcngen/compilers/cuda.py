@@ -55,6 +55,11 @@ def version() -> str:
     return " | ".join(lines[-2:])
 
 
+def built_for() -> str:
+    """Nothing beyond source and flags: the architecture is one of the flags."""
+    return ""
+
+
 def _tvm_ffi_paths() -> tuple[list[str], str]:
     from tvm_ffi import libinfo
 

@@ -18,6 +18,10 @@ def version() -> str:
     return f"{cpp.version()} | {cuda.version()}"
 
 
+def built_for() -> str:
+    return cpp.built_for()
+
+
 def compile(source: KernelSource, out_dir: Path) -> dict:
     return cpp.compile(source, out_dir, include_paths=(str(Path(cuda.cuda_home(), "include")),), sanitize_flags=SANITIZE_FLAGS)
 

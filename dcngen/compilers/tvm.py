@@ -16,10 +16,15 @@ from .cpp import _cpu_model
 
 @functools.lru_cache(maxsize=1)
 def version() -> str:
-    """TVM's version and the CPU model (kernels are compiled for this CPU)."""
+    """TVM's version."""
     import tvm
 
-    return f"tvm {tvm.__version__} | {_cpu_model()}"
+    return f"tvm {tvm.__version__}"
+
+
+def built_for() -> str:
+    """This CPU: TVM compiles llvm kernels for the host."""
+    return _cpu_model()
 
 
 def _target(source: KernelSource) -> dict:

@@ -1,6 +1,6 @@
 """dcngen.nn.DCNv4 / DCNv3: official state_dicts load strictly, outputs equal the SPEC.md
 composition (written here from the formulas, on the reference op), gradients reach every
-parameter, init, errors, reference fallback, torch.compile of a block."""
+parameter, init, errors, reference fallback, torch.compile of a block, torch.export of a module."""
 
 from __future__ import annotations
 
@@ -259,3 +259,19 @@ def test_compile_fullgraph_block_forward_backward():
     torch.testing.assert_close(x2.grad, x.grad, rtol=1e-4, atol=1e-4)
     for p, g in zip(block.parameters(), grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-3, atol=1e-4)
+
+
+def test_export_with_dynamic_batch_saves_and_loads(tmp_path):
+    """torch.export keeps the op as one dcngen node; the saved program runs other batch sizes."""
+    torch.manual_seed(0)
+    module = dcngen.nn.DCNv4(channels=32, group=4).eval()
+    with torch.no_grad():
+        module.offset_mask.weight.normal_(std=0.1)
+    x = torch.randn(2, 10 * 12, 32)
+    program = torch.export.export(module, (x, (10, 12)), dynamic_shapes=({0: torch.export.Dim("n")}, (None, None)))
+    assert [n.target for n in program.graph.nodes if n.op == "call_function"].count(torch.ops.dcngen.dcnv4.default) == 1
+    torch.export.save(program, tmp_path / "dcnv4.pt2")
+    loaded = torch.export.load(tmp_path / "dcnv4.pt2").module()
+    x3 = torch.randn(3, 10 * 12, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x3, (10, 12)), module(x3, (10, 12)), rtol=0, atol=0)

@@ -3,16 +3,18 @@
 Key = sha256 of everything that can change the binary: the source key (generator version,
 language, source text, flags, what the compiler builds for, such as the host CPU) and the
 compiler's version. A machine without the compiler (a GPU machine without nvcc) still finds a
-library built elsewhere for the same source key, copied into its cache. Builds run under a per-key file lock in a private
-staging directory that is published with one rename after meta.json (with the library's size
-and sha256) is written, so readers never see half an artifact; a corrupt artifact fails that
-check and is rebuilt.
+library built elsewhere for the same source key, copied into its cache. Builds run under a
+per-key file lock in a private staging directory that is published with one rename after
+meta.json (with the library's size and sha256) is written, so readers never see half an
+artifact; a corrupt artifact fails that check and is rebuilt. Each compile is logged at INFO
+on the `dcngen.build` logger.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,6 +32,7 @@ from .source import KernelSource
 
 GENERATOR_VERSION = "5"
 META = "meta.json"
+log = logging.getLogger(__name__)  # INFO: each compile, with its time (the first use of a config builds it)
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,7 @@ def _build_in(root: Path, key: str, source: KernelSource) -> Artifact:
             source_file = f"kernel{source.suffix}"
             (stage / source_file).write_text(source.text)
             started = time.perf_counter()
+            log.info("building %s (%s compiler)", key, source.language)
             try:
                 extra = compiler_for(source.language).compile(source, stage)
             except BuildError as e:
@@ -234,6 +238,7 @@ def _build_in(root: Path, key: str, source: KernelSource) -> Artifact:
                 else:
                     final.unlink()
             os.replace(stage, final)
+            log.info("built %s in %.1f s: %s", key, meta["build_seconds"], final)
         except OSError as e:
             raise CacheError(f"cannot write artifact {key} in {root}: {e}") from e
         finally:

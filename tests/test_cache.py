@@ -382,3 +382,12 @@ def test_machine_without_the_compiler_uses_libraries_built_elsewhere(cache, targ
     assert result["path"] == str(art.path)
     assert "holds no library of this kernel built elsewhere" in result["error"], result["error"]
     assert "no working host C++ compiler" in result["error"] if target == "cpu" else "nvcc not found" in result["error"]
+
+
+def test_each_compile_is_logged_with_its_time(cache, caplog):
+    cfg = fresh_config()
+    with caplog.at_level("INFO", logger="dcngen.build"):
+        art = build(generate(cfg))
+        build(generate(cfg))  # cached: no second compile
+    messages = [r.getMessage() for r in caplog.records if r.name == "dcngen.build"]
+    assert messages == [f"building {art.path.name} (cpp compiler)", f"built {art.path.name} in {art.meta['build_seconds']:.1f} s: {art.path}"]

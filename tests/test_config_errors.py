@@ -150,3 +150,13 @@ def test_cli_error_in_a_real_process_has_no_traceback():
     assert "Traceback" not in proc.stderr + proc.stdout
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "kernel_size" in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("dtype, widest", [("float32", 1024), ("float16", 2048), ("float64", 512)])
+def test_cuda_group_channels_beyond_one_warp_name_the_field(dtype, widest):
+    """A (pixel, group) takes at most one warp of 128-byte vectors; beyond that the default
+    parameters cannot help, so the error names group_channels, not the parameters."""
+    generate(DCNConfig(group=1, group_channels=widest, dtype=dtype, target="cuda:sm_90"))
+    with pytest.raises(ConfigError) as info:
+        generate(DCNConfig(group=1, group_channels=widest + 1, dtype=dtype, target="cuda:sm_90"))
+    assert info.value.field == "group_channels" and f"at most {widest}" in str(info.value)

@@ -101,6 +101,7 @@ PARAM_BOUNDS = {
     "fwd_halo": (0, 32),
 }
 MAX_THREADS = 1024
+MAX_LANES = 32  # threads per (pixel, group): one warp, so its reductions are shuffles
 MAX_VEC_BYTES = 128  # registers: 4 corners x vec values per thread
 TARGET_THREADS = 256  # default block size to aim for
 
@@ -125,7 +126,7 @@ def _default_vec(cfg: DCNConfig) -> int:
     size = ITEMSIZE[cfg.dtype]
     c = cfg.group_channels
     vec = min(16 // size, c & -c)  # largest power of two dividing C, capped at 16 bytes
-    while lanes(cfg, vec) > 32:
+    while lanes(cfg, vec) > MAX_LANES:
         vec *= 2
     return vec
 
@@ -217,6 +218,10 @@ def forward_spills(ptxas: list[dict]) -> bool:
 def _check(cfg: DCNConfig, params: dict[str, int]) -> dict:
     """Reject parameter combinations the shell cannot run; returns the launch geometry."""
     size = ITEMSIZE[cfg.dtype]
+    widest = MAX_LANES * MAX_VEC_BYTES // size
+    if cfg.group_channels > widest:
+        raise ConfigError("group_channels", f"{cfg.group_channels} channels per group is more than the CUDA kernels take in {cfg.dtype}: "
+                          f"at most {widest} ({MAX_LANES} threads of {MAX_VEC_BYTES // size} channels); the CPU kernels take any number")
     geometry = {}
     for prefix in ("", "bwd_"):
         vec, pixels = params[f"{prefix}vec"], params[f"{prefix}pixels"]
@@ -225,8 +230,8 @@ def _check(cfg: DCNConfig, params: dict[str, int]) -> dict:
         if vec * size > MAX_VEC_BYTES:
             raise ConfigError("params", f"{prefix}vec={vec} is {vec * size} bytes of {cfg.dtype} per thread; at most {MAX_VEC_BYTES}")
         n_lanes = lanes(cfg, vec)
-        if n_lanes > 32:
-            raise ConfigError("params", f"{prefix}vec={vec} needs {n_lanes} threads per group for group_channels={cfg.group_channels}; at most 32 (raise {prefix}vec)")
+        if n_lanes > MAX_LANES:
+            raise ConfigError("params", f"{prefix}vec={vec} needs {n_lanes} threads per group for group_channels={cfg.group_channels}; at most {MAX_LANES} (raise {prefix}vec)")
         threads = pixels * cfg.group * n_lanes
         if threads > MAX_THREADS:
             raise ConfigError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import re
 import zlib
 from dataclasses import dataclass, field, fields
@@ -38,6 +39,31 @@ def as_pair(name: str, value: Any) -> Pair:
     ):
         return (int(value[0]), int(value[1]))
     raise ConfigError(name, f"expected an int or a pair of ints, got {value!r}")
+
+
+def as_int(name: str, value: Any) -> int:
+    """A Python or NumPy integer (not a bool) -> int; anything else is a ConfigError for `name`."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise ConfigError(name, f"must be an int, got {value!r}")
+
+
+def as_number(name: str, value: Any) -> float:
+    """A real number (or its text) -> float; anything else is a ConfigError for `name`."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(name, f"must be a number, got {value!r}") from None
+
+
+def as_bool(name: str, value: Any) -> bool:
+    """True or False; anything else (1, "yes") is a ConfigError for `name`."""
+    if not isinstance(value, bool):
+        raise ConfigError(name, f"must be a bool, got {value!r}")
+    return value
 
 
 def canonical_target(target: str) -> str:
@@ -88,22 +114,19 @@ class DCNConfig:
             raise ConfigError("op", f"expected one of {', '.join(OPS)}, got {self.op!r}")
         for name in ("group", "group_channels"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if as_int(name, v) < 1:
                 raise ConfigError(name, f"must be a positive int, got {v!r}")
+            set_(name, as_int(name, v))
         for name, low in (("kernel_size", 1), ("stride", 1), ("padding", 0), ("dilation", 1)):
             pair = as_pair(name, getattr(self, name))
             if min(pair) < low:
                 raise ConfigError(name, f"must be >= {low}, got {pair[0]}x{pair[1]}")
             set_(name, pair)
-        try:
-            scale = float(self.offset_scale)
-        except (TypeError, ValueError):
-            raise ConfigError("offset_scale", f"must be a number, got {self.offset_scale!r}") from None
+        scale = as_number("offset_scale", self.offset_scale)
         if not math.isfinite(scale):
             raise ConfigError("offset_scale", f"must be finite, got {scale}")
         set_("offset_scale", scale)
-        if not isinstance(self.remove_center, bool):
-            raise ConfigError("remove_center", f"must be a bool, got {self.remove_center!r}")
+        as_bool("remove_center", self.remove_center)
         kh, kw = self.kernel_size
         if self.remove_center and (kh != kw or kh % 2 == 0 or kh == 1):
             raise ConfigError("remove_center", f"needs an odd square kernel larger than 1x1, got {kh}x{kw}")

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from .config import DCNConfig, as_pair
+from .config import DCNConfig, as_bool, as_int, as_number, as_pair
 from .errors import ConfigError, InputError
 from .generators import backward_zeroes_padding
 from .kernels import kernel_for, target_of
@@ -43,12 +43,15 @@ def check_inputs(op: str, args: Sequence, input: torch.Tensor, offset: torch.Ten
     remembered, which saves 0.05-0.1 ms a call when the caches are cold.
     """
     tensors = (input, offset) if op == "dcnv4" else (input, offset, mask)
-    if type(input) is torch.Tensor and type(offset) is torch.Tensor and type(mask) is torch.Tensor:
-        return _check_remembered(op, tuple(args), *[(t.shape, t.dtype, t.device) for t in tensors])
     for name, t in zip(_tensor_names(op), tensors):
         if not isinstance(t, torch.Tensor):
             raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    return _check(op, tuple(args), *((t.shape, t.dtype, t.device) for t in tensors))
+        if t.layout != torch.strided:
+            raise InputError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    metas = [(t.shape, t.dtype, t.device) for t in tensors]
+    if type(input) is torch.Tensor and type(offset) is torch.Tensor and type(mask) is torch.Tensor:
+        return _check_remembered(op, tuple(args), *metas)
+    return _check(op, tuple(args), *metas)
 
 
 def _tensor_names(op: str) -> tuple[str, ...]:
@@ -68,12 +71,15 @@ def _check(op: str, args: tuple, *metas: tuple) -> DCNConfig:
             raise InputError(f"{name} is on {t_device} but input is on {device}; all tensors must share one device")
     if dtype not in _TORCH_DTYPES:
         raise InputError(f"input dtype {dtype} is not supported; use one of {', '.join(map(str, _TORCH_DTYPES))}")
+    if device.type == "meta":  # shapes only, no kernel runs: checked as for the CPU, in a dtype it has
+        target, kernel_dtype = "cpu", "float64" if dtype == torch.float64 else "float32"
+    else:
+        try:
+            target, kernel_dtype = target_of(device), _TORCH_DTYPES[dtype]
+        except ValueError as e:
+            raise InputError(str(e)) from None
     try:
-        target = target_of(device)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    try:
-        cfg = _config(op, kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, float(offset_scale), bool(remove_center), backend, _TORCH_DTYPES[dtype], target)
+        cfg = _config(op, kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, float(offset_scale), bool(remove_center), backend, kernel_dtype, target)
     except ConfigError as e:
         if e.field == "dtype":
             raise InputError(f"input dtype {dtype} has no kernel on {device}: {e.reason}") from None
@@ -301,7 +307,8 @@ def _route(input: torch.Tensor, *tensors: torch.Tensor) -> _Route:
 def _op_args(kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center, backend) -> tuple:
     (kh, kw), (sh, sw) = as_pair("kernel_size", kernel_size), as_pair("stride", stride)
     (ph, pw), (dh, dw) = as_pair("padding", padding), as_pair("dilation", dilation)
-    return (kh, kw, sh, sw, ph, pw, dh, dw, int(group), int(group_channels), float(offset_scale), bool(remove_center), str(backend))
+    return (kh, kw, sh, sw, ph, pw, dh, dw, as_int("group", group), as_int("group_channels", group_channels),
+            as_number("offset_scale", offset_scale), as_bool("remove_center", remove_center), str(backend))
 
 
 def dcnv4(

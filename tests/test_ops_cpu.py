@@ -259,6 +259,7 @@ BAD_INPUTS = [
     ("mixed dtypes", lambda x, om: (x, om.double()), "dtype"),
     ("integer dtype", lambda x, om: (x.int(), om.int()), "dtype"),
     ("float16 on cpu", lambda x, om: (x.half(), om.half()), "float16"),
+    ("sparse", lambda x, om: (x.to_sparse(), om), "dense"),
 ]
 
 
@@ -274,6 +275,44 @@ def test_bad_dcnv3_mask_shape():
     x, off, mask = torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 36), torch.randn(1, 4, 4, 17)
     with pytest.raises(InputError, match="mask must be"):
         ops.dcnv3(x, off, mask, group=2, group_channels=4)
+
+
+BAD_ARGUMENTS = [
+    ("group", dict(group=2.5)),  # int() would have made it 2
+    ("group_channels", dict(group_channels="4")),
+    ("remove_center", dict(remove_center="no")),  # bool() would have made it True
+    ("offset_scale", dict(offset_scale="x")),
+]
+
+
+@pytest.mark.parametrize("field, bad", BAD_ARGUMENTS, ids=[b[0] for b in BAD_ARGUMENTS])
+def test_bad_scalar_arguments_name_the_field(field, bad):
+    x, om = torch.randn(2, 5, 5, 8), torch.randn(2, 5, 5, 56)
+    with pytest.raises(ConfigError) as info:
+        ops.dcnv4(x, om, **{"group": 2, "group_channels": 4, **bad})
+    assert info.value.field == field
+
+
+def test_numpy_integers_are_ints():
+    np = pytest.importorskip("numpy")
+    x, om = torch.randn(2, 5, 5, 8), torch.randn(2, 5, 5, 56)
+    torch.testing.assert_close(ops.dcnv4(x, om, group=np.int64(2), group_channels=np.int32(4)), ops.dcnv4(x, om, group=2, group_channels=4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_meta_tensors_give_shapes_and_gradient_shapes(dtype):
+    """Meta tensors (shape inference, models built under torch.device("meta")) run no kernel:
+    the output and the gradients come out with the right shapes, and bad shapes still raise."""
+    meta = dict(device="meta", dtype=dtype)
+    x, om = torch.empty(2, 7, 9, 8, **meta, requires_grad=True), torch.empty(2, 4, 5, 56, **meta, requires_grad=True)
+    y = ops.dcnv4(x, om, group=2, group_channels=4, stride=2)
+    assert (y.shape, y.device, y.dtype) == ((2, 4, 5, 8), torch.device("meta"), dtype)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and om.grad.shape == om.shape
+    offset, mask = torch.empty(2, 7, 9, 36, **meta), torch.empty(2, 7, 9, 18, **meta)
+    assert ops.dcnv3(x.detach(), offset, mask, group=2, group_channels=4).shape == (2, 7, 9, 8)
+    with pytest.raises(InputError, match="mask must be"):
+        ops.dcnv3(x.detach(), offset, mask[..., :5], group=2, group_channels=4)
 
 
 @pytest.mark.parametrize("op", ["dcnv4", "dcnv3"])

@@ -73,7 +73,9 @@ def generate(cfg: DCNConfig, params: dict) -> KernelSource:
 
     from .tvm_gen import ir_module
 
-    target = {"kind": "cuda", "arch": cfg.arch}
+    # only the device source is used: a C host module (not llvm) is quicker and does not warn about
+    # the launch pragmas of TVM's host code
+    target = {"kind": "cuda", "arch": cfg.arch, "host": {"kind": "c"}}
     # CSE off: with it TVM hoists index products into extra kernel parameters computed by its
     # own host code, which our launcher does not run.
     with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_cse_tir": True}):

@@ -1,9 +1,8 @@
 """Autocast for `dcngen::dcnv4` / `dcngen::dcnv3`: importing this module registers it.
 
 Under `torch.autocast(device_type)` the ops cast their fp32/fp16/bf16 inputs to
-`torch.get_autocast_dtype(device_type)` when the target has a kernel of that dtype (bf16 on the
-CPU; fp16 and bf16 on CUDA), else to float32, and run below autocast. The kernels accumulate in
-fp32; the output, and so every gradient the backward op computes, has the cast dtype (autograd
+`torch.get_autocast_dtype(device_type)` (fp16 or bf16: both have kernels on the CPU and on CUDA)
+and run below autocast. The kernels accumulate in fp32; the output, and so every gradient the backward op computes, has the cast dtype (autograd
 casts the gradients back to the dtypes of the original inputs). float64 inputs are left alone.
 """
 
@@ -12,9 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import ops  # noqa: F401  (defines the ops this module registers for)
-from .config import CPU_DTYPES, CUDA_DTYPES
 
-_SUPPORTED = {"cpu": CPU_DTYPES, "cuda": CUDA_DTYPES}
 _CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
 
 _lib = torch.library.Library("dcngen", "IMPL")
@@ -24,8 +21,7 @@ def cast_dtype(device_type: str, tensors) -> torch.dtype | None:
     """The dtype the op runs in under autocast on `device_type`, or None to leave the inputs as they are."""
     if any(t.dtype == torch.float64 for t in tensors) or not all(t.dtype in _CASTABLE for t in tensors):
         return None
-    want = torch.get_autocast_dtype(device_type)
-    return want if str(want).replace("torch.", "") in _SUPPORTED.get(device_type, ()) else torch.float32
+    return torch.get_autocast_dtype(device_type)
 
 
 def _register(name: str, num_tensors: int, device_type: str, key: str) -> None:

@@ -15,7 +15,7 @@ from .errors import ConfigError
 
 OPS = ("dcnv4", "dcnv3")
 BACKENDS = ("template", "tvm")
-CPU_DTYPES = ("float32", "float64", "bfloat16")
+CPU_DTYPES = ("float32", "float64", "bfloat16", "float16")
 CUDA_DTYPES = ("float32", "float64", "float16", "bfloat16")
 CUDA_ARCHS = tuple(LIMITS)
 

@@ -31,11 +31,11 @@ from dcngen.kernels import kernel_for
 from dcngen.verify import poisoned_call
 
 REPO = Path(__file__).resolve().parents[1]
-TORCH_DTYPE = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+TORCH_DTYPE = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # (rtol, atol relative to the largest reference magnitude of the tensor compared)
-TOLERANCE = {"float64": (1e-9, 1e-10), "float32": (2e-4, 2e-5), "bfloat16": (2e-2, 1e-2)}
+TOLERANCE = {"float64": (1e-9, 1e-10), "float32": (2e-4, 2e-5), "float16": (4e-3, 2e-3), "bfloat16": (2e-2, 1e-2)}
 # Samples closer than this to an integer grid line are moved (see module docstring).
-GRID_MARGIN = {"float64": 1e-7, "float32": 2e-3, "bfloat16": 2e-3}
+GRID_MARGIN = {"float64": 1e-7, "float32": 2e-3, "float16": 2e-3, "bfloat16": 2e-3}
 FAR = 1.0e4  # an offset this large puts a sample far outside every test image
 
 
@@ -59,7 +59,7 @@ EDGE_CONFIGS = (
     dict(op="dcnv4", group=3, group_channels=7, kernel_size=(6, 2), stride=(1, 3), padding=(3, 0), dilation=(2, 3), offset_scale=0.7),
     dict(op="dcnv3", group=4, group_channels=16, kernel_size=(5, 5), stride=2, padding=2, dilation=1, offset_scale=0.0),
 )
-DTYPES = ("float64", "float32", "bfloat16")
+DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 
 def random_config(rng: random.Random, backend: str = "template", dtype: str | None = None, op: str | None = None) -> DCNConfig:

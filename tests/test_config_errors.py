@@ -41,7 +41,7 @@ INVALID = [
     ("remove_center", dict(remove_center=True, kernel_size=2)),
     ("remove_center", dict(remove_center=True, kernel_size=(3, 5))),
     ("remove_center", dict(remove_center=True, kernel_size=1)),
-    ("dtype", dict(dtype="float16")),  # CPU has no fp16 kernels
+    ("dtype", dict(dtype="float8_e4m3fn")),
     ("dtype", dict(dtype="int8")),
     ("target", dict(target="gpu")),
     ("target", dict(target="cuda:sm_10")),
@@ -102,7 +102,7 @@ CLI_INVALID = [
     ("--offset-scale", ["--offset-scale", "big"]),
     ("remove_center", ["--remove-center", "--kernel-size", "2"]),
     ("remove_center", ["--remove-center", "--kernel-size", "3x5"]),
-    ("dtype", ["--dtype", "float16"]),
+    ("dtype", ["--dtype", "float8_e4m3fn"]),
     ("dtype", ["--dtype", "int8"]),
     ("target", ["--target", "gpu"]),
     ("target", ["--target", "cuda:sm_10"]),

@@ -43,7 +43,7 @@ RANDOM = os.environ.get("DCNGEN_FUZZ_RANDOM", "") not in ("", "0")
 
 def test_ci_subset_is_large_enough():
     assert PER_CONFIG * len(POOL) >= 300
-    assert {c.dtype for c in POOL} == {"float64", "float32", "bfloat16"}
+    assert {c.dtype for c in POOL} == {"float64", "float32", "float16", "bfloat16"}
     assert {c.op for c in POOL} == {"dcnv4", "dcnv3"}
 
 

@@ -51,6 +51,7 @@ CONFIGS = [
     DCNConfig(op="dcnv3", group=3, group_channels=5, kernel_size=3, stride=2, remove_center=True, offset_scale=0.5, dtype="float64"),
     DCNConfig(op="dcnv4", group=4, group_channels=16, kernel_size=(5, 3), padding=(2, 0), dilation=(1, 2), offset_scale=2.0, dtype="bfloat16"),
     DCNConfig(op="dcnv3", group=1, group_channels=3, kernel_size=(1, 5), stride=(1, 3), padding=(0, 2), dtype="float32"),
+    DCNConfig(op="dcnv4", group=3, group_channels=7, kernel_size=3, stride=2, offset_scale=1.5, dtype="float16"),
 ]
 IDS = [c.key for c in CONFIGS]
 HOSTILE = (float("nan"), float("inf"), float("-inf"), 1e30, -1e30, 3e9, -3e9)
@@ -300,7 +301,7 @@ def test_kernel_that_does_not_fit_is_an_input_error():
         (lambda: (torch.zeros(4, 4, 16), torch.zeros(1, 4, 4, 56)), "4-D"),
         (lambda: (torch.zeros(1, 4, 4, 16), torch.zeros(1, 4, 4, 56, dtype=torch.float64)), "dtype"),
         (lambda: (torch.zeros(1, 4, 4, 16, dtype=torch.int32), torch.zeros(1, 4, 4, 56, dtype=torch.int32)), "dtype"),
-        (lambda: (torch.zeros(1, 4, 4, 16, dtype=torch.float16), torch.zeros(1, 4, 4, 56, dtype=torch.float16)), "float16"),
+        (lambda: (torch.zeros(1, 4, 4, 16, dtype=torch.complex64), torch.zeros(1, 4, 4, 56, dtype=torch.complex64)), "complex64"),
     ],
 )
 def test_bad_tensors_are_input_errors(make, match):

@@ -8,7 +8,7 @@ from ..config import DCNConfig
 from ..source import KernelSource
 from .jinja import render, resolve_params
 
-SCALAR_TYPE = {"float32": "float", "float64": "double", "bfloat16": "dcn::bf16_t"}
+SCALAR_TYPE = {"float32": "float", "float64": "double", "bfloat16": "dcn::bf16_t", "float16": "dcn::f16_t"}
 
 # Tunable parameters and their bounds (see `dcngen tune`).
 PARAM_BOUNDS = {"pixel_chunk": (1, 4096), "unroll_points": (1, 64), "accumulators": (1, 4)}

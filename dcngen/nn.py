@@ -72,12 +72,12 @@ class _ToChannelsFirst(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
-def _norm(channels: int, norm_layer: str) -> nn.Sequential:
+def _norm(channels: int, norm_layer: str, **factory) -> nn.Sequential:
     """Channels-first in, channels-last out, with the official module's layer positions."""
     if norm_layer == "LN":
-        return nn.Sequential(_ToChannelsLast(), nn.LayerNorm(channels, eps=1e-6))
+        return nn.Sequential(_ToChannelsLast(), nn.LayerNorm(channels, eps=1e-6, **factory))
     if norm_layer == "BN":
-        return nn.Sequential(nn.BatchNorm2d(channels), _ToChannelsLast())
+        return nn.Sequential(nn.BatchNorm2d(channels, **factory), _ToChannelsLast())
     raise ValueError(f"norm_layer must be 'LN' or 'BN', got {norm_layer!r}")
 
 
@@ -113,7 +113,9 @@ class DCNv4(nn.Module):
     Parameters: `value_proj` (C -> C), `offset_mask` (C -> ceil(3*G*P/8)*8), `offset_mask_dw`
     (depthwise conv, with dw_kernel_size), `output_proj` (C -> C), and with center_feature_scale
     `center_feature_scale_proj_weight` (G, C) / `center_feature_scale_proj_bias` (G,).
-    `backend` picks the kernel generator; other keyword arguments are accepted and ignored.
+    `backend` picks the kernel generator; `device` and `dtype` are where and in what the parameters
+    are created, as for torch.nn modules; other keyword arguments are accepted and ignored, as by the
+    official module.
     """
 
     def __init__(
@@ -131,9 +133,12 @@ class DCNv4(nn.Module):
         output_bias: bool = True,
         without_pointwise: bool = False,
         backend: str = "template",
+        device=None,
+        dtype=None,
         **kwargs,
     ):
         super().__init__()
+        factory = dict(device=device, dtype=dtype)
         geo = _geometry(channels, kernel_size, stride, pad, dilation, group)
         self._cfg = DCNConfig(op="dcnv4", offset_scale=offset_scale, remove_center=bool(remove_center), backend=backend, **geo)
         self.channels, self.kernel_size, self.stride, self.pad, self.dilation = channels, kernel_size, stride, pad, dilation
@@ -147,15 +152,15 @@ class DCNv4(nn.Module):
         self.K = group * self._cfg.num_points
 
         if dw_kernel_size is not None:
-            self.offset_mask_dw = nn.Conv2d(channels, channels, dw_kernel_size, stride=1, padding=(dw_kernel_size - 1) // 2, groups=channels)
-        self.offset_mask = nn.Linear(channels, self._cfg.padded_offset_mask_channels)
+            self.offset_mask_dw = nn.Conv2d(channels, channels, dw_kernel_size, stride=1, padding=(dw_kernel_size - 1) // 2, groups=channels, **factory)
+        self.offset_mask = nn.Linear(channels, self._cfg.padded_offset_mask_channels, **factory)
         if not without_pointwise:
-            self.value_proj = nn.Linear(channels, channels)
-            self.output_proj = nn.Linear(channels, channels, bias=output_bias)
+            self.value_proj = nn.Linear(channels, channels, **factory)
+            self.output_proj = nn.Linear(channels, channels, bias=output_bias, **factory)
         self._reset_parameters()
         if center_feature_scale:
-            self.center_feature_scale_proj_weight = nn.Parameter(torch.zeros(group, channels))
-            self.center_feature_scale_proj_bias = nn.Parameter(torch.zeros(group))
+            self.center_feature_scale_proj_weight = nn.Parameter(torch.zeros(group, channels, **factory))
+            self.center_feature_scale_proj_bias = nn.Parameter(torch.zeros(group, **factory))
 
     def _reset_parameters(self) -> None:
         constant_(self.offset_mask.weight.data, 0.0)
@@ -204,7 +209,8 @@ class DCNv3(nn.Module):
     Parameters: `input_proj`, `output_proj` (C -> C), `dw_conv` = Sequential(depthwise Conv2d,
     norm (Sequential), activation), `offset` (C -> G*P*2), `mask` (C -> G*P; softmax over the P
     points of each group), and with center_feature_scale `center_feature_scale_proj_weight` (G, C)
-    / `center_feature_scale_proj_bias` (G,) applied to the dw_conv branch.
+    / `center_feature_scale_proj_bias` (G,) applied to the dw_conv branch. `device` and `dtype` are
+    where and in what the parameters are created, as for torch.nn modules.
     """
 
     def __init__(
@@ -222,8 +228,11 @@ class DCNv3(nn.Module):
         center_feature_scale: bool = False,
         remove_center: bool = False,
         backend: str = "template",
+        device=None,
+        dtype=None,
     ):
         super().__init__()
+        factory = dict(device=device, dtype=dtype)
         geo = _geometry(channels, kernel_size, stride, pad, dilation, group)
         if remove_center and (geo["kernel_size"][0] % 2 == 0 or geo["kernel_size"][1] % 2 == 0):
             raise ValueError("remove_center is only compatible with odd kernel size.")
@@ -239,19 +248,19 @@ class DCNv3(nn.Module):
 
         dwk = as_pair("dw_kernel_size", dw_kernel_size)
         self.dw_conv = nn.Sequential(
-            nn.Conv2d(channels, channels, kernel_size=dwk, stride=1, padding=((dwk[0] - 1) // 2, (dwk[1] - 1) // 2), groups=channels),
-            _norm(channels, norm_layer),
+            nn.Conv2d(channels, channels, kernel_size=dwk, stride=1, padding=((dwk[0] - 1) // 2, (dwk[1] - 1) // 2), groups=channels, **factory),
+            _norm(channels, norm_layer, **factory),
             _act(act_layer),
         )
         points = self._cfg.num_points
-        self.offset = nn.Linear(channels, group * points * 2)
-        self.mask = nn.Linear(channels, group * points)
-        self.input_proj = nn.Linear(channels, channels)
-        self.output_proj = nn.Linear(channels, channels)
+        self.offset = nn.Linear(channels, group * points * 2, **factory)
+        self.mask = nn.Linear(channels, group * points, **factory)
+        self.input_proj = nn.Linear(channels, channels, **factory)
+        self.output_proj = nn.Linear(channels, channels, **factory)
         self._reset_parameters()
         if center_feature_scale:
-            self.center_feature_scale_proj_weight = nn.Parameter(torch.zeros(group, channels))
-            self.center_feature_scale_proj_bias = nn.Parameter(torch.zeros(group))
+            self.center_feature_scale_proj_weight = nn.Parameter(torch.zeros(group, channels, **factory))
+            self.center_feature_scale_proj_bias = nn.Parameter(torch.zeros(group, **factory))
 
     def _reset_parameters(self) -> None:
         for layer in (self.offset, self.mask):

@@ -275,3 +275,22 @@ def test_export_with_dynamic_batch_saves_and_loads(tmp_path):
     x3 = torch.randn(3, 10 * 12, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x3, (10, 12)), module(x3, (10, 12)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda **f: dcngen.nn.DCNv4(channels=16, group=2, dw_kernel_size=3, center_feature_scale=True, **f),
+    lambda **f: dcngen.nn.DCNv3(channels=16, group=2, center_feature_scale=True, norm_layer="BN", **f),
+], ids=["DCNv4", "DCNv3"])
+def test_modules_take_device_and_dtype_like_torch_nn(make):
+    """`dtype=` and `device=` create every parameter and buffer there (not silently ignored)."""
+    torch.manual_seed(0)
+    wide = make(dtype=torch.float64)
+    assert {t.dtype for t in [*wide.parameters(), *wide.buffers()] if t.is_floating_point()} == {torch.float64}
+    narrow = make()
+    narrow.load_state_dict({k: v.float() for k, v in wide.state_dict().items()})
+    shape = (2, 36, 16) if isinstance(wide, dcngen.nn.DCNv4) else (2, 6, 6, 16)
+    x = torch.randn(shape, dtype=torch.float64)
+    torch.testing.assert_close(wide(x).float(), narrow(x.float()), rtol=1e-4, atol=1e-5)
+    meta = make(device="meta")
+    assert {t.device.type for t in meta.parameters()} == {"meta"}
+    assert meta(torch.empty(shape, device="meta")).shape == shape

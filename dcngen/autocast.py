@@ -2,8 +2,9 @@
 
 Under `torch.autocast(device_type)` the ops cast their fp32/fp16/bf16 inputs to
 `torch.get_autocast_dtype(device_type)` (fp16 or bf16: both have kernels on the CPU and on CUDA)
-and run below autocast. The kernels accumulate in fp32; the output, and so every gradient the backward op computes, has the cast dtype (autograd
-casts the gradients back to the dtypes of the original inputs). float64 inputs are left alone.
+and run below autocast. The kernels accumulate in fp32; the output, and so every gradient the
+backward op computes, has the cast dtype (autograd casts the gradients back to the dtypes of the
+original inputs). float64 inputs are left alone.
 """
 
 from __future__ import annotations

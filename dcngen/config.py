@@ -15,8 +15,7 @@ from .errors import ConfigError
 
 OPS = ("dcnv4", "dcnv3")
 BACKENDS = ("template", "tvm")
-CPU_DTYPES = ("float32", "float64", "bfloat16", "float16")
-CUDA_DTYPES = ("float32", "float64", "float16", "bfloat16")
+DTYPES = ("float32", "float64", "float16", "bfloat16")  # on every target
 CUDA_ARCHS = tuple(LIMITS)
 
 Pair = tuple[int, int]
@@ -113,10 +112,10 @@ class DCNConfig:
         if self.op not in OPS:
             raise ConfigError("op", f"expected one of {', '.join(OPS)}, got {self.op!r}")
         for name in ("group", "group_channels"):
-            v = getattr(self, name)
-            if as_int(name, v) < 1:
+            v = as_int(name, getattr(self, name))
+            if v < 1:
                 raise ConfigError(name, f"must be a positive int, got {v!r}")
-            set_(name, as_int(name, v))
+            set_(name, v)
         for name, low in (("kernel_size", 1), ("stride", 1), ("padding", 0), ("dilation", 1)):
             pair = as_pair(name, getattr(self, name))
             if min(pair) < low:
@@ -133,11 +132,10 @@ class DCNConfig:
         if self.backend not in BACKENDS:
             raise ConfigError("backend", f"expected one of {', '.join(BACKENDS)}, got {self.backend!r}")
         set_("target", canonical_target(self.target))
-        allowed = CPU_DTYPES if self.target == "cpu" else CUDA_DTYPES
         dtype = str(self.dtype).replace("torch.", "")
         dtype = {"fp32": "float32", "fp64": "float64", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32", "double": "float64"}.get(dtype, dtype)
-        if dtype not in allowed:
-            raise ConfigError("dtype", f"{self.dtype!r} is not available on target {self.target}; choose one of {', '.join(allowed)}")
+        if dtype not in DTYPES:
+            raise ConfigError("dtype", f"expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
         set_("dtype", dtype)
         params = self.params.items() if isinstance(self.params, Mapping) else self.params
         try:

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from .config import DCNConfig, as_bool, as_int, as_number, as_pair
-from .errors import ConfigError, InputError
+from .errors import InputError
 from .generators import backward_zeroes_padding
 from .kernels import kernel_for, target_of
 
@@ -78,12 +78,7 @@ def _check(op: str, args: tuple, *metas: tuple) -> DCNConfig:
             target, kernel_dtype = target_of(device), _TORCH_DTYPES[dtype]
         except ValueError as e:
             raise InputError(str(e)) from None
-    try:
-        cfg = _config(op, kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, float(offset_scale), bool(remove_center), backend, kernel_dtype, target)
-    except ConfigError as e:
-        if e.field == "dtype":
-            raise InputError(f"input dtype {dtype} has no kernel on {device}: {e.reason}") from None
-        raise
+    cfg = _config(op, kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, float(offset_scale), bool(remove_center), backend, kernel_dtype, target)
     n, h, w, channels = input_shape
     if channels != cfg.channels:
         raise InputError(f"input must be (N, H, W, group*group_channels) = (N, H, W, {cfg.channels}), got {_shape(input_shape)}")

@@ -71,14 +71,11 @@ def _check(op: str, args: tuple, *metas: tuple) -> DCNConfig:
             raise InputError(f"{name} is on {t_device} but input is on {device}; all tensors must share one device")
     if dtype not in _TORCH_DTYPES:
         raise InputError(f"input dtype {dtype} is not supported; use one of {', '.join(map(str, _TORCH_DTYPES))}")
-    if device.type == "meta":  # shapes only, no kernel runs: checked as for the CPU, in a dtype it has
-        target, kernel_dtype = "cpu", "float64" if dtype == torch.float64 else "float32"
-    else:
-        try:
-            target, kernel_dtype = target_of(device), _TORCH_DTYPES[dtype]
-        except ValueError as e:
-            raise InputError(str(e)) from None
-    cfg = _config(op, kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, float(offset_scale), bool(remove_center), backend, kernel_dtype, target)
+    try:
+        target = "cpu" if device.type == "meta" else target_of(device)  # meta: shapes only, no kernel runs
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    cfg = _config(op, kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, float(offset_scale), bool(remove_center), backend, _TORCH_DTYPES[dtype], target)
     n, h, w, channels = input_shape
     if channels != cfg.channels:
         raise InputError(f"input must be (N, H, W, group*group_channels) = (N, H, W, {cfg.channels}), got {_shape(input_shape)}")

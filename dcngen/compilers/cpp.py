@@ -26,6 +26,7 @@ def version() -> str:
         raise BuildError(f"no working host C++ compiler ({cxx}): {e}") from None
 
 
+@functools.lru_cache(maxsize=1)
 def built_for() -> str:
     """What a library built here is specific to beyond its source and flags: this CPU (-march=native)."""
     return _cpu_model()

@@ -22,6 +22,7 @@ def version() -> str:
     return f"tvm {tvm.__version__}"
 
 
+@functools.lru_cache(maxsize=1)
 def built_for() -> str:
     """This CPU: TVM compiles llvm kernels for the host."""
     return _cpu_model()

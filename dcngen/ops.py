@@ -39,19 +39,16 @@ def check_inputs(op: str, args: Sequence, input: torch.Tensor, offset: torch.Ten
 
     args: (kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, offset_scale, remove_center, backend).
     Raises InputError naming the tensor and what was expected. The outcome depends only on the
-    arguments and each tensor's (shape, dtype, device): for plain tensors (concrete sizes) it is
-    remembered, which saves 0.05-0.1 ms a call when the caches are cold.
+    arguments and each tensor's (shape, dtype, device, layout): for plain tensors (concrete sizes) it
+    is remembered, which saves 0.05-0.1 ms a call when the caches are cold.
     """
     tensors = (input, offset) if op == "dcnv4" else (input, offset, mask)
+    if type(input) is torch.Tensor and type(offset) is torch.Tensor and type(mask) is torch.Tensor:
+        return _check_remembered(op, tuple(args), *[(t.shape, t.dtype, t.device, t.layout) for t in tensors])
     for name, t in zip(_tensor_names(op), tensors):
         if not isinstance(t, torch.Tensor):
             raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.layout != torch.strided:
-            raise InputError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
-    metas = [(t.shape, t.dtype, t.device) for t in tensors]
-    if type(input) is torch.Tensor and type(offset) is torch.Tensor and type(mask) is torch.Tensor:
-        return _check_remembered(op, tuple(args), *metas)
-    return _check(op, tuple(args), *metas)
+    return _check(op, tuple(args), *((t.shape, t.dtype, t.device, t.layout) for t in tensors))
 
 
 def _tensor_names(op: str) -> tuple[str, ...]:
@@ -59,10 +56,12 @@ def _tensor_names(op: str) -> tuple[str, ...]:
 
 
 def _check(op: str, args: tuple, *metas: tuple) -> DCNConfig:
-    """check_inputs on each tensor's (shape, dtype, device): input, then offset_mask (DCNv4) or offset and mask (DCNv3)."""
+    """check_inputs on each tensor's (shape, dtype, device, layout): input, then offset_mask (DCNv4) or offset and mask (DCNv3)."""
     kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, offset_scale, remove_center, backend = args
-    input_shape, dtype, device = metas[0]
-    for name, (shape, t_dtype, t_device) in zip(_tensor_names(op), metas):
+    input_shape, dtype, device, _ = metas[0]
+    for name, (shape, t_dtype, t_device, layout) in zip(_tensor_names(op), metas):
+        if layout != torch.strided:
+            raise InputError(f"{name} must be a dense (strided) tensor, got layout {layout}")
         if len(shape) != 4:
             raise InputError(f"{name} must be 4-D and channels-last, got shape {_shape(shape)}")
         if t_dtype != dtype:
@@ -89,7 +88,7 @@ def _check(op: str, args: tuple, *metas: tuple) -> DCNConfig:
         if tuple(shape[:3]) != (n, ho, wo) or shape[3] < 3 * g * p:
             raise InputError(f"offset_mask must be {expect}, got {_shape(shape)}")
     else:
-        for name, (shape, _, _), last in (("offset", metas[1], 2 * g * p), ("mask", metas[2], g * p)):
+        for name, (shape, *_), last in (("offset", metas[1], 2 * g * p), ("mask", metas[2], g * p)):
             if tuple(shape) != (n, ho, wo, last):
                 raise InputError(f"{name} must be (N, Ho, Wo, {'group*points*2' if name == 'offset' else 'group*points'}) = ({n}, {ho}, {wo}, {last}), got {_shape(shape)}")
     return cfg

@@ -27,6 +27,7 @@ from filelock import FileLock
 
 from . import settings
 from .compilers import LIBRARY, compiler_for
+from .cpu_isas import require_runnable
 from .errors import BuildError, CacheError
 from .source import KernelSource
 
@@ -66,7 +67,7 @@ def _sha256_json(parts: list) -> str:
 def source_key(source: KernelSource) -> str:
     """Hash of what determines the library apart from the compiler's version; needs no compiler."""
     compiler = compiler_for(source.language)
-    parts = [GENERATOR_VERSION, source.language, source.text, list(source.flags), compiler.built_for(), settings.sanitize()]
+    parts = [GENERATOR_VERSION, source.language, source.text, list(source.flags), compiler.built_for(source), settings.sanitize()]
     if settings.sanitize():  # the sanitizer flags the compiler adds are part of the binary too
         parts.append(list(getattr(compiler, "SANITIZE_FLAGS", ())) + list(getattr(compiler, "SANITIZE_LDFLAGS", ())))
     return _sha256_json(parts)
@@ -222,7 +223,7 @@ def _build_in(root: Path, key: str, source: KernelSource) -> Artifact:
                 "flags": list(source.flags),
                 "params": dict(source.params),
                 "compiler": compiler_for(source.language).version(),
-                "built_for": compiler_for(source.language).built_for(),
+                "built_for": compiler_for(source.language).built_for(source),
                 "source_key": source_key(source),
                 "source_file": source_file,
                 "build_seconds": round(time.perf_counter() - started, 3),
@@ -270,7 +271,11 @@ def list_artifacts() -> list[Artifact]:
 
 
 def load(artifact: Artifact):
-    """Load an artifact's library; returns an object with `forward` and `backward`."""
+    """Load an artifact's library; returns an object with `forward` and `backward`.
+    ConfigError where it was built for a CPU instruction set this machine lacks."""
+    target = artifact.meta["config"]["target"]
+    if target.startswith("cpu:"):
+        require_runnable(target.split(":", 1)[1])
     compiler = compiler_for(artifact.meta["language"])
     if artifact.meta.get("sanitize"):
         return compiler.load(artifact.library, sanitized=True)

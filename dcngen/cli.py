@@ -30,7 +30,7 @@ Dilation = Annotated[str, typer.Option("--dilation", help="dilation, e.g. 1 or 2
 OffsetScale = Annotated[float, typer.Option("--offset-scale", help="offset scale s")]
 RemoveCenter = Annotated[bool, typer.Option("--remove-center/--keep-center", help="skip the kernel centre point")]
 Dtype = Annotated[str, typer.Option("--dtype", help="float32 | float64 | bfloat16 | float16 (CUDA)")]
-Target = Annotated[str, typer.Option("--target", help="cpu | cuda | cuda:sm_80 | cuda:sm_90 | ...")]
+Target = Annotated[str, typer.Option("--target", help="cpu (this CPU) | cpu:x86-64-v3 (and v2, v4, x86-64: any CPU with that level) | cuda (the visible GPU) | cuda:sm_80 | cuda:sm_90 | ...")]
 Backend = Annotated[str, typer.Option("--backend", help="template | tvm")]
 Param = Annotated[Optional[list[str]], typer.Option("--param", help="generator parameter NAME=INT (repeatable)")]
 Shape = Annotated[str, typer.Option("--shape", help="N x H x W of the input, e.g. 8x56x56")]

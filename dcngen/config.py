@@ -10,6 +10,7 @@ import zlib
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+from .cpu_isas import ISAS as CPU_ISAS
 from .cuda_archs import LIMITS
 from .errors import ConfigError
 
@@ -66,10 +67,16 @@ def as_bool(name: str, value: Any) -> bool:
 
 
 def canonical_target(target: str) -> str:
-    """'cpu', 'cuda:sm_90' or 'cuda' (the visible GPU's architecture) -> canonical target string."""
+    """'cpu' (this machine's CPU), 'cpu:x86-64-v3' (a named instruction set, dcngen/cpu_isas.py),
+    'cuda:sm_90' or 'cuda' (the visible GPU's architecture) -> canonical target string."""
     t = str(target).strip().lower()
     if t == "cpu":
         return "cpu"
+    if t.startswith("cpu:"):
+        if t[4:] not in CPU_ISAS:
+            raise ConfigError("target", f"CPU instruction set {t[4:]!r} is not supported; choose 'cpu' (this machine's CPU) or one of "
+                              + ", ".join(f"cpu:{isa}" for isa in CPU_ISAS))
+        return t
     if t == "cuda":
         import torch
 
@@ -79,7 +86,7 @@ def canonical_target(target: str) -> str:
         t = f"cuda:sm_{major}{minor}"
     m = re.fullmatch(r"cuda:(sm_\d+)", t)
     if not m:
-        raise ConfigError("target", f"expected 'cpu', 'cuda' or 'cuda:sm_XY', got {target!r}")
+        raise ConfigError("target", f"expected 'cpu', 'cpu:<isa>', 'cuda' or 'cuda:sm_XY', got {target!r}")
     if m.group(1) not in CUDA_ARCHS:
         raise ConfigError("target", f"architecture {m.group(1)} is not supported; choose one of {', '.join(CUDA_ARCHS)}")
     return t
@@ -178,6 +185,11 @@ class DCNConfig:
     @property
     def arch(self) -> str | None:
         return self.target.split(":", 1)[1] if self.is_cuda else None
+
+    @property
+    def cpu_isa(self) -> str | None:
+        """The named instruction set of a 'cpu:<isa>' target; None for 'cpu' (this machine's CPU) and CUDA."""
+        return self.target.split(":", 1)[1] if self.target.startswith("cpu:") else None
 
     @property
     def param_dict(self) -> dict[str, int]:

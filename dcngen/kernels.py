@@ -8,7 +8,9 @@ import threading
 import torch
 
 from .build import Artifact, build, load
-from .config import DCNConfig
+from . import settings
+from .config import DCNConfig, canonical_target
+from .errors import ConfigError, DCNGenError
 from .generators import generate, template_cuda
 from .records import bucket, tuned_config
 
@@ -58,10 +60,22 @@ def _cuda_target(index: int) -> str:
     return f"cuda:sm_{major}{minor}"
 
 
+@functools.lru_cache(maxsize=1)
+def _cpu_target() -> str:
+    name = settings.cpu_target()
+    try:
+        if name.lower().startswith("cpu"):
+            return canonical_target(name)
+        reason = "expected 'cpu' or 'cpu:<isa>'"
+    except ConfigError as e:
+        reason = e.reason
+    raise DCNGenError(f"DCNGEN_CPU_TARGET={name!r} is not a CPU target: {reason}")
+
+
 def target_of(device: torch.device) -> str:
-    """The DCNConfig target for tensors on `device`."""
+    """The DCNConfig target for tensors on `device` (CPU: settings.cpu_target())."""
     if device.type == "cpu":
-        return "cpu"
+        return _cpu_target()
     if device.type == "cuda":
         return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
     raise ValueError(f"dcngen has no kernels for device type {device.type!r}")

@@ -373,7 +373,8 @@ class _FixedConfig(torch.autograd.Function):
 
 
 def run_config(cfg: DCNConfig, input: torch.Tensor, *offsets: torch.Tensor) -> torch.Tensor:
-    """Run the kernel of exactly `cfg` (params included; no tuning-record lookup) with autograd.
+    """Run the kernel of exactly `cfg` (params and CPU instruction set included; with params, no
+    tuning-record lookup) with autograd. CUDA kernels are those of the tensors' GPU.
 
     DCNv4: run_config(cfg, input, offset_mask); DCNv3: run_config(cfg, input, offset, mask).
     """
@@ -381,4 +382,7 @@ def run_config(cfg: DCNConfig, input: torch.Tensor, *offsets: torch.Tensor) -> t
     args = (*cfg.kernel_size, *cfg.stride, *cfg.padding, *cfg.dilation, cfg.group, cfg.group_channels, cfg.offset_scale,
             cfg.remove_center, cfg.backend)
     checked = check_inputs(cfg.op, args, input, offset, mask)
-    return _FixedConfig.apply(checked.replace(params=cfg.params), input, offset, mask)
+    if checked.is_cuda != cfg.is_cuda:
+        raise InputError(f"the tensors are on {input.device}, but the config's target is {cfg.target}")
+    target = checked.target if cfg.is_cuda else cfg.target
+    return _FixedConfig.apply(checked.replace(params=cfg.params, target=target), input, offset, mask)

@@ -30,6 +30,7 @@ import warnings
 from pathlib import Path
 
 from .config import DCNConfig
+from .cpu_isas import cpuinfo
 from .errors import DCNGenError
 from .settings import records_dirs
 
@@ -47,13 +48,7 @@ def _slug(text: str) -> str:
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 def _cores() -> int:
@@ -66,7 +61,7 @@ def _cores() -> int:
 @functools.lru_cache(maxsize=None)
 def machine(target: str) -> dict:
     """What the fingerprint of `target` is made of: CPU model and cores, or GPU name and architecture."""
-    if target == "cpu":
+    if not target.startswith("cuda"):  # this CPU, whichever instruction set the kernels use
         return {"cpu": _cpu_model(), "cores": _cores()}
     import torch
 
@@ -179,7 +174,7 @@ def _cached_file(path: str, mtime: float) -> dict:
 def _candidate_files(target: str, root: Path | None) -> list[Path]:
     """This machine's record files, in folder order; for a CUDA target with no such GPU here, every
     file of its architecture."""
-    if target == "cpu" or machine(target)["gpu"] is not None:
+    if not target.startswith("cuda") or machine(target)["gpu"] is not None:
         return [folder / f"{fingerprint(target)}.json" for folder in folders(root)]
     pattern = f"cuda-*-{target.split(':', 1)[1].replace('_', '')}.json"
     return [path for folder in folders(root) for path in sorted(folder.glob(pattern))]

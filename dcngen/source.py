@@ -29,10 +29,10 @@ class KernelSource:
 
     @property
     def name(self) -> str:
-        """Readable artifact-name prefix, e.g. dcnv4_float32_cpu_template."""
+        """Readable artifact-name prefix, e.g. dcnv4_float32_cpu_template, dcnv4_float16_sm_90_template."""
         c = self.config
         emulated = "_emulated" if self.language == "cuda_emulated" else ""
-        return f"{c.op}_{c.dtype}_{c.target.replace('cuda:', '')}_{c.backend}{emulated}"
+        return f"{c.op}_{c.dtype}_{c.target.replace('cuda:', '').replace(':', '-')}_{c.backend}{emulated}"
 
     @property
     def extra_meta(self) -> dict:

@@ -71,10 +71,11 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def run_op(cfg: DCNConfig, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Call the public op of cfg.op on `tensors` with cfg's arguments; with cfg.params, exactly that kernel."""
+    """Call the public op of cfg.op on `tensors` with cfg's arguments; with cfg.params or a named CPU
+    instruction set, exactly that kernel."""
     from . import ops
 
-    if cfg.params:
+    if cfg.params or cfg.cpu_isa:
         return ops.run_config(cfg, *tensors)
     return getattr(ops, cfg.op)(*tensors, **cfg.op_kwargs)
 

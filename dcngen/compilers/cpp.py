@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import settings
+from ..cpu_isas import cpuinfo
 from ..errors import BuildError
 from ..source import KernelSource
 from . import LIBRARY
@@ -26,20 +27,16 @@ def version() -> str:
         raise BuildError(f"no working host C++ compiler ({cxx}): {e}") from None
 
 
-@functools.lru_cache(maxsize=1)
-def built_for() -> str:
-    """What a library built here is specific to beyond its source and flags: this CPU (-march=native)."""
-    return _cpu_model()
+def built_for(source: KernelSource) -> str:
+    """What a library built here is specific to beyond its source and flags: this CPU where the
+    flags say -march=native; nothing for a named instruction set (-march=x86-64-v3)."""
+    return host_cpu() if "-march=native" in source.flags else ""
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line.split(":", 1)[1].strip()[:2000]
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def host_cpu() -> str:
+    """This CPU's model name and feature flags: what -march=native compiles for."""
+    found = [cpuinfo()[k] for k in ("model name", "flags") if cpuinfo().get(k)]
+    return " | ".join(found) if found else platform.processor() or platform.machine()
 
 
 # DCNGEN_SANITIZE=1: AddressSanitizer + UndefinedBehaviorSanitizer (float-cast-overflow too: an

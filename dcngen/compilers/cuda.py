@@ -55,7 +55,7 @@ def version() -> str:
     return " | ".join(lines[-2:])
 
 
-def built_for() -> str:
+def built_for(source: KernelSource) -> str:
     """Nothing beyond source and flags: the architecture is one of the flags."""
     return ""
 

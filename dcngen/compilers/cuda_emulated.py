@@ -18,8 +18,8 @@ def version() -> str:
     return f"{cpp.version()} | {cuda.version()}"
 
 
-def built_for() -> str:
-    return cpp.built_for()
+def built_for(source: KernelSource) -> str:
+    return cpp.built_for(source)
 
 
 def compile(source: KernelSource, out_dir: Path) -> dict:

@@ -8,10 +8,10 @@ import json
 import os
 from pathlib import Path
 
+from ..cpu_isas import ISAS
 from ..errors import BuildError
 from ..source import KernelSource
-from . import LIBRARY
-from .cpp import _cpu_model
+from . import LIBRARY, cpp
 
 
 @functools.lru_cache(maxsize=1)
@@ -22,10 +22,9 @@ def version() -> str:
     return f"tvm {tvm.__version__}"
 
 
-@functools.lru_cache(maxsize=1)
-def built_for() -> str:
-    """This CPU: TVM compiles llvm kernels for the host."""
-    return _cpu_model()
+def built_for(source: KernelSource) -> str:
+    """This CPU where the llvm target is the host's; nothing for a named instruction set."""
+    return "" if _target(source).get("mcpu") in ISAS else cpp.host_cpu()
 
 
 def _target(source: KernelSource) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 
 from ..config import DCNConfig
+from ..cpu_isas import ISAS
 from ..source import KernelSource
 from .jinja import render, resolve_params
 
@@ -16,12 +17,17 @@ PARAM_BOUNDS = {"pixel_chunk": (1, 4096), "unroll_points": (1, 64), "accumulator
 # The backward writes DCNv4's padding gradient channels (zeros) itself: the op need not.
 BACKWARD_ZEROES_PADDING = True
 
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
-         "-ffp-contract=fast")
+COMMON_FLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros", "-ffp-contract=fast")
 # The kernels plan 16 fp32 lanes at a time: use whole 512-bit vectors where the CPU has them (GCC 13
 # tunes Sapphire Rapids for 256-bit ones; the option changes nothing on CPUs without AVX-512).
-if platform.machine().lower() in ("x86_64", "amd64"):
-    FLAGS += ("-mprefer-vector-width=512",)
+WIDE_VECTORS = ("-mprefer-vector-width=512",)
+
+
+def flags(cfg: DCNConfig) -> tuple[str, ...]:
+    """Host compiler flags for cfg's target: this machine's CPU ('cpu') or a named x86-64 level."""
+    if cfg.cpu_isa:
+        return (*COMMON_FLAGS, f"-march={cfg.cpu_isa}", *(WIDE_VECTORS if ISAS[cfg.cpu_isa].vector_bits == 512 else ()))
+    return (*COMMON_FLAGS, "-march=native", *(WIDE_VECTORS if platform.machine().lower() in ("x86_64", "amd64") else ()))
 
 
 def default_params(cfg: DCNConfig) -> dict[str, int]:
@@ -34,4 +40,4 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
 def generate(cfg: DCNConfig) -> KernelSource:
     params = resolve_params(cfg, default_params(cfg), PARAM_BOUNDS)
     text = render("cpu/dcn.cc.j2", cfg, scalar_type=SCALAR_TYPE[cfg.dtype], params=params)
-    return KernelSource(config=cfg, language="cpp", text=text, flags=FLAGS, params=tuple(sorted(params.items())))
+    return KernelSource(config=cfg, language="cpp", text=text, flags=flags(cfg), params=tuple(sorted(params.items())))

@@ -40,8 +40,11 @@ def params_for(cfg: DCNConfig) -> dict[str, int]:
     return params
 
 
-def llvm_target() -> dict:
-    """The host llvm target: TVM's own name for this CPU, so its vector ISA is used."""
+def llvm_target(cfg: DCNConfig) -> dict:
+    """cfg's llvm target: its named x86-64 level, or TVM's own name for this CPU (target 'cpu'), so
+    the CPU's vector ISA is used."""
+    if cfg.cpu_isa:
+        return {"kind": "llvm", "mcpu": cfg.cpu_isa}
     from tvm.target import codegen
 
     return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}
@@ -62,7 +65,7 @@ def generate(cfg: DCNConfig) -> KernelSource:
         from . import tvm_cuda
 
         return tvm_cuda.generate(cfg, params)
-    target = llvm_target()
+    target = llvm_target(cfg)
     text = ir_module(cfg, params).script()
     return KernelSource(
         config=cfg,

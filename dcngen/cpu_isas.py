@@ -1,0 +1,75 @@
+"""Named x86-64 instruction sets a CPU kernel can be built for ahead of time (target 'cpu:<isa>'),
+and whether this machine can run them.
+
+Target 'cpu' builds for this machine's CPU (-march=native): fastest here, and tied to this CPU
+model. A named level (the x86-64 psABI's microarchitecture levels) gives a library that any CPU
+with the level's features runs, so it can be built once and shipped, as 'cuda:sm_XY' is for GPUs.
+Loading one on a CPU without those features is refused, naming them (it would die of SIGILL).
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Isa:
+    features: tuple[str, ...]  # /proc/cpuinfo flags the level adds to the one below it
+    vector_bits: int  # widest vectors the level has
+
+
+# Each level includes the features of the levels before it. gcc's -march and LLVM's -mcpu take these names as they are.
+ISAS = {
+    "x86-64": Isa(("sse2",), 128),
+    "x86-64-v2": Isa(("cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3"), 128),
+    "x86-64-v3": Isa(("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"), 256),
+    "x86-64-v4": Isa(("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"), 512),
+}
+
+
+def required_features(isa: str) -> tuple[str, ...]:
+    """Every /proc/cpuinfo flag a CPU needs to run code built for `isa`."""
+    names = list(ISAS)
+    return tuple(f for name in names[: names.index(isa) + 1] for f in ISAS[name].features)
+
+
+@functools.lru_cache(maxsize=1)
+def cpuinfo() -> dict[str, str]:
+    """This machine's /proc/cpuinfo fields (of its first CPU); empty where there is none."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return {}
+    fields: dict[str, str] = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def host_features() -> frozenset[str]:
+    """This CPU's feature flags."""
+    return frozenset(cpuinfo().get("flags", "").split())
+
+
+def missing_features(isa: str) -> tuple[str, ...]:
+    """The features `isa` needs that this CPU lacks (all of them on a CPU that is not x86-64)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return required_features(isa)
+    return tuple(f for f in required_features(isa) if f not in host_features())
+
+
+def require_runnable(isa: str) -> None:
+    """ConfigError (field `target`) unless this CPU runs code built for `isa`."""
+    missing = missing_features(isa)
+    if missing:
+        raise ConfigError(
+            "target",
+            f"a kernel built for cpu:{isa} needs CPU features this machine lacks ({', '.join(missing)}); "
+            "run it on a CPU that has them, or use target 'cpu' (this machine's CPU) or a lower level",
+        )

@@ -1,0 +1,105 @@
+"""CPU kernels built for a named x86-64 level ('cpu:x86-64-v3', ...), not for this machine's CPU:
+the code paths of CPUs without AVX-512 (AVX2 + F16C, plain SSE2) run here against the reference,
+their libraries use no wider instructions, they are found without a compiler on any machine, and
+a CPU that lacks a level's features is refused before anything runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import dcngen.cpu_isas as cpu_isas
+import dcngen.compilers.cpp as cpp
+from dcngen.build import build, load, source_key
+from dcngen.config import DCNConfig
+from dcngen.cpu_isas import ISAS, missing_features
+from dcngen.errors import ConfigError
+from dcngen.generators import generate
+from dcngen.verify import TOLERANCE, verify, verify_kernel
+
+RUNNABLE = [isa for isa in ISAS if not missing_features(isa)]
+# Per level: float16 at C16 (the F16C / AVX-512 row conversion), bfloat16 at C8, float32 with a tail (C5).
+CASES = [
+    (isa, op, dtype, c)
+    for isa in ISAS
+    for op, dtype, c in (("dcnv4", "float16", 16), ("dcnv3", "bfloat16", 8), ("dcnv4", "float32", 5))
+    if isa in ("x86-64", "x86-64-v3") or dtype == "float16"
+]
+# Register names the library of each level must not use (wider vectors than the level has).
+TOO_WIDE = {"x86-64": ("ymm", "zmm"), "x86-64-v2": ("ymm", "zmm"), "x86-64-v3": ("zmm",), "x86-64-v4": ()}
+
+
+def test_targets_are_named_levels():
+    assert DCNConfig(target="CPU:X86-64-V3").target == "cpu:x86-64-v3"
+    assert DCNConfig(target="cpu:x86-64-v3").cpu_isa == "x86-64-v3"
+    assert DCNConfig(target="cpu").cpu_isa is None and DCNConfig(target="cuda:sm_90").cpu_isa is None
+    with pytest.raises(ConfigError, match="target.*'avx9'.*cpu:x86-64-v3"):
+        DCNConfig(target="cpu:avx9")
+
+
+@pytest.mark.parametrize("isa, op, dtype, c", CASES, ids=[f"{i}-{o}-{d}-c{c}" for i, o, d, c in CASES])
+def test_level_kernels_match_the_reference(isa, op, dtype, c):
+    if isa not in RUNNABLE:
+        pytest.skip(f"this CPU lacks {', '.join(missing_features(isa))}")
+    cfg = DCNConfig(op=op, group=3, group_channels=c, kernel_size=3, dtype=dtype, target=f"cpu:{isa}")
+    art = build(generate(cfg))
+    errors = verify_kernel(cfg, load(art), 2, 9, 11)  # outputs NaN-poisoned first
+    assert max(errors.values()) < TOLERANCE[dtype], errors
+    if shutil.which("objdump") and TOO_WIDE[isa]:
+        code = subprocess.run(["objdump", "-d", str(art.library)], capture_output=True, text=True, check=True).stdout
+        assert not [reg for reg in TOO_WIDE[isa] if f"%{reg}" in code], f"{isa} library uses wider registers"
+
+
+def test_tvm_backend_builds_for_a_level():
+    isa = "x86-64-v3"
+    if isa not in RUNNABLE:
+        pytest.skip(f"this CPU lacks {', '.join(missing_features(isa))}")
+    cfg = DCNConfig(op="dcnv3", group=2, group_channels=8, dtype="float16", target=f"cpu:{isa}", backend="tvm")
+    errors = verify(cfg, 2, 9, 11)  # through the ops, which keep the config's level
+    assert max(errors.values()) < TOLERANCE["float16"], errors
+
+
+def test_level_libraries_are_not_tied_to_this_cpu(monkeypatch):
+    """A level's library has the same source key whatever CPU builds it (so a machine without a
+    compiler finds it); a 'cpu' library's key names the CPU."""
+    keys = lambda cfg: {backend: source_key(generate(cfg.replace(backend=backend))) for backend in ("template", "tvm")}  # noqa: E731
+    level, native = DCNConfig(target="cpu:x86-64-v3"), DCNConfig(target="cpu")
+    before = keys(level), keys(native)
+    monkeypatch.setattr(cpp, "host_cpu", lambda: "another CPU | sse2")
+    assert keys(level) == before[0]
+    assert all(keys(native)[b] != before[1][b] for b in ("template", "tvm"))
+
+
+def test_a_cpu_without_the_level_is_refused(monkeypatch):
+    art = build(generate(DCNConfig(group=2, group_channels=4, target="cpu:x86-64-v3")))
+    monkeypatch.setattr(cpu_isas, "host_features", lambda: frozenset(cpu_isas.required_features("x86-64-v2")))
+    with pytest.raises(ConfigError, match=r"cpu:x86-64-v3 needs CPU features this machine lacks \(avx, avx2"):
+        load(art)
+
+
+CPU_TARGET_RUN = textwrap.dedent("""
+    import torch, dcngen.ops
+    from dcngen import kernels
+    x = torch.randn(1, 6, 7, 8)
+    om = torch.randn(1, 6, 7, dcngen.config.DCNConfig(group=2, group_channels=4).padded_offset_mask_channels)
+    try:
+        dcngen.ops.dcnv4(x, om, group=2, group_channels=4)
+    except Exception as e:
+        print(type(e).__name__, e)
+    print(sorted({cfg.target for cfg in kernels._loaded}))
+""")
+
+
+@pytest.mark.parametrize("value, expected", [("cpu:x86-64-v3", "['cpu:x86-64-v3']"), ("cuda:sm_90", "DCNGenError DCNGEN_CPU_TARGET='cuda:sm_90'")])
+def test_cpu_target_setting_picks_the_ops_kernels(value, expected):
+    if value.startswith("cpu:") and value[4:] not in RUNNABLE:
+        pytest.skip(f"this CPU lacks {', '.join(missing_features(value[4:]))}")
+    run = subprocess.run([sys.executable, "-c", CPU_TARGET_RUN], env={**os.environ, "DCNGEN_CPU_TARGET": value},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert expected in run.stdout, run.stdout

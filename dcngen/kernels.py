@@ -7,8 +7,8 @@ import threading
 
 import torch
 
-from .build import Artifact, build, load
 from . import settings
+from .build import Artifact, build, load
 from .config import DCNConfig, canonical_target
 from .errors import ConfigError, DCNGenError
 from .generators import generate, template_cuda

@@ -52,26 +52,30 @@ def test_golden_vectors(name, case, op, dtype):
     if dtype in (torch.float16, torch.bfloat16):
         # 16-bit offsets often land samples exactly on pixel lines, where the offset gradient is
         # one-sided and grid_sample's normalisation may round to the other side: compare the
-        # weight gradients here; test_16_bit_gradients and the fuzz tests (which keep samples
+        # weight gradients here; test_16_bit_outputs_and_gradients and the fuzz tests (which keep samples
         # off the lines) cover the offset gradients.
         grad_om, expected_om = (reference.split_offset_mask(cfg, t)[1] for t in (grad_om, expected_om))
     assert rel_err(grad_om, expected_om) < tol
 
 
+@pytest.mark.parametrize("channels", [16, 8])  # 8: rows converted 8 at a time before they are summed
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)], ids=["bfloat16", "float16"])
-def test_16_bit_gradients(dtype, tol):
-    """All 16-bit gradients against the float64 reference on offsets exact in the dtype and clear of pixel lines."""
-    cfg = DCNConfig(group=2, group_channels=16, kernel_size=3, dtype=str(dtype).replace("torch.", ""))
+def test_16_bit_outputs_and_gradients(dtype, tol, channels):
+    """16-bit output and gradients against the float64 reference on offsets exact in the dtype and clear of pixel lines."""
+    cfg = DCNConfig(group=2, group_channels=channels, kernel_size=3, dtype=str(dtype).replace("torch.", ""))
     gen = torch.Generator().manual_seed(3)
     x, offset, mask = random_inputs(cfg, 2, 7, 6, generator=gen)
     offset = (offset * 8).round() / 8  # multiples of 1/8 with fractions in [0.125, 0.875]: exact in 16 bits
     om = dcnv4_packed(cfg, offset, mask).to(dtype)
     x = x.to(dtype)
-    grad_out = torch.randn(2, 7, 6, 32, generator=gen).to(dtype)
+    grad_out = torch.randn(2, 7, 6, 2 * channels, generator=gen).to(dtype)
     x1, om1 = x.clone().requires_grad_(), om.clone().requires_grad_()
-    ops.dcnv4(x1, om1, group=2, group_channels=16).backward(grad_out)
+    y1 = ops.dcnv4(x1, om1, group=2, group_channels=channels)
+    y1.backward(grad_out)
     x2, om2 = x.double().requires_grad_(), om.double().requires_grad_()
-    reference.dcnv4(cfg, x2, om2).backward(grad_out.double())
+    y2 = reference.dcnv4(cfg, x2, om2)
+    y2.backward(grad_out.double())
+    assert rel_err(y1, y2) < tol
     assert rel_err(x1.grad, x2.grad) < tol
     assert rel_err(om1.grad, om2.grad) < tol
 

@@ -1,7 +1,8 @@
 """CPU kernels built for a named x86-64 level ('cpu:x86-64-v3', ...), not for this machine's CPU:
 the code paths of CPUs without AVX-512 (AVX2 + F16C, plain SSE2) run here against the reference,
 their libraries use no wider instructions, they are found without a compiler on any machine, and
-a CPU that lacks a level's features is refused before anything runs."""
+a CPU that lacks a level's features is refused before anything runs. The template's generic paths
+also compile for aarch64 where a cross compiler is installed."""
 
 from __future__ import annotations
 
@@ -103,3 +104,21 @@ def test_cpu_target_setting_picks_the_ops_kernels(value, expected):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert expected in run.stdout, run.stdout
+
+
+ARM_CXX = "aarch64-linux-gnu-g++"
+
+
+@pytest.mark.skipif(shutil.which(ARM_CXX) is None, reason=f"no {ARM_CXX} (.ci/run installs it where apt can)")
+@pytest.mark.parametrize("op, dtype, c", [("dcnv4", "float16", 16), ("dcnv3", "bfloat16", 5), ("dcnv4", "float64", 8)])
+def test_template_compiles_for_aarch64(tmp_path, op, dtype, c):
+    """The generic (non-x86) paths of the CPU template: an ARM machine builds them with -march=native."""
+    from tvm_ffi import libinfo
+
+    source = generate(DCNConfig(op=op, group=3, group_channels=c, dtype=dtype))
+    flags = [f for f in source.flags if not f.startswith(("-march", "-mprefer-vector-width"))]
+    (tmp_path / "kernel.cc").write_text(source.text)
+    run = subprocess.run([ARM_CXX, "-std=c++17", *flags, "-march=armv8.2-a", "-fPIC", f"-I{libinfo.find_include_path()}",
+                          f"-I{libinfo.find_dlpack_include_path()}", "-c", "kernel.cc", "-o", "kernel.o"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]

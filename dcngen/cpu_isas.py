@@ -57,15 +57,21 @@ def host_features() -> frozenset[str]:
     return frozenset(cpuinfo().get("flags", "").split())
 
 
+def is_x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def missing_features(isa: str) -> tuple[str, ...]:
     """The features `isa` needs that this CPU lacks (all of them on a CPU that is not x86-64)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if not is_x86_64():
         return required_features(isa)
     return tuple(f for f in required_features(isa) if f not in host_features())
 
 
 def require_runnable(isa: str) -> None:
     """ConfigError (field `target`) unless this CPU runs code built for `isa`."""
+    if not is_x86_64():
+        raise ConfigError("target", f"a kernel built for cpu:{isa} runs on x86-64 CPUs only, and this one is {platform.machine()}; use target 'cpu'")
     missing = missing_features(isa)
     if missing:
         raise ConfigError(

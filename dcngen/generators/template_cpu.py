@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import platform
-
 from ..config import DCNConfig
-from ..cpu_isas import ISAS
+from ..cpu_isas import ISAS, is_x86_64
 from ..source import KernelSource
 from .jinja import render, resolve_params
 
@@ -27,7 +25,7 @@ def flags(cfg: DCNConfig) -> tuple[str, ...]:
     """Host compiler flags for cfg's target: this machine's CPU ('cpu') or a named x86-64 level."""
     if cfg.cpu_isa:
         return (*COMMON_FLAGS, f"-march={cfg.cpu_isa}", *(WIDE_VECTORS if ISAS[cfg.cpu_isa].vector_bits == 512 else ()))
-    return (*COMMON_FLAGS, "-march=native", *(WIDE_VECTORS if platform.machine().lower() in ("x86_64", "amd64") else ()))
+    return (*COMMON_FLAGS, "-march=native", *(WIDE_VECTORS if is_x86_64() else ()))
 
 
 def default_params(cfg: DCNConfig) -> dict[str, int]:

@@ -21,15 +21,22 @@ from .errors import ConfigError
 class Isa:
     features: tuple[str, ...]  # /proc/cpuinfo flags the level adds to the one below it
     vector_bits: int  # widest vectors the level has
+    vector_registers: int  # how many
+
+    @property
+    def register_bytes(self) -> int:
+        """The size of the vector register file."""
+        return self.vector_registers * self.vector_bits // 8
 
 
 # Each level includes the features of the levels before it. gcc's -march and LLVM's -mcpu take these names as they are.
 ISAS = {
-    "x86-64": Isa(("sse2",), 128),
-    "x86-64-v2": Isa(("cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3"), 128),
-    "x86-64-v3": Isa(("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"), 256),
-    "x86-64-v4": Isa(("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"), 512),
+    "x86-64": Isa(("sse2",), 128, 16),
+    "x86-64-v2": Isa(("cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3"), 128, 16),
+    "x86-64-v3": Isa(("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"), 256, 16),
+    "x86-64-v4": Isa(("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"), 512, 32),
 }
+NEON_REGISTER_BYTES = 32 * 16  # AArch64: 32 128-bit registers
 
 
 def required_features(isa: str) -> tuple[str, ...]:
@@ -66,6 +73,17 @@ def missing_features(isa: str) -> tuple[str, ...]:
     if not is_x86_64():
         return required_features(isa)
     return tuple(f for f in required_features(isa) if f not in host_features())
+
+
+def register_bytes(isa: str | None) -> int:
+    """The vector register file of code built for `isa`, or for this machine's CPU (None): its
+    best level on x86-64 (the lowest where it has none), NEON's elsewhere."""
+    if isa is None:
+        if not is_x86_64():
+            return NEON_REGISTER_BYTES
+        runnable = [name for name in ISAS if not missing_features(name)]
+        isa = runnable[-1] if runnable else "x86-64"
+    return ISAS[isa].register_bytes
 
 
 def require_runnable(isa: str) -> None:

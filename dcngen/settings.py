@@ -9,7 +9,6 @@ into the user's cache and data folders.
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
@@ -51,9 +50,9 @@ def sanitize() -> bool:
     return os.environ.get("DCNGEN_SANITIZE", "") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_target() -> str:
-    """DCNGEN_CPU_TARGET, read once per process: the target of the kernels that run on CPU tensors,
-    'cpu' (this machine's CPU, the default) or 'cpu:<isa>' (a named x86-64 level, which runs kernels
-    built on another machine where this one has no compiler: dcngen/cpu_isas.py)."""
+    """DCNGEN_CPU_TARGET, which kernels.target_of reads once per process: the target of the kernels
+    that run on CPU tensors, 'cpu' (this machine's CPU, the default) or 'cpu:<isa>' (a named x86-64
+    level, which runs kernels built on another machine where this one has no compiler:
+    dcngen/cpu_isas.py)."""
     return os.environ.get("DCNGEN_CPU_TARGET", "").strip() or "cpu"

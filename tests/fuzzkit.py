@@ -28,10 +28,9 @@ import dcngen.ops as ops
 from dcngen import reference
 from dcngen.config import DCNConfig
 from dcngen.kernels import kernel_for
-from dcngen.verify import poisoned_call
+from dcngen.verify import TORCH_DTYPE, poisoned_call
 
 REPO = Path(__file__).resolve().parents[1]
-TORCH_DTYPE = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # (rtol, atol relative to the largest reference magnitude of the tensor compared)
 TOLERANCE = {"float64": (1e-9, 1e-10), "float32": (2e-4, 2e-5), "float16": (4e-3, 2e-3), "bfloat16": (2e-2, 1e-2)}
 # Samples closer than this to an integer grid line are moved (see module docstring).

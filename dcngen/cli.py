@@ -179,7 +179,9 @@ def tune(cfg: DCNConfig, shape: Shapes = None, trials: Annotated[int, typer.Opti
          list_records: Annotated[bool, typer.Option("--list", help="show the stored tuning records and exit")] = False,
          rpc_tracker: Annotated[Optional[str], typer.Option(help="measure on a TVM RPC server from this tracker, HOST:PORT")] = None,
          rpc_key: Annotated[Optional[str], typer.Option(help="the RPC server key to request")] = None,
-         seed: Annotated[int, typer.Option(help="seed of the search order")] = 0) -> None:
+         seed: Annotated[int, typer.Option(help="seed of the search order")] = 0,
+         jobs: Annotated[Optional[int], typer.Option(min=1, help="candidates built in parallel, before they are timed one by one "
+                                                          "(template backends; default: the CPU count)")] = None) -> None:
     """Search generator parameters by measurement; store the best per machine, config and shape bucket."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -212,7 +214,7 @@ def tune(cfg: DCNConfig, shape: Shapes = None, trials: Annotated[int, typer.Opti
                     bar.update(task, completed=done, description=f"{n}x{h}x{w} best {best_ms:.3f} ms", note=note[-60:])
 
                 result = run_tune(cfg, (n, h, w), trials=trials, time_budget=time_budget / len(shapes), executor=executor,
-                                  seed=seed, progress=report)
+                                  seed=seed, jobs=jobs or os.cpu_count() or 1, progress=report)
             r = result.record
             console.print(f"[green]{n}x{h}x{w}[/]: best {records.params_name(r['best']['params'])} {r['best']['ms']:.3f} ms, "
                           f"default {records.params_name(r['default']['params'])} {r['default']['ms']:.3f} ms, "

@@ -19,6 +19,7 @@ import os
 import random
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -298,17 +299,26 @@ class _Measure:
         self.args = None
         self.number = 1
 
-    def load(self, params: dict):
-        """(loaded module, None) or (None, failure reason) after building and checking `params`."""
+    def build(self, params: dict):
+        """(artifact, None) or (None, failure reason): `params`' kernel built (or found in the cache).
+        Safe to call from several threads for template backends (one compiler process per build)."""
         from .build import build
         from .generators import generate
+
+        try:
+            return build(generate(self.cfg.replace(params=tuple(params.items())))), None
+        except DCNGenError as e:
+            return None, f"build: {str(e).splitlines()[0][:160]}"
+
+    def load(self, params: dict, built=None):
+        """(loaded module, None) or (None, failure reason) after building (unless `built`, build's
+        result, is given) and checking `params`."""
         from .verify import TOLERANCE
 
         cand = self.cfg.replace(params=tuple(params.items()))
-        try:
-            artifact = build(generate(cand))
-        except DCNGenError as e:
-            return None, f"build: {str(e).splitlines()[0][:160]}"
+        artifact, failure = built or self.build(params)
+        if failure:
+            return None, failure
         try:
             mod = self.executor.load(cand, artifact)
             errors = check(cand, self.executor, mod)
@@ -363,12 +373,14 @@ class TuneResult:
 
 
 def tune(cfg: DCNConfig, shape: tuple[int, int, int], *, trials: int = 64, time_budget: float = 300.0, rounds: int = 7,
-         executor=None, root: Path | None = None, seed: int = 0, space: Space | None = None,
+         executor=None, root: Path | None = None, seed: int = 0, space: Space | None = None, jobs: int = 1,
          progress: Callable[[int, int, float, str], None] | None = None) -> TuneResult:
     """Search cfg's parameters at input `shape` (N, H, W); write and return the record.
 
-    Stops after `trials` new measurements or when `time_budget` seconds would be exceeded (the
-    final re-timing of the best against the default is kept inside the budget).
+    Candidates are built `jobs` at a time in parallel (template backends; TVM builds one at a
+    time), then checked and timed one by one, with no build running meanwhile. Stops after
+    `trials` new measurements or when `time_budget` seconds would be exceeded (the final re-timing
+    of the best against the default is kept inside the budget).
     progress(done, total, best_ms, note) is called after each candidate.
     """
     started = time.monotonic()
@@ -386,7 +398,9 @@ def tune(cfg: DCNConfig, shape: tuple[int, int, int], *, trials: int = 64, time_
     m = _Measure(cfg, shape, executor, space, rounds)
     done: list[Trial] = []
     try:
+        t0 = time.monotonic()
         base_mod, failure = m.load(default)
+        default_s = time.monotonic() - t0  # the first estimate of a batch's builds
         if failure:
             raise DCNGenError(f"the default parameters of {cfg.key} fail: {failure}")
         base_ms = m.calibrate(base_mod, rounds=2 * rounds + 1)
@@ -395,7 +409,7 @@ def tune(cfg: DCNConfig, shape: tuple[int, int, int], *, trials: int = 64, time_
             measured = {k: round(v * base_ms / old_base, 4) if isinstance(v, (int, float)) else v for k, v in measured.items()}
         base = m.timer(base_mod)
         measured[records.params_name(default)] = round(base_ms, 4)
-        trial_s = []
+        trial_s, build_s = [], []  # seconds per check-and-timing, per batch of builds
 
         def save(final: dict | None = None) -> None:
             rec = {
@@ -410,29 +424,39 @@ def tune(cfg: DCNConfig, shape: tuple[int, int, int], *, trials: int = 64, time_
         if progress:
             progress(0, total, best_ms, f"default {base_ms:.3f} ms")
         reserve = 2 * (4 * rounds + 2) * base_ms * m.number / 1e3 * len(space.passes) + 3.0  # the final re-timing
-        for params in candidates(cfg, space, default, seed):
-            if len(done) >= trials:
-                break
-            name = records.params_name(params)
-            if name in measured:
-                continue
-            expected = 1.5 * max(trial_s[-5:], default=0.0)  # builds vary a lot on a loaded machine
-            if time.monotonic() + expected + reserve > deadline:
-                break
-            t0 = time.monotonic()
-            mod, failure = m.load(params)
-            if failure:
-                trial = Trial(params, failure=failure)
-            else:
-                _, _, ratio = m.paired(m.timer(mod), base, rounds)
-                trial = Trial(params, ms=base_ms * ratio)
-            trial_s.append(time.monotonic() - t0)
-            done.append(trial)
-            measured[name] = trial.value
-            best_ms = min(best_ms, trial.ms)
-            save()
-            if progress:
-                progress(len(done), total, best_ms, f"{name}: {trial.value}")
+        timing_s = 2 * (rounds + 1) * base_ms * m.number / 1e3 * len(space.passes)  # one paired timing
+        pending = (p for p in candidates(cfg, space, default, seed) if records.params_name(p) not in measured)
+        jobs = max(1, jobs) if cfg.backend == "template" else 1
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            while len(done) < trials:
+                # builds and trials vary a lot on a loaded machine: 1.5x the slowest recent one
+                batch_build = 1.5 * max(build_s[-3:], default=default_s)
+                one_trial = 1.5 * max(trial_s[-5:], default=timing_s)
+                room = deadline - reserve - time.monotonic() - batch_build
+                batch = list(itertools.islice(pending, min(jobs, trials - len(done), max(0, int(room // max(one_trial, 1e-3))))))
+                if not batch:
+                    break
+                t0 = time.monotonic()
+                built = list(pool.map(m.build, batch))
+                build_s.append(time.monotonic() - t0)
+                for params, artifact in zip(batch, built):
+                    if time.monotonic() + one_trial + reserve > deadline:
+                        break
+                    t0 = time.monotonic()
+                    mod, failure = m.load(params, artifact)
+                    if failure:
+                        trial = Trial(params, failure=failure)
+                    else:
+                        _, _, ratio = m.paired(m.timer(mod), base, rounds)
+                        trial = Trial(params, ms=base_ms * ratio)
+                    trial_s.append(time.monotonic() - t0)
+                    done.append(trial)
+                    name = records.params_name(params)
+                    measured[name] = trial.value
+                    best_ms = min(best_ms, trial.ms)
+                    save()
+                    if progress:
+                        progress(len(done), total, best_ms, f"{name}: {trial.value}")
 
         # the best recorded candidate against the default, paired, with twice the rounds
         ranked = sorted((v, n) for n, v in measured.items() if isinstance(v, (int, float)) and n != records.params_name(default))

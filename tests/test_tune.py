@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import json
 import math
+import threading
 import time
 
 import pytest
@@ -127,11 +128,12 @@ def _sign_error_generator(monkeypatch, bad_chunk: int):
     monkeypatch.setattr(kernels, "_loaded", {})  # no kernel loaded by another test stands in for the patched one
 
 
-def test_wrong_candidate_is_rejected_and_never_chosen(root, monkeypatch):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_wrong_candidate_is_rejected_and_never_chosen(root, monkeypatch, jobs):
     _sign_error_generator(monkeypatch, bad_chunk=2)
     default = tune.default_params(CFG)
     space = tune.Space({"pixel_chunk": (2, 4), "unroll_points": (default["unroll_points"],)}, passes=("forward",))
-    result = tune.tune(CFG, SHAPE, trials=5, time_budget=120, rounds=3, space=space)
+    result = tune.tune(CFG, SHAPE, trials=5, time_budget=120, rounds=3, space=space, jobs=jobs)
     cands = result.record["candidates"]
     bad = records.params_name({**default, "pixel_chunk": 2})
     assert cands[bad].startswith("failed: verify: output rel. error")
@@ -143,6 +145,46 @@ def test_wrong_candidate_is_rejected_and_never_chosen(root, monkeypatch):
     again = tune.tune(CFG, SHAPE, trials=5, time_budget=120, rounds=3, space=space)
     assert again.trials == [] and set(again.record["candidates"]) == set(cands)
     assert again.record["candidates"][bad] == cands[bad]  # only the default is re-timed (the calibration)
+
+
+def test_candidates_build_in_parallel_but_never_while_one_is_timed(root, monkeypatch):
+    """jobs=3: the builds of a batch overlap; no build runs during a check or a timing."""
+    import dcngen.build
+
+    real_build, events = dcngen.build.build, []
+
+    def slow_build(source):
+        if threading.current_thread() is threading.main_thread():  # the default's, inside its own load
+            return real_build(source)
+        events.append(("build", time.monotonic(), +1))
+        time.sleep(0.3)  # long enough for the other threads' builds to start meanwhile
+        try:
+            return real_build(source)
+        finally:
+            events.append(("build", time.monotonic(), -1))
+
+    real_load = tune._Measure.load
+
+    def load(self, params, built=None):
+        events.append(("load", time.monotonic(), +1))
+        try:
+            return real_load(self, params, built)
+        finally:
+            events.append(("load", time.monotonic(), -1))
+
+    monkeypatch.setattr(dcngen.build, "build", slow_build)
+    monkeypatch.setattr(tune._Measure, "load", load)
+    default = tune.default_params(CFG)
+    space = tune.Space({"pixel_chunk": (1, 2, 4, 8), "unroll_points": (default["unroll_points"],)}, passes=("forward",))
+    result = tune.tune(CFG, SHAPE, trials=3, time_budget=120, rounds=3, space=space, jobs=3)
+    assert len(result.trials) == 3 and all(t.failure is None for t in result.trials)
+    running = {"build": 0, "load": 0}
+    most_builds = 0
+    for kind, _, step in sorted(events, key=lambda e: e[1]):
+        running[kind] += step
+        most_builds = max(most_builds, running["build"])
+        assert not (running["build"] and running["load"]), "a candidate was checked or timed while another one was building"
+    assert most_builds == 3
 
 
 def test_build_failure_scores_inf(root, monkeypatch):

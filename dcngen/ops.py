@@ -97,6 +97,24 @@ def _check(op: str, args: tuple, *metas: tuple) -> DCNConfig:
 _check_remembered = functools.lru_cache(maxsize=1024)(_check)
 
 
+def check_backward_inputs(op: str, args: Sequence, grad_output: torch.Tensor, input: torch.Tensor, offset: torch.Tensor,
+                          mask: torch.Tensor) -> DCNConfig:
+    """check_inputs, and grad_output against the output those inputs give: (N, Ho, Wo, G*C) of
+    input's dtype and device, dense. Raises InputError naming what was expected."""
+    cfg = check_inputs(op, args, input, offset, mask)
+    if not isinstance(grad_output, torch.Tensor):
+        raise InputError(f"grad_output must be a torch.Tensor, got {type(grad_output).__name__}")
+    n, h, w, _ = input.shape
+    expect = (n, *cfg.output_size(h, w), cfg.channels)
+    if grad_output.layout != torch.strided:
+        raise InputError(f"grad_output must be a dense (strided) tensor, got layout {grad_output.layout}")
+    if tuple(grad_output.shape) != expect:
+        raise InputError(f"grad_output must be the output's shape (N, Ho, Wo, group*group_channels) = {_shape(expect)}, got {_shape(grad_output.shape)}")
+    if grad_output.dtype != input.dtype or grad_output.device != input.device:
+        raise InputError(f"grad_output must be {input.dtype} on {input.device} like input, got {grad_output.dtype} on {grad_output.device}")
+    return cfg
+
+
 def _forward(cfg: DCNConfig, input, offset, mask):
     n, h, w, _ = input.shape
     ho, wo = cfg.output_size(h, w)
@@ -152,7 +170,7 @@ torch.library.impl("dcngen::dcnv4", "CompositeExplicitAutograd")(_dcnv4_impl)
 
 
 def _dcnv4_backward_impl(grad_output, input, offset_mask, *args):
-    cfg = check_inputs("dcnv4", args, input, offset_mask, offset_mask)
+    cfg = check_backward_inputs("dcnv4", args, grad_output, input, offset_mask, offset_mask)
     grad_input, grad_offset_mask, _ = _backward(cfg, grad_output, input, offset_mask, None, packed=True)
     return grad_input, grad_offset_mask
 
@@ -168,7 +186,7 @@ torch.library.impl("dcngen::dcnv3", "CompositeExplicitAutograd")(_dcnv3_impl)
 
 
 def _dcnv3_backward_impl(grad_output, input, offset, mask, *args):
-    return _backward(check_inputs("dcnv3", args, input, offset, mask), grad_output, input, offset, mask, packed=False)
+    return _backward(check_backward_inputs("dcnv3", args, grad_output, input, offset, mask), grad_output, input, offset, mask, packed=False)
 
 
 torch.library.impl("dcngen::dcnv3_backward", "CompositeExplicitAutograd")(_dcnv3_backward_impl)
@@ -191,16 +209,22 @@ def _dcnv3_fake(input, offset, mask, *args):
     return _fake_output("dcnv3", input, offset, mask, args)
 
 
+def _contiguous_like(t: torch.Tensor) -> torch.Tensor:
+    """An empty contiguous tensor like `t`: the backward's gradients are contiguous whatever the
+    inputs' strides (_backward makes its inputs contiguous first)."""
+    return t.new_empty(t.shape)
+
+
 @torch.library.register_fake("dcngen::dcnv4_backward")
 def _dcnv4_backward_fake(grad_output, input, offset_mask, *args):
-    check_inputs("dcnv4", args, input, offset_mask, offset_mask)
-    return torch.empty_like(input), torch.empty_like(offset_mask)
+    check_backward_inputs("dcnv4", args, grad_output, input, offset_mask, offset_mask)
+    return _contiguous_like(input), _contiguous_like(offset_mask)
 
 
 @torch.library.register_fake("dcngen::dcnv3_backward")
 def _dcnv3_backward_fake(grad_output, input, offset, mask, *args):
-    check_inputs("dcnv3", args, input, offset, mask)
-    return torch.empty_like(input), torch.empty_like(offset), torch.empty_like(mask)
+    check_backward_inputs("dcnv3", args, grad_output, input, offset, mask)
+    return _contiguous_like(input), _contiguous_like(offset), _contiguous_like(mask)
 
 
 def _setup(ctx, inputs, output):

@@ -141,6 +141,48 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.dcngen.dcnv3, (x, off.requires_grad_(), m.requires_grad_(), *args))
 
 
+def test_backward_op_on_permuted_inputs_gives_contiguous_gradients_like_its_fake():
+    """An NCHW tensor permuted to channels-last is the usual way in: the backward op's fake must
+    promise the strides the real op returns, or compiled training fails its stride assertions."""
+    cfg = DCNConfig(group=2, group_channels=4, kernel_size=(3, 5), padding=(1, 2), dtype="float64")
+    x, offset, mask = random_inputs(cfg, 2, 5, 6)
+    x_nchw = x.permute(0, 3, 1, 2).contiguous()
+    om = dcnv4_packed(cfg, offset, mask)
+    args = (3, 5, 1, 1, 1, 2, 1, 1, 2, 4, 1.0, False, "template")
+    grad_out = torch.randn(2, 5, 6, 8, dtype=torch.float64).permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    torch.library.opcheck(torch.ops.dcngen.dcnv4_backward, (grad_out, x_nchw.permute(0, 2, 3, 1), om, *args))
+    off, m = dcnv3_split(offset, mask)
+    torch.library.opcheck(torch.ops.dcngen.dcnv3_backward, (grad_out, x_nchw.permute(0, 2, 3, 1), off, m, *args))
+
+    def loss(x_nchw, om):
+        return ops.dcnv4(x_nchw.permute(0, 2, 3, 1), om, group=2, group_channels=4, kernel_size=(3, 5), padding=(1, 2)).square().sum()
+
+    assert_compile_matches_eager(loss, (x_nchw, om))
+
+
+BAD_GRAD_OUTPUTS = [
+    ("spatial", lambda g: g[:, :2], r"grad_output must be the output's shape .* = \(2, 5, 5, 8\)"),
+    ("batch", lambda g: torch.cat((g, g)), "grad_output must be the output's shape"),
+    ("dtype", lambda g: g.double(), "grad_output must be torch.float32"),
+    ("sparse", lambda g: g.to_sparse(), "dense"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,message", BAD_GRAD_OUTPUTS, ids=[b[0] for b in BAD_GRAD_OUTPUTS])
+def test_backward_ops_check_grad_output(name, mutate, message):
+    """The public backward ops validate grad_output like the inputs (the kernel reads it by the
+    output's shape), in the real op and in its fake."""
+    x, om, g = torch.randn(2, 5, 5, 8), torch.randn(2, 5, 5, 56), torch.randn(2, 5, 5, 8)
+    args = (3, 3, 1, 1, 1, 1, 1, 1, 2, 4, 1.0, False, "template")
+    with pytest.raises(InputError, match=message):
+        torch.ops.dcngen.dcnv4_backward(mutate(g), x, om, *args)
+    with pytest.raises(InputError, match=message):
+        torch.ops.dcngen.dcnv3_backward(mutate(g), x, om[..., :36], om[..., 36:54], *args)
+    if name != "sparse":  # meta tensors are strided
+        with pytest.raises(InputError, match=message):
+            torch.ops.dcngen.dcnv4_backward(mutate(g).to("meta"), x.to("meta"), om.to("meta"), *args)
+
+
 @pytest.mark.parametrize("op", ["dcnv4", "dcnv3"])
 def test_torch_compile_fullgraph(op):
     cfg = DCNConfig(group=2, group_channels=4, dtype="float32")

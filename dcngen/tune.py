@@ -242,19 +242,17 @@ class RPCExecutor:
 
 # ---- one candidate ----------------------------------------------------------------------------
 def _kernel_args(cfg: DCNConfig, executor, n: int, h: int, w: int, seed: int = 0):
-    """(inputs as torch, forward args, backward args) on the executor for a random problem."""
-    from .verify import TORCH_DTYPE, random_problem
+    """(inputs as torch, forward args, backward args) on the executor for a random problem; the
+    outputs start NaN-poisoned (verify.poisoned_outputs), so an element a candidate leaves
+    unwritten fails its check."""
+    from .verify import TORCH_DTYPE, poisoned_outputs, random_problem
 
     problem = random_problem(cfg, n, h, w, seed=seed)
     dtype = TORCH_DTYPE[cfg.dtype]
     inputs = problem.op_inputs(dtype)
     x, off, mask = (inputs[0], inputs[1], inputs[1]) if cfg.op == "dcnv4" else inputs
-    ho, wo = cfg.output_size(h, w)
-    out = torch.zeros((n, ho, wo, cfg.channels), dtype=dtype)
-    grad_out = problem.grad_out.to(dtype)
-    gx, goff = torch.zeros_like(x), torch.zeros_like(off)
-    gmask = goff if cfg.op == "dcnv4" else torch.zeros_like(mask)
-    host = (x, off, mask, out, grad_out, gx, goff, gmask)
+    out, gx, goff, gmask = poisoned_outputs(cfg, inputs)
+    host = (x, off, mask, out, problem.grad_out.to(dtype), gx, goff, gmask)
     dev = [executor.put(t) for t in host]
     fwd = (dev[0], dev[1], dev[2], dev[3])
     bwd = (dev[0], dev[1], dev[2], dev[4], dev[5], dev[6], dev[7])

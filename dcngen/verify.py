@@ -131,20 +131,29 @@ def poisoned_call(cfg: DCNConfig, kernel, tensors: tuple[torch.Tensor, ...], gra
     grad_offset is the packed gradient and grad_mask the same tensor; its padding channels are
     zeroed first where the kernel leaves them alone (generators.backward_zeroes_padding), as the
     op does."""
+    x = tensors[0]
+    offset, mask = (tensors[1], tensors[1]) if cfg.op == "dcnv4" else tensors[1:]
+    out, grad_x, grad_offset, grad_mask = poisoned_outputs(cfg, tensors)
+    kernel.forward(x, offset, mask, out)
+    kernel.backward(x, offset, mask, grad_out.to(x.dtype).contiguous(), grad_x, grad_offset, grad_mask)
+    return out, grad_x, grad_offset, grad_mask
+
+
+def poisoned_outputs(cfg: DCNConfig, tensors: tuple[torch.Tensor, ...]):
+    """NaN-filled (out, grad_x, grad_offset, grad_mask) for a kernel call on the op's `tensors`, as
+    poisoned_call uses them: DCNv4's grad_mask is grad_offset, whose padding channels are zeroed
+    where the kernel leaves them alone."""
     from .generators import backward_zeroes_padding
 
     x = tensors[0]
-    offset, mask = (tensors[1], tensors[1]) if cfg.op == "dcnv4" else tensors[1:]
     n, h, w, _ = x.shape
     out = torch.full((n, *cfg.output_size(h, w), cfg.channels), float("nan"), dtype=x.dtype, device=x.device)
-    kernel.forward(x, offset, mask, out)
     grad_x = torch.full_like(x, float("nan"))
-    grad_offset = torch.full_like(offset, float("nan"))
+    grad_offset = torch.full_like(tensors[1], float("nan"))
     if cfg.op == "dcnv4":
         if not backward_zeroes_padding(cfg):
             grad_offset[..., cfg.min_offset_mask_channels :] = 0
         grad_mask = grad_offset
     else:
-        grad_mask = torch.full_like(mask, float("nan"))
-    kernel.backward(x, offset, mask, grad_out.to(x.dtype).contiguous(), grad_x, grad_offset, grad_mask)
+        grad_mask = torch.full_like(tensors[2], float("nan"))
     return out, grad_x, grad_offset, grad_mask

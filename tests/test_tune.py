@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from dcngen import kernels, records, tune
 from dcngen.config import DCNConfig
@@ -185,6 +186,36 @@ def test_candidates_build_in_parallel_but_never_while_one_is_timed(root, monkeyp
         most_builds = max(most_builds, running["build"])
         assert not (running["build"] and running["load"]), "a candidate was checked or timed while another one was building"
     assert most_builds == 3
+
+
+def test_check_finds_elements_a_candidate_leaves_unwritten():
+    """The candidates' gate poisons every output with NaN first: a kernel that skips one element of
+    an output or of a gradient fails it (zero-filled buffers would have hidden the last one, a zero
+    gradient)."""
+    real = kernels.kernel_for(CFG)
+
+    class Skipping:
+        def __init__(self, skip: str):
+            self.skip = skip
+
+        def forward(self, x, offset, mask, out):
+            full = out.clone()
+            real.forward(x, offset, mask, full)
+            out[...] = torch.where(torch.arange(out.numel()).reshape(out.shape) == 0, out, full) if self.skip == "output" else full
+
+        def backward(self, x, offset, mask, grad_out, grad_x, grad_offset, grad_mask):
+            kept = grad_offset[..., CFG.min_offset_mask_channels :].clone()
+            real.backward(x, offset, mask, grad_out, grad_x, grad_offset, grad_mask)
+            if self.skip == "padding":  # leaves the packed gradient's padding channels as they were
+                grad_offset[..., CFG.min_offset_mask_channels :] = kept
+
+    executor = tune.LocalExecutor(CFG)
+    assert max(tune.check(CFG, executor, real).values()) < 1e-5
+    assert tune.check(CFG, executor, Skipping("output"))["output"] == math.inf
+    from dcngen.generators import backward_zeroes_padding
+
+    assert CFG.padded_offset_mask_channels > CFG.min_offset_mask_channels and backward_zeroes_padding(CFG)
+    assert tune.check(CFG, executor, Skipping("padding"))["grad_offset_mask"] == math.inf
 
 
 def test_build_failure_scores_inf(root, monkeypatch):

@@ -66,6 +66,26 @@ def _shape(text: str) -> tuple[int, int, int]:
     return n, h, w
 
 
+def _problem(cfg: DCNConfig, text: str) -> tuple[int, int, int]:
+    """_shape, checked against cfg: the kernel must leave an output of at least one pixel."""
+    n, h, w = _shape(text)
+    ho, wo = cfg.output_size(h, w)
+    if ho <= 0 or wo <= 0:
+        _fail(f"invalid --shape {text!r}: a {'x'.join(map(str, cfg.kernel_size))} kernel (dilation {'x'.join(map(str, cfg.dilation))}, "
+              f"padding {'x'.join(map(str, cfg.padding))}) leaves no output pixel on a {h}x{w} input")
+    return n, h, w
+
+
+def _runs_here(cfg: DCNConfig, what: str) -> None:
+    """A cuda target's kernels run on the visible GPU: say so where there is none."""
+    import torch
+
+    if cfg.is_cuda and not torch.cuda.is_available():
+        _fail(f"{what} {cfg.target} kernels needs a CUDA GPU and torch sees none"
+              + (" (--emulate runs the template's CUDA kernels on the CPU)" if what == "verifying" else "")
+              + f"; `dcngen build --target {cfg.target}` compiles them without one")
+
+
 def _config_flags(op: Op = "dcnv4", group: Group = 4, group_channels: GroupChannels = 16, kernel_size: KernelSize = "3",
                   stride: Stride = "1", padding: Padding = "1", dilation: Dilation = "1", offset_scale: OffsetScale = 1.0,
                   remove_center: RemoveCenter = False, dtype: Dtype = "float32", target: Target = "cpu",
@@ -105,9 +125,13 @@ def build(cfg: DCNConfig, shape: Annotated[Optional[str], typer.Option("--shape"
         art = build_config(cfg)
     console.print(f"[green]built[/] {cfg.key}")
     console.print(str(art.path), highlight=False, soft_wrap=True)
-    for name in ("registers", "spill_stores"):
-        if name in art.meta:
-            console.print(f"{name}: {art.meta[name]}")
+    if art.meta.get("ptxas"):  # nvcc's per-kernel resource report
+        table = Table(title="ptxas")
+        for col in ("kernel", "arch", "registers", "spills st/ld B", "smem B"):
+            table.add_column(col, no_wrap=True)
+        for k in art.meta["ptxas"]:
+            table.add_row(k.get("instance", k["kernel"]), k["arch"], str(k["registers"]), f"{k['spill_stores']}/{k['spill_loads']}", str(k["shared"]))
+        console.print(table)
 
 
 @app.command()
@@ -122,9 +146,11 @@ def verify(
     """Forward and every gradient against the float64 reference on random border-crossing inputs."""
     from .verify import TOLERANCE, verify as run_verify, verify_kernel
 
-    n, h, w = _shape(shape)
+    n, h, w = _problem(cfg, shape)
     if emulate and not (cfg.is_cuda and cfg.backend == "template"):
         _fail("--emulate runs the CUDA template kernels: it needs --target cuda... and --backend template")
+    if not emulate:
+        _runs_here(cfg, "verifying")
     with console.status(f"verifying {cfg.key}" + (" on the SIMT emulator" if emulate else "")):
         if emulate:
             from unittest import mock
@@ -154,11 +180,12 @@ def verify(
 
 @app.command()
 @_config_command
-def bench(cfg: DCNConfig, shape: Shape = "8x56x56", rounds: Annotated[int, typer.Option(help="timed rounds per side")] = 7) -> None:
+def bench(cfg: DCNConfig, shape: Shape = "8x56x56", rounds: Annotated[int, typer.Option(min=1, help="timed rounds per side")] = 7) -> None:
     """Time the kernel and the PyTorch reference in the same run (forward, forward+backward)."""
     from .bench import benchmark_config
 
-    n, h, w = _shape(shape)
+    n, h, w = _problem(cfg, shape)
+    _runs_here(cfg, "benchmarking")
     with console.status(f"benchmarking {cfg.key} at {n}x{h}x{w}"):
         rows = benchmark_config(cfg, n, h, w, rounds=rounds)
     table = Table(title=f"{cfg.key}  N={n} {h}x{w}")
@@ -201,7 +228,9 @@ def tune(cfg: DCNConfig, shape: Shapes = None, trials: Annotated[int, typer.Opti
         _fail("tune searches the parameters: drop --param")
     if bool(rpc_tracker) != bool(rpc_key):
         _fail("--rpc-tracker and --rpc-key go together")
-    shapes = [_shape(s) for s in shape or ["8x56x56"]]
+    shapes = [_problem(cfg, s) for s in shape or ["8x56x56"]]
+    if not rpc_tracker:
+        _runs_here(cfg, "tuning")
     time_budget -= process_age()  # the budget covers the whole command
     executor = RPCExecutor(cfg, rpc_tracker, rpc_key) if rpc_tracker else LocalExecutor(cfg)
     try:

@@ -140,6 +140,33 @@ def test_cli_build_rejects_invalid_flags(field, args):
         assert f"'{field}'" in output
 
 
+CLI_BAD_RUNS = [
+    (["verify", "--kernel-size", "5", "--padding", "0", "--shape", "1x3x3"], "leaves no output pixel on a 3x3 input"),
+    (["bench", "--kernel-size", "5", "--padding", "0", "--shape", "1x4x5"], "leaves no output pixel on a 4x5 input"),
+    (["tune", "--kernel-size", "5", "--padding", "0", "--shape", "1x4x5"], "leaves no output pixel on a 4x5 input"),
+    (["bench", "--rounds", "0"], "--rounds"),
+]
+
+
+@pytest.mark.parametrize("args, message", CLI_BAD_RUNS, ids=[" ".join(a[:2]) for a, _ in CLI_BAD_RUNS])
+def test_cli_runs_that_cannot_work_say_why(args, message):
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(_cli(), args)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert message in " ".join(result.output.split()), result.output
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is visible")
+@pytest.mark.parametrize("command", ["verify", "bench", "tune"])
+def test_cli_cuda_runs_without_a_gpu_say_so(command):
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(_cli(), [command, "--target", "cuda:sm_90"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "needs a CUDA GPU and torch sees none" in " ".join(result.output.split()), result.output
+
+
 def test_cli_error_in_a_real_process_has_no_traceback():
     _cli()
     proc = subprocess.run([sys.executable, "-m", "dcngen.cli", "build", "--kernel-size", "0"], capture_output=True, text=True, timeout=120)

@@ -136,6 +136,20 @@ def test_builder_artifact(tmp_path, monkeypatch):
     assert "libtorch" not in deps and "libcudart" not in deps
 
 
+def test_cli_build_prints_the_register_report(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from dcngen.cli import app
+
+    monkeypatch.setenv("DCNGEN_CACHE", str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "120")
+    result = CliRunner().invoke(app, ["build", "--target", "cuda:sm_80", "--dtype", "bfloat16", "--group-channels", "16"])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("│") and "sm_80" in line]
+    assert any("dcn_forward_kernel<true>" in r for r in rows) and any("dcn_backward_kernel" in r for r in rows), result.output
+    assert all(" 0/0 " in r for r in rows), result.output  # spill stores / loads
+
+
 def test_default_geometry():
     src = generate(config("dcnv4", "float16", 3, 32))
     p = dict(src.params)

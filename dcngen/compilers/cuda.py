@@ -101,7 +101,9 @@ def parse_ptxas(log: str) -> list[dict]:
                 current["shared"] = int(s.group(1))
     names = _demangle([k["symbol"] for k in kernels])
     for k in kernels:
-        k["kernel"] = names[k["symbol"]].split("(")[0].split("<")[0].rsplit("::", 1)[-1]
+        name, _, template_args = names[k["symbol"]].split("(")[0].partition("<")  # "void dcn::f", "false>"
+        k["kernel"] = name.rsplit("::", 1)[-1]
+        k["instance"] = k["kernel"] + ("<" + template_args if template_args else "")
     return kernels
 
 

@@ -397,8 +397,8 @@ class _FixedConfig(torch.autograd.Function):
 
 
 def run_config(cfg: DCNConfig, input: torch.Tensor, *offsets: torch.Tensor) -> torch.Tensor:
-    """Run the kernel of exactly `cfg` (params and CPU instruction set included; with params, no
-    tuning-record lookup) with autograd. CUDA kernels are those of the tensors' GPU.
+    """Run the kernel of exactly `cfg` (params and target included; with params, no tuning-record
+    lookup) with autograd. A cuda target must be the tensors' GPU's architecture.
 
     DCNv4: run_config(cfg, input, offset_mask); DCNv3: run_config(cfg, input, offset, mask).
     """
@@ -406,7 +406,6 @@ def run_config(cfg: DCNConfig, input: torch.Tensor, *offsets: torch.Tensor) -> t
     args = (*cfg.kernel_size, *cfg.stride, *cfg.padding, *cfg.dilation, cfg.group, cfg.group_channels, cfg.offset_scale,
             cfg.remove_center, cfg.backend)
     checked = check_inputs(cfg.op, args, input, offset, mask)
-    if checked.is_cuda != cfg.is_cuda:
-        raise InputError(f"the tensors are on {input.device}, but the config's target is {cfg.target}")
-    target = checked.target if cfg.is_cuda else cfg.target
-    return _FixedConfig.apply(checked.replace(params=cfg.params, target=target), input, offset, mask)
+    if checked.is_cuda != cfg.is_cuda or (cfg.is_cuda and checked.target != cfg.target):
+        raise InputError(f"the tensors are on {input.device} (target {checked.target}), but the config's target is {cfg.target}")
+    return _FixedConfig.apply(checked.replace(params=cfg.params, target=cfg.target), input, offset, mask)

@@ -71,11 +71,12 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def run_op(cfg: DCNConfig, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Call the public op of cfg.op on `tensors` with cfg's arguments; with cfg.params or a named CPU
-    instruction set, exactly that kernel."""
+    """Call the public op of cfg.op on `tensors` with cfg's arguments; with cfg.params, or a target
+    other than the op's for the tensors' device, exactly cfg's kernel (ops.run_config)."""
     from . import ops
+    from .kernels import target_of
 
-    if cfg.params or cfg.cpu_isa:
+    if cfg.params or cfg.target != target_of(tensors[0].device):
         return ops.run_config(cfg, *tensors)
     return getattr(ops, cfg.op)(*tensors, **cfg.op_kwargs)
 

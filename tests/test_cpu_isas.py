@@ -106,6 +106,23 @@ def test_cpu_target_setting_picks_the_ops_kernels(value, expected):
     assert expected in run.stdout, run.stdout
 
 
+VERIFY_RUN = textwrap.dedent("""
+    from dcngen import kernels, verify
+    from dcngen.config import DCNConfig
+    errors = verify.verify(DCNConfig(group=2, group_channels=4, target="cpu"), 1, 6, 7)
+    print(max(errors.values()) < 1e-5, sorted({cfg.target for cfg in kernels._loaded}))
+""")
+
+
+def test_verify_checks_the_configs_target_not_the_ops():
+    """`dcngen verify --target cpu` checks the native kernel even where DCNGEN_CPU_TARGET gives the ops
+    another level."""
+    run = subprocess.run([sys.executable, "-c", VERIFY_RUN], env={**os.environ, "DCNGEN_CPU_TARGET": "cpu:x86-64"},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "True ['cpu']" in run.stdout, run.stdout
+
+
 ARM_CXX = "aarch64-linux-gnu-g++"
 
 

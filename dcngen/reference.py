@@ -1,8 +1,9 @@
 """Pure-PyTorch DCNv3/DCNv4: the ground truth for every kernel (see SPEC.md sections 1-3).
 
 Sampling is done with `F.grid_sample(mode='bilinear', padding_mode='zeros', align_corners=False)`,
-which is exactly the bilinear rule of the spec (strict window, zero corners outside the image),
-in the formulation of the official DCNv3 PyTorch fallback. Any dtype torch supports, float64
+which is exactly the bilinear rule of the spec (zero corners outside the image), in the
+formulation of the official DCNv3 PyTorch fallback; points outside the strict window, non-finite
+ones included, are removed first. Any dtype torch supports, float64
 included, and differentiable through autograd.
 """
 
@@ -35,6 +36,13 @@ def sampling_locations(cfg: DCNConfig, offset: torch.Tensor) -> torch.Tensor:
     return torch.stack((px, py), dim=-1)
 
 
+def in_window(loc: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(..., 2) sampling locations (px, py) -> (...) bool: strictly inside the window,
+    -1 < px < w and -1 < py < h (False for NaN)."""
+    px, py = loc[..., 0], loc[..., 1]
+    return (px > -1) & (px < w) & (py > -1) & (py < h)
+
+
 def dcn_core(cfg: DCNConfig, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The shared DCN core.
 
@@ -45,6 +53,12 @@ def dcn_core(cfg: DCNConfig, x: torch.Tensor, offset: torch.Tensor, mask: torch.
     g, c = cfg.group, cfg.group_channels
     _, ho, wo, _, p, _ = offset.shape
     loc = sampling_locations(cfg, offset)
+    # A point outside the strict window (NaN, inf and huge offsets included) contributes nothing and
+    # gets zero gradients, whatever its weight: it samples (-2, -2), where every corner is off the
+    # image, with weight 0.
+    live = in_window(loc, h, w)
+    loc = torch.where(live.unsqueeze(-1), loc, torch.full_like(loc, -2.0))
+    mask = torch.where(live, mask, torch.zeros_like(mask))
     size = torch.tensor([w, h], dtype=loc.dtype, device=loc.device)
     grid = 2 * (loc + 0.5) / size - 1  # (N, Ho, Wo, G, P, 2), align_corners=False normalisation
     grid = grid.permute(0, 3, 1, 2, 4, 5).reshape(n * g, ho * wo, p, 2)

@@ -71,3 +71,32 @@ def test_gradcheck_float64():
     cfg = DCNConfig(group=2, group_channels=2, kernel_size=(3, 5), stride=(2, 1), padding=(1, 2), dtype="float64", offset_scale=1.5)
     x, offset, mask = (t.requires_grad_() for t in random_inputs(cfg, 1, 5, 6))
     assert torch.autograd.gradcheck(lambda *a: reference.dcn_core(cfg, *a), (x, offset, mask))
+
+
+def test_points_outside_the_window_contribute_nothing_whatever_their_values():
+    """SPEC section 1: a point outside the strict window (NaN and inf offsets fail the test) adds 0
+    and gets zero gradients, even with a NaN or inf weight. Same results as moving those points far
+    off the image with weight 0 (what grid_sample alone handles)."""
+    cfg = DCNConfig(group=2, group_channels=3, kernel_size=3, dtype="float64")
+    x, offset, mask = random_inputs(cfg, 2, 5, 6, generator=torch.Generator().manual_seed(3))
+    dead = torch.rand(mask.shape, generator=torch.Generator().manual_seed(4)) < 0.3
+    hostile = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 7.0], dtype=torch.float64)
+    picks = hostile[torch.randint(0, len(hostile), offset.shape, generator=torch.Generator().manual_seed(5))]
+    offset = torch.where(dead.unsqueeze(-1), picks, offset)
+    dead = ~reference.in_window(reference.sampling_locations(cfg, offset), 5, 6)  # 7.0 may still land inside
+    mask = torch.where(dead & (torch.arange(mask.numel()).reshape(mask.shape) % 2 == 0), torch.full_like(mask, float("nan")), mask)
+    far_offset = torch.where(dead.unsqueeze(-1), torch.full_like(offset, 1e4), offset)
+    far_mask = torch.where(dead, torch.zeros_like(mask), mask)
+    grad_out = torch.randn(2, 5, 6, cfg.channels, dtype=torch.float64)
+
+    def results(*inputs):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = reference.dcn_core(cfg, *leaves)
+        out.backward(grad_out)
+        return out, *(t.grad for t in leaves)
+
+    got, want = results(x, offset, mask), results(x, far_offset, far_mask)
+    assert dead.any() and (~dead).any()
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all() and rel_err(a, b) < 1e-14
+    assert (got[2][dead] == 0).all() and (got[3][dead] == 0).all()

@@ -23,21 +23,22 @@ Pair = tuple[int, int]
 
 
 def as_pair(name: str, value: Any) -> Pair:
-    """`3`, `(3, 5)`, `"3"` or `"3x5"` -> (3, 5); anything else is a ConfigError for `name`."""
+    """`3`, `(3, 5)`, `"3"` or `"3x5"` (Python or NumPy ints) -> (3, 5); anything else is a
+    ConfigError for `name`."""
     if isinstance(value, str):
         m = re.fullmatch(r"\s*(-?\d+)\s*(?:[x,]\s*(-?\d+)\s*)?", value)
         if not m:
             raise ConfigError(name, f"expected an int or 'HxW', got {value!r}")
         a = int(m.group(1))
         return (a, int(m.group(2)) if m.group(2) is not None else a)
-    if isinstance(value, bool):
-        raise ConfigError(name, f"expected an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        return (value, value)
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
-        return (int(value[0]), int(value[1]))
+    try:
+        if isinstance(value, (tuple, list)):
+            if len(value) == 2:
+                return (as_int(name, value[0]), as_int(name, value[1]))
+        else:
+            return (as_int(name, value),) * 2
+    except ConfigError:
+        pass
     raise ConfigError(name, f"expected an int or a pair of ints, got {value!r}")
 
 
@@ -49,6 +50,14 @@ def as_int(name: str, value: Any) -> int:
         except TypeError:
             pass
     raise ConfigError(name, f"must be an int, got {value!r}")
+
+
+def _param_value(value: Any) -> int:
+    """A generator parameter's value: an int (not a bool, not a float) or its decimal text (the CLI's
+    NAME=INT); raises ValueError otherwise."""
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
+    return as_int("params", value)
 
 
 def as_number(name: str, value: Any) -> float:
@@ -131,7 +140,7 @@ class DCNConfig:
         scale = as_number("offset_scale", self.offset_scale)
         if not math.isfinite(scale):
             raise ConfigError("offset_scale", f"must be finite, got {scale}")
-        set_("offset_scale", scale)
+        set_("offset_scale", scale + 0.0)  # -0.0 -> 0.0: equal configs have one key
         as_bool("remove_center", self.remove_center)
         kh, kw = self.kernel_size
         if self.remove_center and (kh != kw or kh % 2 == 0 or kh == 1):
@@ -146,9 +155,9 @@ class DCNConfig:
         set_("dtype", dtype)
         params = self.params.items() if isinstance(self.params, Mapping) else self.params
         try:
-            items = tuple(sorted((str(k), int(v)) for k, v in params))
+            items = tuple(sorted((str(k), _param_value(v)) for k, v in params))
         except (TypeError, ValueError):
-            raise ConfigError("params", f"must map names to ints, got {self.params!r}") from None
+            raise ConfigError("params", f"must map names to ints (or their text), got {self.params!r}") from None
         set_("params", items)
 
     def __hash__(self) -> int:

@@ -18,8 +18,8 @@ from torch.nn.init import constant_, xavier_uniform_
 
 from . import autocast as _autocast  # noqa: F401  (registers the Autocast keys of the ops)
 from . import ops, reference
-from .config import DCNConfig, as_pair
-from .errors import DCNGenError
+from .config import DCNConfig, as_int, as_pair
+from .errors import ConfigError, DCNGenError
 
 __all__ = ["DCNv4", "DCNv3"]
 
@@ -89,6 +89,10 @@ def _act(act_layer: str) -> nn.Module:
 
 
 def _geometry(channels, kernel_size, stride, pad, dilation, group):
+    channels, group = as_int("channels", channels), as_int("group", group)
+    for name, value in (("channels", channels), ("group", group)):
+        if value < 1:
+            raise ConfigError(name, f"must be a positive int, got {value}")
     if channels % group != 0:
         raise ValueError(f"channels must be divisible by group, but got {channels} and {group}")
     return dict(

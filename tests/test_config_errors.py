@@ -49,6 +49,8 @@ INVALID = [
     ("backend", dict(backend="triton")),
     ("params", dict(params=(("pixel_chunk", "many"),))),
     ("params", dict(params=5)),
+    ("params", dict(params={"pixel_chunk": 2.9})),  # int() would have made it 2
+    ("params", dict(params={"unroll_points": True})),
 ]
 
 
@@ -59,6 +61,13 @@ def test_invalid_field_raises_one_config_error_naming_it(field, kwargs):
     assert info.value.field == field
     assert f"'{field}'" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_numpy_ints_and_signed_zero_are_the_same_config():
+    np = pytest.importorskip("numpy")
+    a = DCNConfig(group=np.int64(2), kernel_size=np.int64(5), stride=(np.int32(1), 2), offset_scale=-0.0, params={"pixel_chunk": np.int64(4)})
+    b = DCNConfig(group=2, kernel_size=5, stride=(1, 2), offset_scale=0.0, params={"pixel_chunk": "4"})
+    assert a == b and hash(a) == hash(b) and a.key == b.key and len({a, b}) == 1
 
 
 def test_cuda_target_without_a_gpu_names_the_target():

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import dcngen.nn
 from dcngen import reference
 from dcngen.config import DCNConfig
+from dcngen.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -210,6 +211,11 @@ def test_dcnv4_defaults_init_and_zero_output():
 def test_errors():
     with pytest.raises(ValueError, match="divisible"):
         dcngen.nn.DCNv4(30, group=4)
+    for module, kwargs, field in ((dcngen.nn.DCNv4, dict(group=0), "group"), (dcngen.nn.DCNv3, dict(channels=0), "channels"),
+                                  (dcngen.nn.DCNv3, dict(group=2.0), "group")):
+        with pytest.raises(ConfigError) as info:
+            module(**{"channels": 16, **kwargs})
+        assert info.value.field == field
     with pytest.raises(ValueError, match="odd kernel"):
         dcngen.nn.DCNv3(16, kernel_size=4, group=2, remove_center=True)
     m = dcngen.nn.DCNv4(16, group=2, stride=2)

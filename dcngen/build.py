@@ -23,7 +23,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from . import settings
 from .compilers import LIBRARY, compiler_for
@@ -263,6 +263,35 @@ def _keep_failed(root: Path, key: str, source: KernelSource, error: BuildError) 
         return error
     message = str(error).split("\n", 1)[0]
     return BuildError(message, command=error.command, source_path=str(kept), log=error.log)
+
+
+def clean(root: Path | None = None) -> tuple[int, int]:
+    """Delete the cache's artifacts, leftover stage folders and kept failed sources; each artifact
+    or stage folder under its key's build lock, so one being built now is skipped. Files dcngen did
+    not write stay. Returns (removed, skipped)."""
+    root = root or cache_dir()
+    (root / ".locks").mkdir(exist_ok=True)
+    removed = skipped = 0
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(".stage-") and path.is_dir():
+            key = path.name[len(".stage-") :].rsplit("-", 1)[0]  # mkdtemp's suffix has no '-'
+        elif path.is_dir() and not path.is_symlink() and (path / META).is_file():
+            key = path.name
+        else:
+            continue
+        lock = FileLock(str(root / ".locks" / f"{key}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            skipped += 1
+            continue
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+        finally:
+            lock.release()
+    shutil.rmtree(root / ".failed", ignore_errors=True)
+    return removed, skipped
 
 
 def list_artifacts() -> list[Artifact]:

@@ -341,16 +341,14 @@ def doctor() -> None:
 
 @app.command()
 def clean(yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False) -> None:
-    """Delete every cached artifact."""
-    from .build import cache_dir
+    """Delete every cached artifact (not those being built now, nor files dcngen did not write)."""
+    from .build import cache_dir, clean as clean_cache
 
     root = cache_dir()
     if not yes and not typer.confirm(f"delete all artifacts under {root}?"):
         raise typer.Exit(1)
-    for p in root.iterdir():
-        if p.name != ".gitignore":
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-    console.print(f"cleaned {root}")
+    removed, skipped = clean_cache(root)
+    console.print(f"cleaned {root}: {removed} removed" + (f", {skipped} being built now left alone" if skipped else ""), highlight=False)
 
 
 if __name__ == "__main__":

@@ -186,6 +186,25 @@ def test_stale_staging_dir_of_a_killed_builder_is_removed(cache):
     assert artifact_dirs(root) == [art.path]
 
 
+def test_clean_removes_only_what_dcngen_wrote_and_not_what_is_being_built(cache):
+    from filelock import FileLock
+
+    from dcngen.build import clean
+
+    kept_art, removed_art = build(generate(fresh_config())), build(generate(fresh_config()))
+    root = cache_dir()
+    (root / "notes.txt").write_text("mine")
+    (root / "myproject").mkdir()
+    stage = root / f".stage-{removed_art.path.name}-abc_12"  # left by a killed builder
+    stage.mkdir()
+    (root / ".failed").mkdir()
+    (root / ".failed" / "x.cc").write_text("int")
+    with FileLock(str(root / ".locks" / f"{kept_art.path.name}.lock")):  # a build of that key in progress
+        assert clean(root) == (2, 1)
+    assert kept_art.path.is_dir() and not removed_art.path.exists() and not stage.exists() and not (root / ".failed").exists()
+    assert (root / "notes.txt").read_text() == "mine" and (root / "myproject").is_dir()
+
+
 # ---- unusable caches ------------------------------------------------------------------------------
 
 

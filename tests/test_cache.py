@@ -205,6 +205,20 @@ def test_clean_removes_only_what_dcngen_wrote_and_not_what_is_being_built(cache)
     assert (root / "notes.txt").read_text() == "mine" and (root / "myproject").is_dir()
 
 
+def test_the_host_compiler_named_by_cxx_is_part_of_the_key(cache, tmp_path, monkeypatch):
+    """$CXX picks the compiler tvm-ffi's builder runs; a library built by another one is another artifact."""
+    wrapper = tmp_path / "my-cxx"
+    wrapper.write_text('#!/bin/sh\nexec c++ -DBUILT_BY_WRAPPER "$@"\n')
+    wrapper.chmod(0o755)
+    source = generate(fresh_config())
+    monkeypatch.delenv("CXX", raising=False)
+    plain = artifact_key(source)
+    monkeypatch.setenv("CXX", str(wrapper))
+    art = build(source)
+    assert art.path.name != plain and str(wrapper) in art.meta["compiler"]
+    run_kernel(source.config, load(art))
+
+
 # ---- unusable caches ------------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import shutil
 import subprocess
@@ -17,12 +18,22 @@ from ..source import KernelSource
 from . import LIBRARY
 
 
-@functools.lru_cache(maxsize=1)
+def host_cxx() -> str:
+    """The host C++ compiler: $CXX, else c++ (what tvm-ffi's ninja builder runs)."""
+    return os.environ.get("CXX") or "c++"
+
+
 def version() -> str:
-    """The host compiler's version line."""
-    cxx = shutil.which("c++") or shutil.which("g++") or "c++"
+    """The host compiler's path and version line (both: a wrapper script that adds flags reports
+    the version of the compiler it wraps)."""
+    return _version_of(host_cxx())
+
+
+@functools.lru_cache(maxsize=8)
+def _version_of(cxx: str) -> str:
+    path = shutil.which(cxx) or cxx
     try:
-        return subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+        return f"{path}: " + subprocess.run([path, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
     except (OSError, subprocess.CalledProcessError, IndexError) as e:
         raise BuildError(f"no working host C++ compiler ({cxx}): {e}") from None
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import BuildError
 from ..source import KernelSource
-from . import LIBRARY
+from . import LIBRARY, cpp
 
 DEFAULT_CUDA_HOME = "/usr/local/cuda"
 REPORT_FLAGS = ("-Xptxas", "-v")
@@ -44,11 +44,16 @@ def nvcc() -> str:
     return str(path)
 
 
-@functools.lru_cache(maxsize=1)
 def version() -> str:
-    """nvcc's release line, e.g. 'Cuda compilation tools, release 13.0, V13.0.88'."""
+    """nvcc's release line, e.g. 'Cuda compilation tools, release 13.0, V13.0.88', and the host C++
+    compiler's (cpp.version), which builds the entry points and links the library."""
+    return f"{_nvcc_version(nvcc())} | host {cpp.version()}"
+
+
+@functools.lru_cache(maxsize=4)
+def _nvcc_version(path: str) -> str:
     try:
-        out = subprocess.run([nvcc(), "--version"], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         raise BuildError(f"nvcc does not run: {e}") from None
     lines = [line for line in out.splitlines() if line.strip()]
@@ -114,10 +119,6 @@ def _run(cmd: list[str], source_path: Path, what: str) -> str:
     return proc.stdout + proc.stderr
 
 
-def _host_cxx() -> str:
-    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
-
-
 def compile(source: KernelSource, out_dir: Path) -> dict:
     """out_dir/kernel.so from the one source text compiled twice, in parallel: nvcc for the
     kernels and their launchers, the host C++ compiler for the tvm-ffi entry points; linked with
@@ -130,7 +131,7 @@ def compile(source: KernelSource, out_dir: Path) -> dict:
         cu.write_text(source.text)
         cc.write_text(source.text)
         nvcc_cmd = [nvcc(), *source.flags, "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden", *REPORT_FLAGS, *QUIET_FLAGS, "-c", str(cu), "-o", str(build / "kernel.o")]
-        cxx_cmd = [_host_cxx(), "-x", "c++", "-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", *(f"-I{p}" for p in includes), "-c", str(cc), "-o", str(build / "entry.o")]
+        cxx_cmd = [cpp.host_cxx(), "-x", "c++", "-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", *(f"-I{p}" for p in includes), "-c", str(cc), "-o", str(build / "entry.o")]
         procs = [(cmd, path, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)) for cmd, path in ((nvcc_cmd, cu), (cxx_cmd, cc))]
         logs = []
         for cmd, path, proc in procs:
@@ -138,7 +139,7 @@ def compile(source: KernelSource, out_dir: Path) -> dict:
             if proc.returncode != 0:
                 raise BuildError("CUDA build failed", command=" ".join(cmd), source_path=str(path), log=log)
             logs.append(log)
-        link = [_host_cxx(), "-shared", str(build / "kernel.o"), str(build / "entry.o"), "-o", str(out_dir / LIBRARY),
+        link = [cpp.host_cxx(), "-shared", str(build / "kernel.o"), str(build / "entry.o"), "-o", str(out_dir / LIBRARY),
                 f"-L{Path(cuda_home(), 'lib64')}", "-lcudart_static", "-ldl", "-lpthread", "-lrt", f"-L{libdir}", "-ltvm_ffi"]
         _run(link, cu, "link")
         return {"ptxas": parse_ptxas(logs[0])}

@@ -151,6 +151,32 @@ def test_emulated_cuda_kernels_on_hostile_offsets(cfg):
     assert_matches(cfg, case, [("emulated cuda", out, gx, off, m)], ref, live)
 
 
+# the kernels that sum the input gradient in fixed point, scaled by a bound of the weights
+FIXED_POINT = [
+    DCNConfig(op="dcnv4", group=2, group_channels=16, dtype="float32", target="cuda:sm_90", params={"deterministic": 1}),
+    DCNConfig(op="dcnv3", group=2, group_channels=16, dtype="float32", target="cuda:sm_90", params={"bwd_tile": 1}),
+]
+
+
+@needs_cuda_toolkit
+@pytest.mark.skipif(SANITIZED, reason="the sanitized run covers the tiled tensor-core artifact only")
+@pytest.mark.parametrize("cfg", FIXED_POINT, ids=[c.key for c in FIXED_POINT])
+def test_fixed_point_scale_ignores_the_weights_of_points_outside_the_window(cfg):
+    """A NaN, inf or huge weight on a point that samples outside the window adds nothing, so it
+    must not set the fixed-point scale either (it zeroed or NaN-ed the whole input gradient)."""
+    from dcngen.kernels import emulated_kernel
+
+    kernel = emulated_kernel(cfg)
+    case, _ = hostile_case(cfg, seed=5)
+    live = inside(cfg, case.offset, case.h, case.w)
+    assert (~live).any()
+    for weight in (float("nan"), float("inf"), 1e30):
+        case.mask = torch.where(live, case.mask, torch.full_like(case.mask, weight))
+        out, gx, goff, gmask = kernel_outputs(cfg, op_tensors(cfg, case), case.grad_out, kernel=kernel)
+        off, m, _ = split_grads(cfg, goff, gmask)
+        assert_matches(cfg, case, [(f"emulated cuda, weight {weight}", out, gx, off, m)], reference_grads(cfg, case), live)
+
+
 @needs_cuda_toolkit
 @pytest.mark.parametrize("cfg", EMULATED, ids=[c.key for c in EMULATED])
 def test_emulated_cuda_kernels_on_nan_input_pixel(cfg):

@@ -242,6 +242,45 @@ def test_invalid_tiled_tensor_core_params_rejected(params, match):
     assert e.value.field == "params"
 
 
+@pytest.mark.parametrize("name", ["mma-tiled-fp16", "mma-tiled-bf16-v3-7x7-c16-4x8", "bwd-tile-fp16", "bwd-tile-bf16-7x7-tail"])
+def test_layouts_count_the_static_shared_memory_ptxas_reports(reports, name):
+    """The layout checks add each tiled kernel's static __shared__ arrays to its dynamic layout:
+    the CUDA runtime refuses a launch whose sum passes the limit."""
+    from dcngen.generators.template_cuda import launch_params
+
+    geometry = launch_params(ALL[name])[1]
+    kernels = {"fwd_mma": "dcn_forward_tiled_mma_kernel", "bwd_mma": "dcn_backward_mma_kernel", "bwd_tile": "dcn_backward_tiled_kernel"}
+    checked = 0
+    for layout, kernel in kernels.items():
+        if layout in geometry:
+            shared = {k["shared"] for k in reports[name] if k["kernel"] == kernel}
+            assert shared == {geometry[layout]["static_bytes"]}, (layout, shared)
+            checked += 1
+    assert checked
+
+
+def test_a_layout_that_fits_only_without_its_static_arrays_is_refused():
+    """sm_86, fwd_mma 4x16 at C64: halo 2's dynamic layout is exactly the 99 KB limit, so with the
+    kernel's 272 static bytes the default halo drops to 1, and an explicit halo 2 is refused."""
+    from dcngen.generators.template_cuda import launch_params
+
+    cfg = DCNConfig(group=2, group_channels=64, dtype="float16", offset_scale=2.0, target="cuda:sm_86", params={"fwd_mma": 1, "fwd_mma_h": 4, "fwd_mma_w": 16})
+    params, geometry = launch_params(cfg)
+    assert params["fwd_halo"] == 1 and geometry["fwd_mma"]["smem_bytes"] + geometry["fwd_mma"]["static_bytes"] <= 99 * 1024
+    with pytest.raises(ConfigError, match="sm_86 allows at most 99 KB"):
+        launch_params(cfg.replace(params={**cfg.param_dict, "fwd_halo": 2}))
+
+
+def test_huge_offset_scale_is_refused_at_once():
+    """The default halo grows with offset_scale; the largest fitting one is found by bisection."""
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match="shared memory"):
+        generate(config("dcnv4", "float16", 3, 32, params={"bwd_mma": 1}).replace(offset_scale=1e9))
+    assert time.monotonic() - start < 5
+
+
 def test_shared_memory_limits_follow_the_target():
     """A layout too large for the target's shared memory per block is rejected when it is built,
     naming the architecture and its limit; register caps (blocks per SM) follow its SM."""

@@ -54,29 +54,43 @@ class LayoutTooLarge(ConfigError):
     """A layout needs more shared memory per block than the target has."""
 
 
-def _check_smem(cfg: DCNConfig, smem: int, what: str, smaller: str) -> None:
-    """Rejects a layout of `smem` bytes per block (`what` names it) beyond the target's limit;
-    `smaller` names the parameters that shrink it."""
+def _static_bytes(n: int) -> int:
+    """Shared memory a kernel declares statically (__shared__ arrays), as ptxas lays it out."""
+    return _round_up(n, 16)
+
+
+def _check_smem(cfg: DCNConfig, smem: int, static: int, what: str, smaller: str) -> None:
+    """Rejects a layout of `smem` dynamic bytes per block (`what` names it) that, with the kernel's
+    `static` bytes, passes the target's limit; `smaller` names the parameters that shrink it."""
     limit = LIMITS[cfg.arch].smem_per_block
-    if smem > limit:
-        raise LayoutTooLarge("params", f"{what} needs {smem // 1024} KB of shared memory per block; {cfg.arch} allows at most {limit // 1024} KB "
-                                       f"(lower {smaller})")
+    if smem + static > limit:
+        raise LayoutTooLarge("params", f"{what} needs {(smem + static) // 1024} KB of shared memory per block; {cfg.arch} allows at most "
+                                       f"{limit // 1024} KB (lower {smaller})")
 
 
 def fitting_halo(cfg: DCNConfig, params: dict[str, int], halo: str, geometry) -> int:
     """params[halo], or where the config leaves it to the default, the largest halo up to it for
     which geometry(cfg, params) fits the target's shared memory (0 at least; samples beyond a
-    smaller halo take the per-point path)."""
+    smaller halo take the per-point path). A bisection: a layout only grows with its halo, and a
+    huge offset_scale gives a huge default halo."""
     value = params[halo]
-    if halo in cfg.param_dict:
-        return value
-    while value > 0:
+
+    def fits(h: int) -> bool:
         try:
-            geometry(cfg, {**params, halo: value})
-            return value
+            geometry(cfg, {**params, halo: h})
+            return True
         except LayoutTooLarge:
-            value -= 1
-    return value
+            return False
+
+    if halo in cfg.param_dict or fits(value):
+        return value
+    if not fits(0):
+        return 0  # the caller's geometry() says why
+    fitting, too_large = 0, value
+    while too_large - fitting > 1:
+        middle = (fitting + too_large) // 2
+        fitting, too_large = (middle, too_large) if fits(middle) else (fitting, middle)
+    return fitting
 
 
 def _round_up(n: int, m: int) -> int:
@@ -118,8 +132,8 @@ def bwd_tile_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     region = tile_region(cfg, tile_h, tile_w, params["bwd_halo"])
     stride = cfg.group_channels + 1  # ints per region position: consecutive positions start on different banks
     elems = region["reg_h"] * region["reg_w"] * stride
-    smem = elems * 4
-    _check_smem(cfg, smem, f"bwd_tile {tile_h}x{tile_w} with bwd_halo {params['bwd_halo']}", "bwd_tile_h, bwd_tile_w or bwd_halo")
+    smem, static = elems * 4, _static_bytes(2 * 4)  # the template's bt_bound[2]
+    _check_smem(cfg, smem, static, f"bwd_tile {tile_h}x{tile_w} with bwd_halo {params['bwd_halo']}", "bwd_tile_h, bwd_tile_w or bwd_halo")
     # sums of up to tile_h * tile_w * P contributions of at most 2^bits each stay below 2^30
     fixed_bits = 30 - math.ceil(math.log2(tile_h * tile_w * cfg.num_points))
     if cfg.dtype == "float32" and fixed_bits < FP32_FIXED_BITS:
@@ -129,9 +143,9 @@ def bwd_tile_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     # register cap: 512 resident threads per SM where shared memory allows (the per-point backward's
     # occupancy) for kernels of at most 9 points in whole vectors; others run uncapped
     small = cfg.group_channels % params["bwd_vec"] == 0 and cfg.num_points <= 9
-    min_blocks = _register_target(cfg, threads, smem) if small else 1
+    min_blocks = _register_target(cfg, threads, smem + static) if small else 1
     return {"tile_h": tile_h, "tile_w": tile_w, "threads": threads, "min_blocks": min_blocks, "stride": stride, "elems": elems, "smem_bytes": smem,
-            "fixed_bits": fixed_bits,
+            "static_bytes": static, "fixed_bits": fixed_bits,
             "halo": params["bwd_halo"], **region}
 
 
@@ -165,12 +179,13 @@ def bwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     union_bytes = max(rows * m_stride * 2, rows * d_stride * 4)  # M, then the dot products
     info_bytes = pixels * cfg.num_points * 16
     smem = x_bytes + go_bytes + union_bytes + info_bytes + _round_up(pixels * om_stride * 2, 16)  # then the offsets' gradients
-    _check_smem(cfg, smem, f"bwd_mma {tile_h}x{tile_w} with bwd_halo {params['bwd_halo']}", "bwd_mma_h, bwd_mma_w or bwd_halo")
-    min_blocks = _register_target(cfg, threads, smem)  # without one, ptxas picked 80 registers and spilled
+    static = _static_bytes(4)  # the template's bm_fallback
+    _check_smem(cfg, smem, static, f"bwd_mma {tile_h}x{tile_w} with bwd_halo {params['bwd_halo']}", "bwd_mma_h, bwd_mma_w or bwd_halo")
+    min_blocks = _register_target(cfg, threads, smem + static)  # without one, ptxas picked 80 registers and spilled
     return {"tile_h": tile_h, "tile_w": tile_w, "pixels": pixels, "threads": threads, "min_blocks": min_blocks, "rows": rows, "chunk": chunk,
             "x_stride": x_stride, "m_stride": m_stride, "d_stride": d_stride, "x_offset": 0, "go_offset": x_bytes,
             "m_offset": x_bytes + go_bytes, "info_offset": x_bytes + go_bytes + union_bytes, "om_offset": x_bytes + go_bytes + union_bytes + info_bytes,
-            "om_stride": om_stride, "smem_bytes": smem, "halo": params["bwd_halo"],
+            "om_stride": om_stride, "smem_bytes": smem, "static_bytes": static, "halo": params["bwd_halo"],
             **region}
 
 
@@ -198,12 +213,14 @@ def fwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     pos_offset = m_offset + rows * m_stride * 2
     om_offset = pos_offset + _round_up(pixels * cfg.num_points * 2, 16)  # each sample's row of M (int16)
     smem = om_offset + _round_up(pixels * om_stride * 2, 16)
-    _check_smem(cfg, smem, f"fwd_mma {tile_h}x{tile_w} with fwd_halo {params['fwd_halo']} and {buffers} region buffers",
+    static = _static_bytes((2 + pixels) * 4)  # the template's fm_slow[2] and fm_redo[PIXELS]
+    _check_smem(cfg, smem, static, f"fwd_mma {tile_h}x{tile_w} with fwd_halo {params['fwd_halo']} and {buffers} region buffers",
                 "fwd_mma_h, fwd_mma_w or fwd_halo, or fwd_mma_tiles=1")
-    return {"tile_h": tile_h, "tile_w": tile_w, "threads": threads, "warp_tiles": pixels // 16 // warps, "min_blocks": _register_target(cfg, threads, smem),
+    return {"tile_h": tile_h, "tile_w": tile_w, "threads": threads, "warp_tiles": pixels // 16 // warps,
+            "min_blocks": _register_target(cfg, threads, smem + static),
             "tiles": params["fwd_mma_tiles"], "buffers": buffers, "rows": rows, "x_stride": x_stride, "m_stride": m_stride, "out_stride": out_stride,
             "buffer_bytes": buffer_bytes, "m_offset": m_offset, "pos_offset": pos_offset, "om_offset": om_offset, "om_stride": om_stride,
-            "smem_bytes": smem, "halo": params["fwd_halo"], **region}
+            "smem_bytes": smem, "static_bytes": static, "halo": params["fwd_halo"], **region}
 
 
 def fits_twice(geometry) -> bool:

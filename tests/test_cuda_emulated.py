@@ -193,6 +193,32 @@ def test_emulated_kernel_checks_its_tensors(kernels):
     om = torch.randn(1, 4, 4, cfg.padded_offset_mask_channels)
     with pytest.raises(Exception, match="G\\*C"):
         kernel.forward(x[..., :-1].contiguous(), om, om, torch.empty(1, 4, 4, cfg.channels - 1))
+    out = torch.empty(1, 4, 4, cfg.channels)
+    with pytest.raises(Exception, match="rows must hold at least 108 and 108 channels"):  # would read past the rows
+        kernel.forward(x, om[..., :100].contiguous(), om[..., :100].contiguous(), out)
+    with pytest.raises(Exception, match="x must be contiguous"):  # would read the wrong pixels
+        kernel.forward(torch.randn(1, 4, 8, cfg.channels)[:, :, ::2], om, om, out)
+
+
+@pytest.mark.parametrize("name", ["v4-fp32", "mma-tiled-fp16", "v3-bf16-deterministic-3x5"])
+def test_empty_image_with_padding_gives_zero_offset_gradients(kernels, name):
+    """H = 0 with padding 2 leaves output pixels, all of whose points sample outside: every offset
+    and weight gradient is zero (an early return left them unwritten)."""
+    import torch
+
+    from dcngen.verify import TORCH_DTYPE, poisoned_call
+
+    cfg = CASES[name].replace(padding=2)
+    kernel = emulated_kernel(cfg)
+    dtype = TORCH_DTYPE[cfg.dtype]
+    ho, wo = cfg.output_size(0, 5)
+    x = torch.randn(1, 0, 5, cfg.channels, dtype=dtype)
+    if cfg.op == "dcnv4":
+        tensors = (x, torch.randn(1, ho, wo, cfg.padded_offset_mask_channels, dtype=dtype))
+    else:
+        tensors = (x, torch.randn(1, ho, wo, 2 * cfg.group * cfg.num_points, dtype=dtype), torch.randn(1, ho, wo, cfg.group * cfg.num_points, dtype=dtype))
+    out, grad_x, grad_offset, grad_mask = poisoned_call(cfg, kernel, tensors, torch.randn(1, ho, wo, cfg.channels, dtype=dtype))
+    assert grad_x.numel() == 0 and (out == 0).all() and (grad_offset == 0).all() and (grad_mask == 0).all()
 
 
 def test_cli_verify_emulate(kernels):

@@ -17,6 +17,7 @@ from .errors import ConfigError
 OPS = ("dcnv4", "dcnv3")
 BACKENDS = ("template", "tvm")
 DTYPES = ("float32", "float64", "float16", "bfloat16")  # on every target
+ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}  # bytes per element
 CUDA_ARCHS = tuple(LIMITS)
 
 Pair = tuple[int, int]
@@ -186,6 +187,11 @@ class DCNConfig:
     @property
     def num_points(self) -> int:
         return len(self.points)
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element of the dtype."""
+        return ITEMSIZE[self.dtype]
 
     @property
     def is_cuda(self) -> bool:

@@ -23,6 +23,5 @@ VECTOR_BYTES = 16  # widest CUDA vector load (float4 / 8 halves)
 
 def default_params(cfg) -> dict:
     """Heuristic: the widest vector (<= 16 bytes) that divides the group's channels."""
-    itemsize = {"float64": 8, "float32": 4}.get(cfg.dtype, 2)
-    vec = max(v for v in (1, 2, 4, 8) if cfg.group_channels % v == 0 and v * itemsize <= VECTOR_BYTES)
+    vec = max(v for v in (1, 2, 4, 8) if cfg.group_channels % v == 0 and v * cfg.itemsize <= VECTOR_BYTES)
     return {**DEFAULTS, "vec": vec}

@@ -160,6 +160,27 @@ def test_backward_op_on_permuted_inputs_gives_contiguous_gradients_like_its_fake
     assert_compile_matches_eager(loss, (x_nchw, om))
 
 
+def test_the_library_entry_points_check_their_tensors():
+    """Called directly (as verify, tune and the benchmarks do), a CPU library refuses tensors that
+    would make it read or write out of bounds or the wrong pixels, naming what is wrong."""
+    from dcngen.kernels import kernel_for
+
+    cfg = DCNConfig(group=2, group_channels=4)
+    kernel = kernel_for(cfg)
+    x, om, out = torch.randn(1, 5, 6, 8), torch.randn(1, 5, 6, cfg.padded_offset_mask_channels), torch.empty(1, 5, 6, 8)
+    bad_calls = {
+        "rows must hold at least 54 and 54 channels": (x, om[..., :50].contiguous(), om[..., :50].contiguous(), out),
+        "x must be contiguous": (torch.randn(1, 5, 12, 8)[:, :, ::2], om, om, out),
+        r"must be \(N, Ho, Wo, G\*C\) = \(1, 5, 6, 8\)": (x, om, om, torch.empty(1, 7, 6, 8)),
+        "wrong dtype": (x.double(), om, om, out),
+    }
+    for message, args in bad_calls.items():
+        with pytest.raises(Exception, match=message):
+            kernel.forward(*args)
+    with pytest.raises(Exception, match="grad_x must have x's shape"):
+        kernel.backward(x, om, om, out, torch.empty(1, 5, 5, 8), torch.empty_like(om), torch.empty_like(om))
+
+
 BAD_GRAD_OUTPUTS = [
     ("spatial", lambda g: g[:, :2], r"grad_output must be the output's shape .* = \(2, 5, 5, 8\)"),
     ("batch", lambda g: torch.cat((g, g)), "grad_output must be the output's shape"),

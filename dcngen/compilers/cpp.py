@@ -65,7 +65,9 @@ def compile(source: KernelSource, out_dir: Path, include_paths: tuple[str, ...] 
 
     build_dir = out_dir / "build"
     sanitize = settings.sanitize()
-    cflags = [*source.flags, *(sanitize_flags if sanitize else ())]
+    # the entry points' checks name their file (__FILE__): the same name in every build directory
+    # keeps libraries of one source bit-identical
+    cflags = [*source.flags, *(sanitize_flags if sanitize else ()), f"-fmacro-prefix-map={build_dir}=dcngen"]
     ldflags = ["-fopenmp", *(SANITIZE_LDFLAGS if sanitize else ())]
     try:
         lib = tvm_ffi.cpp.build_inline(

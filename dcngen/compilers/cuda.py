@@ -131,7 +131,8 @@ def compile(source: KernelSource, out_dir: Path) -> dict:
         cu.write_text(source.text)
         cc.write_text(source.text)
         nvcc_cmd = [nvcc(), *source.flags, "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden", *REPORT_FLAGS, *QUIET_FLAGS, "-c", str(cu), "-o", str(build / "kernel.o")]
-        cxx_cmd = [cpp.host_cxx(), "-x", "c++", "-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", *(f"-I{p}" for p in includes), "-c", str(cc), "-o", str(build / "entry.o")]
+        cxx_cmd = [cpp.host_cxx(), "-x", "c++", "-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", f"-fmacro-prefix-map={build}=dcngen",
+                   *(f"-I{p}" for p in includes), "-c", str(cc), "-o", str(build / "entry.o")]
         procs = [(cmd, path, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)) for cmd, path in ((nvcc_cmd, cu), (cxx_cmd, cc))]
         logs = []
         for cmd, path, proc in procs:

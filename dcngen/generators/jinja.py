@@ -13,6 +13,7 @@ from ..layout import offset_layout
 from ..settings import TEMPLATE_DIR
 
 ACC_TYPE = {"float64": "double"}  # everything else accumulates in float
+DL_DTYPE = {"float32": "kDLFloat, 32, 1", "float64": "kDLFloat, 64, 1", "float16": "kDLFloat, 16, 1", "bfloat16": "kDLBfloat, 16, 1"}  # DLPack's
 
 
 @functools.lru_cache(maxsize=1)
@@ -27,9 +28,10 @@ def environment() -> jinja2.Environment:
 
 
 def render(template: str, cfg: DCNConfig, **context) -> str:
-    """Render `templates/<template>` with the config, its offset layout and its accumulation type."""
+    """Render `templates/<template>` with the config, its offset layout, its accumulation type and
+    its DLPack dtype."""
     return environment().get_template(template).render(
-        cfg=cfg, layout=asdict(offset_layout(cfg)), acc_type=ACC_TYPE.get(cfg.dtype, "float"), **context
+        cfg=cfg, layout=asdict(offset_layout(cfg)), acc_type=ACC_TYPE.get(cfg.dtype, "float"), dl_dtype=DL_DTYPE[cfg.dtype], **context
     )
 
 

@@ -66,8 +66,6 @@ from .jinja import render, resolve_params
 BACKWARD_ZEROES_PADDING = True  # the backward writes DCNv4's padding gradient channels (zeros)
 
 SCALAR_TYPE = {"float32": "float", "float64": "double", "float16": "__half", "bfloat16": "__nv_bfloat16"}
-DL_DTYPE = {"float32": "kDLFloat, 32, 1", "float64": "kDLFloat, 64, 1", "float16": "kDLFloat, 16, 1", "bfloat16": "kDLBfloat, 16, 1"}
-ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 
 PARAM_BOUNDS = {
     "vec": (1, 64),
@@ -123,7 +121,7 @@ def lanes(cfg: DCNConfig, vec: int) -> int:
 
 def _default_vec(cfg: DCNConfig) -> int:
     """16-byte vectors where the group channels allow, never more than 32 lanes per group."""
-    size = ITEMSIZE[cfg.dtype]
+    size = cfg.itemsize
     c = cfg.group_channels
     vec = min(16 // size, c & -c)  # largest power of two dividing C, capped at 16 bytes
     while lanes(cfg, vec) > MAX_LANES:
@@ -186,7 +184,7 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
 def _auto_batches(cfg: DCNConfig, params: dict[str, int]) -> None:
     """unroll / bwd_unroll 0 -> ~48 registers of raw corners (forward), 2 points (backward) at
     16-byte vectors; one point per batch for wider vectors."""
-    size = ITEMSIZE[cfg.dtype]
+    size = cfg.itemsize
     if params["unroll"] == 0:
         params["unroll"] = max(1, min(cfg.num_points, 4, 12 // max(1, params["vec"] * size // 4)))
     if params["bwd_unroll"] == 0:
@@ -198,8 +196,8 @@ def _auto_min_blocks(cfg: DCNConfig, params: dict[str, int]) -> int:
     points whose corners are at most 16-byte whole vectors in small batches; else no cap."""
     vec, batch = params["vec"], min(params["unroll"], cfg.num_points)
     threads = params["pixels"] * cfg.group * lanes(cfg, vec)
-    small = vec * ITEMSIZE[cfg.dtype] <= 16 and cfg.dtype != "float64" and cfg.group_channels % vec == 0
-    if small and cfg.num_points <= 9 and batch * vec * ITEMSIZE[cfg.dtype] <= 48 and threads <= 1024:
+    small = vec * cfg.itemsize <= 16 and cfg.dtype != "float64" and cfg.group_channels % vec == 0
+    if small and cfg.num_points <= 9 and batch * vec * cfg.itemsize <= 48 and threads <= 1024:
         return max(1, min(8, 1024 // threads))
     return 1
 
@@ -217,7 +215,7 @@ def forward_spills(ptxas: list[dict]) -> bool:
 
 def _check(cfg: DCNConfig, params: dict[str, int]) -> dict:
     """Reject parameter combinations the shell cannot run; returns the launch geometry."""
-    size = ITEMSIZE[cfg.dtype]
+    size = cfg.itemsize
     widest = MAX_LANES * MAX_VEC_BYTES // size
     if cfg.group_channels > widest:
         raise ConfigError("group_channels", f"{cfg.group_channels} channels per group is more than the CUDA kernels take in {cfg.dtype}: "
@@ -277,8 +275,7 @@ def generate(cfg: DCNConfig, *, emulate: bool = False) -> KernelSource:
         "cuda/dcn.cu.j2",
         cfg,
         scalar_type=SCALAR_TYPE[cfg.dtype],
-        dl_dtype=DL_DTYPE[cfg.dtype],
-        itemsize=ITEMSIZE[cfg.dtype],
+        itemsize=cfg.itemsize,
         params=params,
         mma=geometry.get("mma"),
         fwd_mma=geometry.get("fwd_mma"),

@@ -17,7 +17,6 @@ from ..config import DCNConfig
 from ..errors import BuildError
 from ..source import KernelSource
 from .jinja import render
-from .template_cuda import DL_DTYPE, ITEMSIZE
 
 FLAGS = ("-O3", "-std=c++17", "-lineinfo")
 
@@ -95,7 +94,7 @@ def generate(cfg: DCNConfig, params: dict) -> KernelSource:
         bwd += _launch("backward_kernel_2", sigs["backward_kernel_2"], xs, threads)
     text = render(
         "cuda/tvm_launcher.cu.j2", cfg, key=cfg.key, tvm_source=kernels_src, forward_launch=fwd, backward_launch=bwd, GC=cfg.channels,
-        direct="true" if direct else "false", itemsize=ITEMSIZE[cfg.dtype], vec=vec, dl_dtype=DL_DTYPE[cfg.dtype], dtype=cfg.dtype,
+        direct="true" if direct else "false", itemsize=cfg.itemsize, vec=vec, dtype=cfg.dtype,
     )
     return KernelSource(
         config=cfg,

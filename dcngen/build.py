@@ -67,7 +67,7 @@ def _sha256_json(parts: list) -> str:
 def source_key(source: KernelSource) -> str:
     """Hash of what determines the library apart from the compiler's version; needs no compiler."""
     compiler = compiler_for(source.language)
-    parts = [GENERATOR_VERSION, source.language, source.text, list(source.flags), compiler.built_for(source), settings.sanitize()]
+    parts = [GENERATOR_VERSION, source.language, source.kernel_text, list(source.flags), compiler.built_for(source), settings.sanitize()]
     if settings.sanitize():  # the sanitizer flags the compiler adds are part of the binary too
         parts.append(list(getattr(compiler, "SANITIZE_FLAGS", ())) + list(getattr(compiler, "SANITIZE_LDFLAGS", ())))
     return _sha256_json(parts)

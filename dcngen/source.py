@@ -35,6 +35,12 @@ class KernelSource:
         return f"{c.op}_{c.dtype}_{c.target.replace('cuda:', '').replace(':', '-')}_{c.backend}{emulated}"
 
     @property
+    def kernel_text(self) -> str:
+        """The text without the config key it names (the key spells out explicit parameters, so
+        parameters that equal the defaults would otherwise give the same kernel another text)."""
+        return self.text.replace(self.config.key, "")
+
+    @property
     def extra_meta(self) -> dict:
         return json.loads(self.extra)
 

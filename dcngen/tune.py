@@ -12,7 +12,6 @@ if it is faster. Candidates already in the record file are not measured again (r
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 import os
@@ -71,8 +70,7 @@ def space_for(cfg: DCNConfig) -> Space:
         return Space(values)
     if not cfg.is_cuda:
         return Space({"pixels_per_task": _pow2_upto(1, 256), "unroll_points": (0, 1), "vector": (0, 1)})
-    itemsize = {"float64": 8, "float32": 4}.get(cfg.dtype, 2)
-    vec = tuple(v for v in (1, 2, 4, 8, 16) if cfg.group_channels % v == 0 and v * itemsize <= 16)
+    vec = tuple(v for v in (1, 2, 4, 8, 16) if cfg.group_channels % v == 0 and v * cfg.itemsize <= 16)
     return Space({"threads": _pow2_upto(32, 1024), "vec": vec})
 
 
@@ -85,18 +83,18 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
 
 def _kernel_key(cfg: DCNConfig, params: dict) -> str | None:
     """What identifies the kernel `params` give, None if the generator rejects them. Template
-    generators: the hash of the source (a cheap render) without the config key it names, so
-    parameters that leave the kernel unchanged (e.g. another kernel's tile while that kernel is
-    off) are not timed twice; TVM: the parameters (checked at build)."""
+    generators: the source's key (a cheap render; build.source_key), so parameters that leave the
+    kernel unchanged (e.g. another kernel's tile while that kernel is off) are not timed twice;
+    TVM: the parameters (checked at build)."""
     if cfg.backend != "template":
         return records.params_name(params)
+    from .build import source_key
     from .generators import generate
 
     try:
-        source = generate(cfg.replace(params=tuple(params.items())))
+        return source_key(generate(cfg.replace(params=tuple(params.items()))))
     except DCNGenError:
         return None
-    return hashlib.sha256(source.text.replace(source.config.key, "").encode()).hexdigest()
 
 
 def candidates(cfg: DCNConfig, space: Space, default: dict, seed: int = 0):

@@ -205,6 +205,17 @@ def test_clean_removes_only_what_dcngen_wrote_and_not_what_is_being_built(cache)
     assert (root / "notes.txt").read_text() == "mine" and (root / "myproject").is_dir()
 
 
+def test_parameters_equal_to_the_defaults_share_the_defaults_artifact(cache):
+    """Naming the default parameters explicitly (as tune does for its baseline) gives the same
+    kernel, so the same artifact, not a second build of it."""
+    from dcngen.tune import default_params
+
+    cfg = fresh_config()
+    implicit, explicit = generate(cfg), generate(cfg.replace(params=default_params(cfg)))
+    assert implicit.config.key != explicit.config.key and artifact_key(implicit) == artifact_key(explicit)
+    assert artifact_key(generate(cfg.replace(params={**default_params(cfg), "pixel_chunk": 7}))) != artifact_key(implicit)
+
+
 def test_the_host_compiler_named_by_cxx_is_part_of_the_key(cache, tmp_path, monkeypatch):
     """$CXX picks the compiler tvm-ffi's builder runs; a library built by another one is another artifact."""
     wrapper = tmp_path / "my-cxx"

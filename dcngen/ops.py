@@ -18,8 +18,9 @@ from .config import DCNConfig, as_bool, as_int, as_number, as_pair
 from .errors import InputError
 from .generators import backward_zeroes_padding
 from .kernels import kernel_for, target_of
+from .verify import TORCH_DTYPE
 
-_TORCH_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_TORCH_DTYPES = {dtype: name for name, dtype in TORCH_DTYPE.items()}
 
 
 @functools.lru_cache(maxsize=1024)

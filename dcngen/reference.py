@@ -15,6 +15,13 @@ import torch.nn.functional as F
 from .config import DCNConfig
 
 
+def kernel_grid(cfg: DCNConfig, **tensor_kwargs) -> torch.Tensor:
+    """(P, 2): each point's dilation-grid term (i*dw - Dw, j*dh - Dh) as (x, y), in point order."""
+    (kh, kw), (dh, dw) = cfg.kernel_size, cfg.dilation
+    half_h, half_w = (dh * (kh - 1)) >> 1, (dw * (kw - 1)) >> 1
+    return torch.tensor([[i * dw - half_w, j * dh - half_h] for i, j in cfg.points], **tensor_kwargs)
+
+
 def sampling_locations(cfg: DCNConfig, offset: torch.Tensor) -> torch.Tensor:
     """Absolute sampling locations in input pixels.
 
@@ -25,9 +32,7 @@ def sampling_locations(cfg: DCNConfig, offset: torch.Tensor) -> torch.Tensor:
     kh, kw = cfg.kernel_size
     half_h, half_w = (dh * (kh - 1)) >> 1, (dw * (kw - 1)) >> 1
     kwargs = dict(dtype=offset.dtype, device=offset.device)
-    pts = torch.tensor(cfg.points, **kwargs)  # (P, 2) as (i, j)
-    grid_x = pts[:, 0] * dw - half_w  # (P,)
-    grid_y = pts[:, 1] * dh - half_h
+    grid_x, grid_y = kernel_grid(cfg, **kwargs).unbind(-1)  # (P,)
     base_x = torch.arange(wo, **kwargs) * sw - pw + half_w  # (Wo,)
     base_y = torch.arange(ho, **kwargs) * sh - ph + half_h  # (Ho,)
     s = cfg.offset_scale

@@ -30,12 +30,8 @@ class Problem:
     def op_inputs(self, dtype: torch.dtype, device="cpu") -> tuple[torch.Tensor, ...]:
         """The op's tensors: DCNv4 (x, offset_mask), DCNv3 (x, offset, mask)."""
         n, ho, wo = self.offset.shape[:3]
-        if self.cfg.op == "dcnv4":
-            packed = torch.cat((self.offset.flatten(-2), self.mask), dim=-1).reshape(n, ho, wo, -1)
-            packed = torch.nn.functional.pad(packed, (0, self.cfg.padded_offset_mask_channels - packed.shape[-1]))
-            tensors = (self.x, packed)
-        else:
-            tensors = (self.x, self.offset.reshape(n, ho, wo, -1), self.mask.reshape(n, ho, wo, -1))
+        offset, mask = self.offset.reshape(n, ho, wo, -1), self.mask.reshape(n, ho, wo, -1)  # DCNv3's layout
+        tensors = (self.x, reference.pack_offset_mask(self.cfg, offset, mask)) if self.cfg.op == "dcnv4" else (self.x, offset, mask)
         return tuple(t.to(dtype=dtype, device=device).contiguous() for t in tensors)
 
 
@@ -49,8 +45,7 @@ def random_problem(cfg: DCNConfig, n: int, h: int, w: int, *, offset_range: floa
     ho, wo = cfg.output_size(h, w)
     whole = torch.randint(-int(offset_range), int(offset_range) + 1, (n, ho, wo, g, p, 2), generator=gen)
     shift = (whole + torch.randint(1, 8, (n, ho, wo, g, p, 2), generator=gen) / 8).double()
-    (dh, dw), (kh, kw) = cfg.dilation, cfg.kernel_size
-    grid = torch.tensor([[i * dw - (dw * (kw - 1)) // 2, j * dh - (dh * (kh - 1)) // 2] for i, j in cfg.points], dtype=torch.float64)
+    grid = reference.kernel_grid(cfg, dtype=torch.float64)
     s = cfg.offset_scale
     # location = base + (grid + offset) * s = base + round(grid * s) + shift
     offset = shift if s == 0 else ((grid * s).round() - grid * s + shift) / s

@@ -18,6 +18,10 @@ class InputError(DCNGenError, ValueError):
     """A tensor passed to an op that does not match what the config expects."""
 
 
+class NoKernelError(InputError):
+    """Tensors on a device type dcngen generates no kernels for."""
+
+
 class BuildError(DCNGenError, RuntimeError):
     """A compiler failure; carries the command, the source path and the compiler's message."""
 

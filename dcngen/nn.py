@@ -8,7 +8,6 @@ be built for the input's device and dtype, the module warns once and runs `dcnge
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -19,7 +18,7 @@ from torch.nn.init import constant_, xavier_uniform_
 from . import autocast as _autocast  # noqa: F401  (registers the Autocast keys of the ops)
 from . import ops, reference
 from .config import DCNConfig, as_int, as_pair
-from .errors import ConfigError, DCNGenError
+from .errors import BuildError, ConfigError, NoKernelError
 
 __all__ = ["DCNv4", "DCNv3"]
 
@@ -27,7 +26,9 @@ _warned: set[tuple] = set()
 
 
 def _run(cfg: DCNConfig, kernel, fallback, *tensors: torch.Tensor) -> torch.Tensor:
-    """`kernel(*tensors)`; if no kernel exists for them (a DCNGenError), warn once and use `fallback`.
+    """`kernel(*tensors)`; where no kernel can exist for them (no compiler to build it, or a device
+    without dcngen kernels), warn once and use `fallback`. Other errors (a bad setting or record,
+    bad tensors) are raised: a silent fallback would hide them behind a large slowdown.
 
     Under torch.compile the kernel op is traced as is (fallback decisions are made eagerly).
     """
@@ -35,7 +36,7 @@ def _run(cfg: DCNConfig, kernel, fallback, *tensors: torch.Tensor) -> torch.Tens
         return kernel(*tensors)
     try:
         return kernel(*tensors)
-    except DCNGenError as err:
+    except (BuildError, NoKernelError) as err:
         try:
             out = fallback(*tensors)
         except Exception:
@@ -181,18 +182,18 @@ class DCNv4(nn.Module):
         if shape is not None:
             h, w = shape
         else:
-            h = w = math.isqrt(length)
+            h = w = int(length**0.5)  # traceable with a symbolic length (math.isqrt is not); exact for perfect squares
         if h * w != length:
             raise ValueError(f"input has L={length} tokens, which is not H*W for shape {(h, w)}; pass shape=(H, W)")
         _check_same_size(self._cfg, h, w)
 
         x = input if self.without_pointwise else self.value_proj(input)
-        x = x.reshape(n, h, w, -1)
+        x = x.reshape(n, h, w, self.channels)  # sizes, not -1: a batch of 0 has no size to infer
         if self.dw_kernel_size is not None:
             om_input = self.offset_mask_dw(input.reshape(n, h, w, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(n, length, c)
         else:
             om_input = input
-        offset_mask = self.offset_mask(om_input).reshape(n, h, w, -1)
+        offset_mask = self.offset_mask(om_input).reshape(n, h, w, self.offset_mask.out_features)
 
         cfg = self._cfg
         args = cfg.op_kwargs
@@ -201,7 +202,7 @@ class DCNv4(nn.Module):
         if self.center_feature_scale:
             a = _gate(y, self.center_feature_scale_proj_weight, self.center_feature_scale_proj_bias, self.group_channels)
             y = y * (1 - a) + x * a
-        y = y.reshape(n, length, -1)
+        y = y.reshape(n, length, self.channels)
         if not self.without_pointwise:
             y = self.output_proj(y)
         return y
@@ -280,7 +281,8 @@ class DCNv3(nn.Module):
         x = self.input_proj(input)
         x1 = self.dw_conv(input.permute(0, 3, 1, 2))  # (N, H, W, C)
         offset = self.offset(x1)
-        mask = F.softmax(self.mask(x1).reshape(n, h, w, self.group, -1), -1).reshape(n, h, w, -1).to(x.dtype)
+        p = self._cfg.num_points
+        mask = F.softmax(self.mask(x1).reshape(n, h, w, self.group, p), -1).reshape(n, h, w, self.group * p).to(x.dtype)
         offset = offset.to(x.dtype)
 
         cfg = self._cfg

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from .config import DCNConfig, as_bool, as_int, as_number, as_pair
-from .errors import InputError
+from .errors import InputError, NoKernelError
 from .generators import backward_zeroes_padding
 from .kernels import kernel_for, target_of
 from .verify import TORCH_DTYPE
@@ -74,7 +74,7 @@ def _check(op: str, args: tuple, *metas: tuple) -> DCNConfig:
     try:
         target = "cpu" if device.type == "meta" else target_of(device)  # meta: shapes only, no kernel runs
     except ValueError as e:
-        raise InputError(str(e)) from None
+        raise NoKernelError(str(e)) from None
     cfg = _config(op, kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, float(offset_scale), bool(remove_center), backend, _TORCH_DTYPES[dtype], target)
     n, h, w, channels = input_shape
     if channels != cfg.channels:

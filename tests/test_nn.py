@@ -256,6 +256,43 @@ def test_reference_fallback_warns_once(tmp_path):
     assert run.returncode == 0, run.stderr
 
 
+def test_module_errors_that_a_fallback_would_hide_are_raised(monkeypatch):
+    """Only "no kernel can be had here" falls back to the reference; a bad setting or record (a
+    ConfigError from the op) is raised, not turned into a silent slowdown."""
+    import dcngen.ops
+
+    m = dcngen.nn.DCNv4(16, group=2)
+    x = torch.randn(1, 16, 16)
+
+    def bad_setting(*args, **kwargs):
+        raise ConfigError("params", "a malformed tuning record")
+
+    monkeypatch.setattr(dcngen.ops, "dcnv4", bad_setting)
+    with pytest.raises(ConfigError, match="malformed"):
+        m(x)
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: dcngen.nn.DCNv4(16, group=2), (0, 16, 16)), (lambda: dcngen.nn.DCNv3(16, group=2), (0, 4, 4, 16))])
+def test_modules_take_an_empty_batch(make, shape):
+    x = torch.randn(*shape, requires_grad=True)
+    y = make()(x)
+    assert y.shape == shape
+    y.sum().backward()
+    assert x.grad.shape == shape
+
+
+def test_dcnv4_module_compiles_without_a_shape_for_several_lengths():
+    """shape=None: the side is the square root of the token count, traced symbolically."""
+    torch.manual_seed(0)
+    m = dcngen.nn.DCNv4(16, group=2)
+    compiled = torch.compile(m, fullgraph=True)
+    for n, length in ((2, 64), (3, 64), (3, 100)):
+        x = torch.randn(n, length, 16)
+        torch.testing.assert_close(compiled(x), m(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="not H\\*W"):
+        m(torch.randn(1, 60, 16))
+
+
 def _example():
     spec = importlib.util.spec_from_file_location("train_block", ROOT / "examples" / "train_block.py")
     mod = importlib.util.module_from_spec(spec)

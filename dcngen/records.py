@@ -19,7 +19,6 @@ dcngen/tune.py), so times measured minutes apart stay comparable on a noisy mach
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import os
@@ -151,17 +150,24 @@ def save(path: Path, data: dict) -> None:
     tuned_config.cache_clear()
 
 
+def _version_of(key: str) -> int | None:
+    m = re.search(r"\|v(\d+)\|", key)
+    return int(m.group(1)) if m else None
+
+
 def update(path: Path, target: str, key: str, record: dict) -> None:
-    """Store `record` under `key` in the file at `path` (re-read first, so concurrent tuners of other
-    keys survive). Records of other generator versions, which no lookup uses, are dropped."""
+    """Store `record` under `key` in the file at `path` (re-read first, under a lock beside it, so
+    concurrent tuners of other keys survive, from any process or host that shares the folder).
+    Records of older generator versions, which no lookup uses, are dropped; a newer dcngen's stay."""
     from filelock import FileLock
 
-    lock = Path(tempfile.gettempdir()) / f"dcngen-records-{hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:16]}.lock"
-    with FileLock(str(lock)):  # outside the records folder, which stays reviewable
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.parent / f".{path.name}.lock")):  # hidden, and ignored by git (the folder's .gitignore)
         data = load(path)
         data.update(format=FORMAT, fingerprint=fingerprint(target), machine=machine(target))
-        current = f"|v{generator_version()}|"
-        data["records"] = {k: r for k, r in data["records"].items() if current in k}
+        current = int(generator_version())
+        data["records"] = {k: r for k, r in data["records"].items() if (_version_of(k) or 0) >= current}
         data["records"][key] = record
         save(path, data)
 
@@ -211,10 +217,10 @@ def tuned_config(cfg: DCNConfig, bkt: tuple[int, int]) -> DCNConfig:
     rec = lookup(cfg, (bkt[0], bkt[1], 1))
     if rec is None or not rec["best"]["params"]:
         return cfg
-    tuned = cfg.replace(params=tuple(rec["best"]["params"].items()))
     try:
         from .generators import generate
 
+        tuned = cfg.replace(params=tuple(rec["best"]["params"].items()))
         generate(tuned)
     except DCNGenError as e:
         warnings.warn(f"ignoring the tuning record of {cfg.key}: {e}", RuntimeWarning, stacklevel=2)

@@ -29,6 +29,7 @@ from . import records
 from .config import DCNConfig
 from .errors import DCNGenError
 
+FINAL_FIELDS = ("best", "confirm", "spread_ms", "failed", "tune_seconds")  # what a finished run adds to its record
 GATE_SHAPE = (2, 9, 11)  # small, border-crossing: every candidate is checked here before timing
 MIN_SAMPLE_MS = 10.0  # calls per timing sample are batched up to this
 
@@ -407,13 +408,17 @@ def tune(cfg: DCNConfig, shape: tuple[int, int, int], *, trials: int = 64, time_
         measured[records.params_name(default)] = round(base_ms, 4)
         trial_s, build_s = [], []  # seconds per check-and-timing, per batch of builds
 
+        # until this run's own result, the record keeps the last run's (an interrupted re-tune must
+        # not leave the ops without it)
+        last_result = {k: previous[k] for k in FINAL_FIELDS if k in previous}
+
         def save(final: dict | None = None) -> None:
             rec = {
                 "config": records.config_key(cfg), "generator_version": records.generator_version(), "bucket": list(bkt),
                 "shape": list(shape), "candidates": measured, "passes": list(space.passes), "executor": executor.where,
                 "default": {"params": default, "ms": round(base_ms, 4)},
             }
-            records.update(path, cfg.target, key, {**rec, **(final or {})})
+            records.update(path, cfg.target, key, {**rec, **(final or last_result)})
 
         best_ms = min((v for v in measured.values() if isinstance(v, (int, float))), default=base_ms)
         total = trials
@@ -468,7 +473,7 @@ def tune(cfg: DCNConfig, shape: tuple[int, int, int], *, trials: int = 64, time_
                 if ratio < 1.0:
                     best_params, best = cand, base_ms * ratio
         ok = [v for v in measured.values() if isinstance(v, (int, float))]
-        final = {
+        final = {  # FINAL_FIELDS
             "best": {"params": best_params, "ms": round(best, 4)},
             "confirm": confirm,
             "spread_ms": [round(min(ok), 4), round(statistics.median(ok), 4), round(max(ok), 4)] if ok else None,

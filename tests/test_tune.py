@@ -70,9 +70,14 @@ def test_lookup_picks_nearest_bucket_of_same_config_and_version(root):
     data["records"] = {k.replace(current, "|v-older|"): v for k, v in data["records"].items()}
     records.save(path, data)
     assert records.lookup(CFG, (1, 9, 9)) is None
-    # and the next update drops them from the file
+    # and the next update drops them from the file, but keeps a newer dcngen's (a shared folder)
+    newer = records.record_key(CFG, (1, 64)).replace(current, f"|v{int(records.generator_version()) + 1}|")
+    data = records.load(path)
+    data["records"][newer] = _record(CFG, (1, 64), small)
+    records.save(path, data)
     records.update(path, "cpu", records.record_key(CFG, (1, 64)), _record(CFG, (1, 64), small))
-    assert list(records.load(path)["records"]) == [records.record_key(CFG, (1, 64))]
+    assert sorted(records.load(path)["records"]) == sorted([records.record_key(CFG, (1, 64)), newer])
+    assert [p.name for p in root.glob("*.lock")] == [f".{path.name}.lock"]  # the writers' lock: beside the file, hidden
 
 
 def test_jit_path_uses_record_and_falls_back(root):
@@ -86,6 +91,12 @@ def test_jit_path_uses_record_and_falls_back(root):
     records.update(path, "cpu", records.record_key(CFG, (1, 64)), _record(CFG, (1, 64), {"pixel_chunk": 99999}))
     with pytest.warns(RuntimeWarning, match="ignoring the tuning record"):
         assert records.tuned_config(CFG, (1, 64)).params == ()
+    for bad in ({"pixel_chunk": "x"}, {"pixel_chunk": 1.7}, {"pixel_chunk": True}):  # values that are no ints
+        rec = _record(CFG, (1, 64), best)
+        rec["best"]["params"] = bad
+        records.update(path, "cpu", records.record_key(CFG, (1, 64)), rec)
+        with pytest.warns(RuntimeWarning, match="ignoring the tuning record"):
+            assert records.tuned_config(CFG, (1, 64)).params == ()
 
 
 def test_search_space_and_candidate_order():
@@ -216,6 +227,25 @@ def test_check_finds_elements_a_candidate_leaves_unwritten():
 
     assert CFG.padded_offset_mask_channels > CFG.min_offset_mask_channels and backward_zeroes_padding(CFG)
     assert tune.check(CFG, executor, Skipping("padding"))["grad_offset_mask"] == math.inf
+
+
+def test_an_interrupted_retune_keeps_the_last_result(root):
+    """While a re-tune runs, and after it is interrupted, the record keeps the last finished run's best."""
+    default = tune.default_params(CFG)
+    space = tune.Space({"pixel_chunk": (2, 4, 8), "unroll_points": (default["unroll_points"],)}, passes=("forward",))
+    first = tune.tune(CFG, SHAPE, trials=1, time_budget=120, rounds=3, space=space)
+    seen = []
+
+    def interrupt(done, total, best_ms, note):
+        if done:
+            seen.append(records.lookup(CFG, SHAPE))
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tune.tune(CFG, SHAPE, trials=3, time_budget=120, rounds=3, space=space, progress=interrupt)
+    after = records.lookup(CFG, SHAPE)
+    assert seen[0]["best"] == first.record["best"] and after["best"] == first.record["best"]
+    assert len(after["candidates"]) == len(first.record["candidates"]) + 1  # the new measurement is kept too
 
 
 def test_build_failure_scores_inf(root, monkeypatch):

@@ -73,9 +73,10 @@ def machine(target: str) -> dict:
     return {"gpu": None, "arch": arch}  # no such GPU here: match records by architecture only
 
 
-def fingerprint(target: str) -> str:
-    """File stem of `target`'s records, e.g. `cpu-intel-r-xeon-r-processor-2c` or `cuda-nvidia-h100-sm90`."""
-    m = machine(target)
+def fingerprint(target: str, measured_on: dict | None = None) -> str:
+    """File stem of `target`'s records, e.g. `cpu-intel-r-xeon-r-processor-2c` or `cuda-nvidia-h100-sm90`:
+    of this machine, or of `measured_on` (a machine() dict of the machine that timed them)."""
+    m = measured_on or machine(target)
     if "cpu" in m:
         return f"cpu-{_slug(m['cpu'])}-{m['cores']}c"
     return f"cuda-{_slug(m['gpu'] or 'any')}-{m['arch'].replace('_', '')}"
@@ -114,9 +115,9 @@ def folders(root: Path | None = None) -> tuple[Path, ...]:
     return (Path(root),) if root else records_dirs()
 
 
-def path_for(target: str, root: Path | None = None) -> Path:
-    """The file `target`'s records are written to: in the first record folder."""
-    return folders(root)[0] / f"{fingerprint(target)}.json"
+def path_for(target: str, root: Path | None = None, measured_on: dict | None = None) -> Path:
+    """The file `target`'s records (timed here, or on `measured_on`) are written to: in the first record folder."""
+    return folders(root)[0] / f"{fingerprint(target, measured_on)}.json"
 
 
 def load(path: Path) -> dict:
@@ -155,7 +156,7 @@ def _version_of(key: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def update(path: Path, target: str, key: str, record: dict) -> None:
+def update(path: Path, target: str, key: str, record: dict, measured_on: dict | None = None) -> None:
     """Store `record` under `key` in the file at `path` (re-read first, under a lock beside it, so
     concurrent tuners of other keys survive, from any process or host that shares the folder).
     Records of older generator versions, which no lookup uses, are dropped; a newer dcngen's stay."""
@@ -165,7 +166,7 @@ def update(path: Path, target: str, key: str, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path.parent / f".{path.name}.lock")):  # hidden, and ignored by git (the folder's .gitignore)
         data = load(path)
-        data.update(format=FORMAT, fingerprint=fingerprint(target), machine=machine(target))
+        data.update(format=FORMAT, fingerprint=fingerprint(target, measured_on), machine=measured_on or machine(target))
         current = int(generator_version())
         data["records"] = {k: r for k, r in data["records"].items() if (_version_of(k) or 0) >= current}
         data["records"][key] = record

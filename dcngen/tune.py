@@ -145,6 +145,10 @@ class LocalExecutor:
 
         return kernel_for(cfg)  # cfg carries explicit params: no record lookup
 
+    def machine(self, target: str) -> dict:
+        """What the timings are filed under (records.machine): this machine."""
+        return records.machine(target)
+
     def put(self, t: torch.Tensor):
         return t.to(self.device)
 
@@ -213,6 +217,18 @@ class RPCExecutor:
         self.dev = self.session.cuda(0) if cfg.is_cuda else self.session.cpu(0)
         self.where = f"rpc {key}@{tracker}"
         self._put: dict[int, tuple[torch.Tensor, object]] = {}
+
+    def machine(self, target: str) -> dict:
+        """What the timings are filed under: for a CUDA target the server's GPU, by name and
+        architecture (so the GPU machine finds them); for a CPU target this machine, whose CPU the
+        servers must have (README)."""
+        if not target.startswith("cuda"):
+            return records.machine(target)
+        major, _, minor = str(self.dev.compute_version).partition(".")
+        arch = f"sm_{major}{minor}"
+        if arch != target.split(":", 1)[1]:
+            raise DCNGenError(f"the RPC server's GPU is {arch}, but the target is {target}")
+        return {"gpu": self.dev.device_name, "arch": arch}
 
     def load(self, cfg: DCNConfig, artifact):
         name = f"{artifact.path.name}.so"
@@ -387,11 +403,12 @@ def tune(cfg: DCNConfig, shape: tuple[int, int, int], *, trials: int = 64, time_
     default = default_params(cfg)
     bkt = records.bucket(shape)
     key = records.record_key(cfg, bkt)
-    path = records.path_for(cfg.target, root)
-    previous = records.load(path)["records"].get(key, {})
-    measured: dict[str, object] = dict(previous.get("candidates", {}))
     own_executor = executor is None
     executor = executor or LocalExecutor(cfg)
+    measured_on = executor.machine(cfg.target)  # the machine the timings are filed under
+    path = records.path_for(cfg.target, root, measured_on)
+    previous = records.load(path)["records"].get(key, {})
+    measured: dict[str, object] = dict(previous.get("candidates", {}))
     m = _Measure(cfg, shape, executor, space, rounds)
     done: list[Trial] = []
     try:
@@ -418,7 +435,7 @@ def tune(cfg: DCNConfig, shape: tuple[int, int, int], *, trials: int = 64, time_
                 "shape": list(shape), "candidates": measured, "passes": list(space.passes), "executor": executor.where,
                 "default": {"params": default, "ms": round(base_ms, 4)},
             }
-            records.update(path, cfg.target, key, {**rec, **(final or last_result)})
+            records.update(path, cfg.target, key, {**rec, **(final or last_result)}, measured_on)
 
         best_ms = min((v for v in measured.values() if isinstance(v, (int, float))), default=base_ms)
         total = trials

@@ -248,6 +248,21 @@ def test_an_interrupted_retune_keeps_the_last_result(root):
     assert len(after["candidates"]) == len(first.record["candidates"]) + 1  # the new measurement is kept too
 
 
+def test_records_are_filed_under_the_machine_that_timed_them(root):
+    """An executor on another machine (RPC) names it: the record goes to that machine's file."""
+
+    class Elsewhere(tune.LocalExecutor):
+        def machine(self, target):
+            return {"cpu": "Remote CPU 9000", "cores": 64}
+
+    default = tune.default_params(CFG)
+    space = tune.Space({"pixel_chunk": (2,), "unroll_points": (default["unroll_points"],)}, passes=("forward",))
+    result = tune.tune(CFG, SHAPE, trials=1, time_budget=120, rounds=3, space=space, executor=Elsewhere(CFG))
+    assert result.path.name == "cpu-remote-cpu-9000-64c.json"
+    assert records.load(result.path)["machine"] == {"cpu": "Remote CPU 9000", "cores": 64}
+    assert records.lookup(CFG, SHAPE) is None  # not this machine's
+
+
 def test_build_failure_scores_inf(root, monkeypatch):
     original = template_cpu.generate
 

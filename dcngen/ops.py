@@ -119,8 +119,8 @@ def check_backward_inputs(op: str, args: Sequence, grad_output: torch.Tensor, in
 def _forward(cfg: DCNConfig, input, offset, mask):
     n, h, w, _ = input.shape
     ho, wo = cfg.output_size(h, w)
-    if n == 0:  # an empty batch (check_inputs rejected empty images): no kernel to build or run
-        return input.new_empty((0, ho, wo, cfg.channels))
+    if input.numel() == 0:  # an empty batch, or an empty image that padding gives outputs: every point samples outside
+        return input.new_zeros((n, ho, wo, cfg.channels))
     kernel = kernel_for(cfg, (n, h, w))
     input, offset, mask = input.contiguous(), offset.contiguous(), mask.contiguous()
     if hasattr(kernel, "forward_new"):  # the library allocates the output: about 0.03 ms less a call with cold caches
@@ -144,9 +144,9 @@ def _backward(cfg: DCNConfig, grad_out, input, offset, mask, packed: bool):
         grad_offset, grad_mask = torch.empty_like(offset), torch.empty_like(mask)
     if cfg.is_cuda and cfg.backend == "template" and torch.are_deterministic_algorithms_enabled():
         cfg = cfg.replace(params=(("deterministic", 1),))  # no float atomics: bitwise repeatable
-    if grad_out.numel():
+    if grad_out.numel() and input.numel():
         kernel_for(cfg, tuple(input.shape[:3])).backward(input, offset, mask, grad_out, grad_input, grad_offset, grad_mask)
-    else:  # nothing flows back from an empty output
+    else:  # nothing flows back from an empty output, nor to points that all sample outside an empty image
         for t in (grad_input, grad_offset, grad_mask):
             t.zero_()
     return grad_input, grad_offset, grad_mask

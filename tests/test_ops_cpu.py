@@ -181,6 +181,38 @@ def test_the_library_entry_points_check_their_tensors():
         kernel.backward(x, om, om, out, torch.empty(1, 5, 5, 8), torch.empty_like(om), torch.empty_like(om))
 
 
+@pytest.mark.parametrize("backend", ["template", "tvm"])
+@pytest.mark.parametrize("h, w", [(0, 0), (0, 3)])
+def test_an_empty_image_with_padding_gives_zeros(backend, h, w):
+    """Padding gives an empty image output pixels, all of whose points sample outside: zero output
+    and zero gradients (both backends crashed on it)."""
+    cfg = DCNConfig(group=1, group_channels=16, padding=2)
+    ho, wo = cfg.output_size(h, w)
+    x = torch.randn(1, h, w, 16, requires_grad=True)
+    om = torch.randn(1, ho, wo, cfg.padded_offset_mask_channels, requires_grad=True)
+    y = ops.dcnv4(x, om, group=1, group_channels=16, padding=2, backend=backend)
+    y.square().sum().backward()
+    assert y.shape == (1, ho, wo, 16) and (y == 0).all() and (om.grad == 0).all() and x.grad.shape == x.shape
+    if backend == "template":  # the library called directly, outputs poisoned
+        from dcngen.kernels import kernel_for
+
+        out = torch.full((1, ho, wo, 16), float("nan"))
+        kernel_for(cfg).forward(x.detach(), om.detach(), om.detach(), out)
+        assert (out == 0).all()
+
+
+def test_large_kernels_and_channel_counts_fit_the_backward():
+    """7x7 x 8192 channels of float64: the backward's per-thread partial sums (9.6 MB) overflowed
+    the stack."""
+    cfg = DCNConfig(group=1, group_channels=8192, kernel_size=7, padding=3, dtype="float64")
+    x, offset, mask = random_inputs(cfg, 1, 7, 7)
+    om = dcnv4_packed(cfg, offset, mask)
+    got, want = [t.clone().requires_grad_() for t in (x, om)], [t.clone().requires_grad_() for t in (x, om)]
+    ops.dcnv4(*got, **cfg.op_kwargs).square().sum().backward()
+    reference.dcnv4(cfg, *want).square().sum().backward()
+    assert rel_err(got[0].grad, want[0].grad) < 1e-12 and rel_err(got[1].grad, want[1].grad) < 1e-12
+
+
 BAD_GRAD_OUTPUTS = [
     ("spatial", lambda g: g[:, :2], r"grad_output must be the output's shape .* = \(2, 5, 5, 8\)"),
     ("batch", lambda g: torch.cat((g, g)), "grad_output must be the output's shape"),

@@ -98,6 +98,8 @@ def locate(cfg: DCNConfig, acc: str, H, W, ho, wo, k, dx, dy, bind=_same) -> Sam
     py = bind(f(ho * sh - ph + half_h) + (f(j * dh - half_h) + dy) * scale)
     one, zero = tirx.const(1, acc), tirx.const(0, acc)
     inside = bind(tirx.all(py > tirx.const(-1, acc), py < f(H), px > tirx.const(-1, acc), px < f(W)))
+    if cfg.offset_scale == 0:  # (grid + NaN) * 0 is NaN, outside the window; the simplifier folds it to 0
+        inside = bind(tirx.all(inside, tirx.isfinite(dx), tirx.isfinite(dy)))
     # floor only where inside: px, py are then bounded, so the integer conversion is defined
     # (NaN or huge offsets never reach it).
     fy = tirx.Select(inside, tirx.floor(py), zero)

@@ -151,6 +151,20 @@ def test_emulated_cuda_kernels_on_hostile_offsets(cfg):
     assert_matches(cfg, case, [("emulated cuda", out, gx, off, m)], ref, live)
 
 
+ZERO_SCALE = [DCNConfig(group=2, group_channels=4, offset_scale=0.0, dtype=dtype, backend=backend)
+              for dtype, backend in (("float32", "template"), ("float64", "template"), ("float32", "tvm"))]
+
+
+@pytest.mark.parametrize("cfg", ZERO_SCALE, ids=[c.key for c in ZERO_SCALE])
+def test_non_finite_offsets_at_offset_scale_zero_contribute_nothing(cfg):
+    """(grid + NaN) * 0 is NaN, so the point is outside the window, though a compiler's
+    reassociation folds the product to 0 (it did, in both backends)."""
+    case, hit = hostile_case(cfg, seed=6)
+    live, ref = expected(cfg, case)
+    assert not (live & hit & ~torch.isfinite(case.offset).all(-1)).any() and (hit & ~torch.isfinite(case.offset).all(-1)).any()
+    assert_matches(cfg, case, run_both(cfg, case), ref, live)
+
+
 # the kernels that sum the input gradient in fixed point, scaled by a bound of the weights
 FIXED_POINT = [
     DCNConfig(op="dcnv4", group=2, group_channels=16, dtype="float32", target="cuda:sm_90", params={"deterministic": 1}),

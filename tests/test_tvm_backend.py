@@ -246,3 +246,15 @@ def test_cuda_artifact_builds():
     assert art.meta["language"] == "cuda" and art.meta["ptxas"]
     mod = build.load(art)
     assert int(mod._workspace_size(2 * 5 * 5 * 64)) >= 2 * 5 * 5 * 64 * 4
+
+
+def test_direct_calls_check_the_offset_rows():
+    """TVM's own argument checks leave the rows' channel count free: a row shorter than the groups'
+    span would be read past (the next pixel's channels, then past the tensor)."""
+    from dcngen.errors import InputError
+    from dcngen.kernels import kernel_for
+
+    cfg = DCNConfig(op="dcnv4", group=1, group_channels=4, kernel_size=1, padding=0, backend="tvm")
+    om = torch.tensor([[[[0.0, 0.0], [5.0, 0.0]]]])
+    with pytest.raises(InputError, match="rows must hold at least 2 and 3 channels"):
+        kernel_for(cfg).forward(torch.ones(1, 1, 2, 4), om, om, torch.empty(1, 1, 2, 4))

@@ -70,20 +70,43 @@ class _Module:
         self._fwd = self._mod["forward"]
         self._bwd = self._mod["backward"]
         try:
-            self.op = json.loads((Path(path).parent / "meta.json").read_text())["config"]["op"]
+            config = json.loads((Path(path).parent / "meta.json").read_text())["config"]
         except (OSError, ValueError, KeyError):
-            self.op = None  # loaded outside an artifact: decide per call
+            config = None  # loaded outside an artifact: decide per call, check what can be
+        self.op = config["op"] if config else None
+        self.rows = None
+        if config:
+            from ..config import DCNConfig
+            from ..layout import offset_layout
+
+            cfg = DCNConfig(**config)
+            lay, g, p = offset_layout(cfg), cfg.group, cfg.num_points
+            self.rows = ((g - 1) * lay.offset_group_stride + lay.offset_base + 2 * p, (g - 1) * lay.mask_group_stride + lay.mask_base + p)
 
     def _packed(self, offset, mask) -> bool:
         return self.op == "dcnv4" if self.op else offset is mask
 
+    def _check(self, *tensors) -> None:
+        """What TVM's own argument checks leave out: its CPU kernels index in 32 bits, and read each
+        pixel's offset / mask row up to the groups' span."""
+        from ..errors import InputError
+
+        for t in tensors:
+            if t.numel() >= 1 << 31:
+                raise InputError(f"the TVM backend's CPU kernels index in 32 bits: a tensor of {t.numel()} elements is too large (use backend='template')")
+        if self.rows and (tensors[1].shape[-1] < self.rows[0] or tensors[2].shape[-1] < self.rows[1]):
+            raise InputError(f"offset and mask rows must hold at least {self.rows[0]} and {self.rows[1]} channels, "
+                             f"got {tensors[1].shape[-1]} and {tensors[2].shape[-1]}")
+
     def forward(self, x, offset, mask, out):
+        self._check(x, offset, mask, out)
         if self._packed(offset, mask):
             self._fwd(x, offset, out)
         else:
             self._fwd(x, offset, mask, out)
 
     def backward(self, x, offset, mask, grad_out, grad_x, grad_offset, grad_mask):
+        self._check(x, offset, mask, grad_out)
         if self._packed(offset, mask):
             self._bwd(x, offset, grad_out, grad_x, grad_offset)
         else:

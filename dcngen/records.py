@@ -164,7 +164,7 @@ def update(path: Path, target: str, key: str, record: dict, measured_on: dict | 
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path.parent / f".{path.name}.lock")):  # hidden, and ignored by git (the folder's .gitignore)
+    with FileLock(str(path.parent / f".{path.name}.lock")):  # hidden, and ignored by git (the repository's .gitignore)
         data = load(path)
         data.update(format=FORMAT, fingerprint=fingerprint(target, measured_on), machine=measured_on or machine(target))
         current = int(generator_version())

@@ -79,9 +79,8 @@ class _Module:
             from ..config import DCNConfig
             from ..layout import offset_layout
 
-            cfg = DCNConfig(**config)
-            lay, g, p = offset_layout(cfg), cfg.group, cfg.num_points
-            self.rows = ((g - 1) * lay.offset_group_stride + lay.offset_base + 2 * p, (g - 1) * lay.mask_group_stride + lay.mask_base + p)
+            lay = offset_layout(DCNConfig(**config))
+            self.rows = (lay.offset_row_channels, lay.mask_row_channels)
 
     def _packed(self, offset, mask) -> bool:
         return self.op == "dcnv4" if self.op else offset is mask

@@ -1,4 +1,4 @@
-"""Template CPU kernels vs the PyTorch reference (grid_sample formulation), same run, paired ratios.
+"""Template CPU kernels vs the PyTorch baseline (dcngen.baseline, grid_sample), same run, paired ratios.
 
     python benchmarks/bench_cpu.py [--rounds 7] [--op dcnv4] [--target cpu:x86-64-v3]
 
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--target", default="cpu", help="cpu (this CPU) or a named x86-64 level, e.g. cpu:x86-64-v3")
     args = parser.parse_args()
     print(f"# {cpuinfo().get('model name') or platform.processor()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    print("| op | shape | pass | kernel ms | reference ms | speedup (median of paired ratios) |")
+    print("| op | shape | pass | kernel ms | PyTorch ms | speedup (median of paired ratios) |")
     print("|---|---|---|---|---|---|")
     for n, h, w in SHAPES:
         cfg = DCNConfig(op=args.op, group=4, group_channels=16, kernel_size=3, dtype="float32", backend=args.backend, target=args.target)

@@ -1,7 +1,7 @@
-"""TVM-CPU kernels next to the template-CPU kernels and the PyTorch reference (DCNv4, 3x3, fp32).
+"""TVM-CPU kernels next to the template-CPU kernels and the PyTorch baseline (DCNv4, 3x3, fp32).
 
 Kernel level (artifact forward/backward on preallocated tensors; no autograd around the
-kernels); the reference runs under autograd. Sides are timed alternately, `--rounds` pairs;
+kernels); the baseline (dcngen.baseline) runs under autograd. Sides are timed alternately, `--rounds` pairs;
 reported: median ms per side and the median of the paired ratios.
 
     python benchmarks/bench_tvm_cpu.py [--rounds 9] [--op dcnv4|dcnv3] [--threads N]
@@ -15,7 +15,7 @@ import platform
 
 import torch
 
-from dcngen import build, reference
+from dcngen import baseline, build
 from dcngen.bench import compare
 from dcngen.config import DCNConfig
 from dcngen.generators import generate
@@ -31,7 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--op", default="dcnv4", choices=("dcnv4", "dcnv3"))
-    ap.add_argument("--threads", type=int, default=0, help="threads of both backends and the reference (default: torch's)")
+    ap.add_argument("--threads", type=int, default=0, help="threads of both backends and the baseline (default: torch's)")
     args = ap.parse_args()
     if args.threads:
         os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's thread pool starts
@@ -39,7 +39,7 @@ def main() -> None:
     base = DCNConfig(op=args.op, group=4, group_channels=16, dtype="float32")
     tvm_k, tmpl_k = kernel(base.replace(backend="tvm")), kernel(base.replace(backend="template"))
     print(f"# {args.op} G=4 C=16 3x3 fp32, torch threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}")
-    print("| shape | pass | tvm ms | template ms | reference ms | template/tvm | reference/tvm |")
+    print("| shape | pass | tvm ms | template ms | PyTorch ms | template/tvm | PyTorch/tvm |")
     print("|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
     for n, h, w in SHAPES:
@@ -52,12 +52,12 @@ def main() -> None:
         if args.op == "dcnv4":
             om = torch.nn.functional.pad(torch.cat((offset.flatten(-2), mask), -1).reshape(n, h, w, -1), (0, base.padded_offset_mask_channels - 3 * g * p)).contiguous()
             ins, grads = (x, om, om), (torch.zeros_like(om),) * 2
-            ref_fn = lambda t: reference.dcnv4(base, *t)  # noqa: E731
+            ref_fn = lambda t: baseline.dcnv4(base, *t)  # noqa: E731
             ref_ins = (x, om)
         else:
             off, msk = offset.reshape(n, h, w, -1).contiguous(), mask.reshape(n, h, w, -1).contiguous()
             ins, grads = (x, off, msk), (torch.empty_like(off), torch.empty_like(msk))
-            ref_fn = lambda t: reference.dcnv3(base, *t)  # noqa: E731
+            ref_fn = lambda t: baseline.dcnv3(base, *t)  # noqa: E731
             ref_ins = (x, off, msk)
 
         def fwd(k):

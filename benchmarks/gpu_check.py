@@ -9,8 +9,8 @@ Run on a machine with an NVIDIA GPU, torch (CUDA), nvcc and apache-tvm-ffi (TVM 
    strides, dilation, remove_center, channel tails, deterministic mode, side streams).
 3. Checks the forward's 64-bit index path on an image whose element offsets pass 2^31.
 4. Times forward and backward (CUDA events, warm-up, medians) on the shapes of SPEC.md section 4
-   against the PyTorch reference (and the official DCNv4 package if importable), and reports the
-   achieved memory bandwidth against the card's peak.
+   against the PyTorch baseline (dcngen.baseline, grid_sample; and the official DCNv4 package if
+   importable), and reports the achieved memory bandwidth against the card's peak.
 5. Times parameter candidates against the defaults (paired, alternated), each checked first.
 Prints a markdown report; also writes it to $OUT/gpu_results.md when $OUT is set.
 """
@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dcngen import reference  # noqa: E402
+from dcngen import baseline, reference  # noqa: E402
 from dcngen.bench import compare  # noqa: E402
 from dcngen.build import build, load  # noqa: E402
 from dcngen.config import DCNConfig  # noqa: E402
@@ -361,7 +361,7 @@ def benchmark(mods: dict) -> None:
     log(f"## Performance on {props.name} (peak {peak / 1e12 if peak else float('nan'):.2f} TB/s assumed)\n")
     log("Bandwidth floor = bytes that must move (fwd: x, offset_mask, out; bwd: x, offset_mask, grad_out, grad_x, grad_offset_mask) / peak.")
     log("'% floor' = floor time / measured time. Times are medians in microseconds.\n")
-    log("| shape | dtype | fwd us | fwd % floor | bwd us | bwd % floor | bwd/fwd | ref fwd us | ref bwd us | speedup fwd / bwd | official fwd / bwd us | check |")
+    log("| shape | dtype | fwd us | fwd % floor | bwd us | bwd % floor | bwd/fwd | PyTorch fwd us | PyTorch bwd us | speedup fwd / bwd | official fwd / bwd us | check |")
     log("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = [(*b, 2, BENCH_DTYPES) for b in BENCH] + [(*SMALL_OFFSETS, ("float16",))]
     for name, kw, (n, h, w), reach, dtypes in rows:
@@ -406,12 +406,12 @@ def bench_one(name, label, cfg, mod, n, h, w, peak, official, reach: int = 2) ->
     if not ok:
         FAILURES.append(f"bench {name} {label}: output error {check:.2e}")
     del r
-    # PyTorch reference timings
+    # PyTorch baseline timings (the grid_sample formulation)
     try:
         xr, omr = x.clone().requires_grad_(True), om.clone().requires_grad_(True)
         with torch.no_grad():
-            t_ref_fwd = cuda_time(lambda: reference.dcnv4(cfg, x, om), warmup=1, reps=5)
-        yr = reference.dcnv4(cfg, xr, omr)
+            t_ref_fwd = cuda_time(lambda: baseline.dcnv4(cfg, x, om), warmup=1, reps=5)
+        yr = baseline.dcnv4(cfg, xr, omr)
         t_ref_bwd = cuda_time(lambda: torch.autograd.grad(yr, (xr, omr), go, retain_graph=True), warmup=1, reps=5)
         del yr
     except torch.cuda.OutOfMemoryError:

@@ -50,8 +50,13 @@ def compare(candidate: Callable[[], object], baseline: Callable[[], object], *, 
 
 
 def benchmark_config(cfg, n: int, h: int, w: int, *, rounds: int = 7) -> dict[str, Comparison]:
-    """Kernel vs the grid_sample reference for `cfg` at input (n, h, w): forward and forward+backward."""
-    from .verify import TORCH_DTYPE, random_problem, run_op, run_reference
+    """Kernel vs the PyTorch baseline (dcngen.baseline) for `cfg` at input (n, h, w): forward and
+    forward+backward."""
+    from . import baseline
+    from .verify import TORCH_DTYPE, random_problem, run_op
+
+    def run_baseline(cfg, tensors):
+        return getattr(baseline, cfg.op)(cfg, *tensors)
 
     device = "cuda" if cfg.is_cuda else "cpu"
     problem = random_problem(cfg, n, h, w)
@@ -74,6 +79,6 @@ def benchmark_config(cfg, n: int, h: int, w: int, *, rounds: int = 7) -> dict[st
         return run
 
     return {
-        "forward": compare(forward(run_op), forward(run_reference), rounds=rounds, device=device),
-        "forward+backward": compare(training(run_op), training(run_reference), rounds=rounds, device=device),
+        "forward": compare(forward(run_op), forward(run_baseline), rounds=rounds, device=device),
+        "forward+backward": compare(training(run_op), training(run_baseline), rounds=rounds, device=device),
     }

@@ -181,7 +181,7 @@ def verify(
 @app.command()
 @_config_command
 def bench(cfg: DCNConfig, shape: Shape = "8x56x56", rounds: Annotated[int, typer.Option(min=1, help="timed rounds per side")] = 7) -> None:
-    """Time the kernel and the PyTorch reference in the same run (forward, forward+backward)."""
+    """Time the kernel and the PyTorch baseline (grid_sample) in the same run (forward, forward+backward)."""
     from .bench import benchmark_config
 
     n, h, w = _problem(cfg, shape)
@@ -189,7 +189,7 @@ def bench(cfg: DCNConfig, shape: Shape = "8x56x56", rounds: Annotated[int, typer
     with console.status(f"benchmarking {cfg.key} at {n}x{h}x{w}"):
         rows = benchmark_config(cfg, n, h, w, rounds=rounds)
     table = Table(title=f"{cfg.key}  N={n} {h}x{w}")
-    for col in ("pass", "kernel ms", "reference ms", "speedup (median of paired ratios)"):
+    for col in ("pass", "kernel ms", "PyTorch ms", "speedup (median of paired ratios)"):
         table.add_column(col, justify="right")
     for name, c in rows.items():
         table.add_row(name, f"{c.candidate_ms:.3f}", f"{c.baseline_ms:.3f}", f"{c.speedup:.1f}x")

@@ -1,10 +1,10 @@
 """Pure-PyTorch DCNv3/DCNv4: the ground truth for every kernel (see SPEC.md sections 1-3).
 
-Sampling is done with `F.grid_sample(mode='bilinear', padding_mode='zeros', align_corners=False)`,
-which is exactly the bilinear rule of the spec (zero corners outside the image), in the
-formulation of the official DCNv3 PyTorch fallback; points outside the strict window, non-finite
-ones included, are removed first. Any dtype torch supports, float64
-included, and differentiable through autograd.
+Bilinear sampling follows the spec's formula itself: y0 = floor(py), x0 = floor(px), corner weights
+from the fractional parts, zero corners off the image, points outside the strict window removed
+(non-finite ones included). So the offset gradient on a pixel line is the spec's (from the corner
+at floor), where `F.grid_sample`'s coordinate normalisation can round to the other side. Any dtype
+torch supports, float64 included, and differentiable through autograd.
 """
 
 from __future__ import annotations
@@ -48,6 +48,23 @@ def in_window(loc: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return (px > -1) & (px < w) & (py > -1) & (py < h)
 
 
+def bilinear_corners(loc: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The four corners of each bilinear sample (SPEC.md section 1) in an image padded with two
+    rows/columns of zeros before and one after, where every corner of an in-window location lies.
+
+    loc: (..., 2) as (px, py), each with -1 < px < w and -1 < py < h, or exactly (-2, -2) for "no
+    sample", whose corners are all padding -> (index, weight), both (..., 4): flat indices into the
+    (h + 3) x (w + 3) padded image, and corner weights (differentiable in loc; floor's gradient is 0).
+    """
+    corner = loc.detach().floor()
+    lx, ly = (loc - corner).unbind(-1)
+    x0, y0 = (corner.long() + 2).unbind(-1)
+    top = y0 * (w + 3) + x0
+    index = torch.stack((top, top + 1, top + w + 3, top + w + 4), dim=-1)
+    weight = torch.stack(((1 - ly) * (1 - lx), (1 - ly) * lx, ly * (1 - lx), ly * lx), dim=-1)
+    return index, weight
+
+
 def dcn_core(cfg: DCNConfig, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The shared DCN core.
 
@@ -59,19 +76,20 @@ def dcn_core(cfg: DCNConfig, x: torch.Tensor, offset: torch.Tensor, mask: torch.
     _, ho, wo, _, p, _ = offset.shape
     loc = sampling_locations(cfg, offset)
     # A point outside the strict window (NaN, inf and huge offsets included) contributes nothing and
-    # gets zero gradients, whatever its weight: it samples (-2, -2), where every corner is off the
-    # image, with weight 0.
+    # gets zero gradients, whatever its weight: it samples (-2, -2), where every corner is padding,
+    # with weight 0.
     live = in_window(loc, h, w)
     loc = torch.where(live.unsqueeze(-1), loc, torch.full_like(loc, -2.0))
     mask = torch.where(live, mask, torch.zeros_like(mask))
-    size = torch.tensor([w, h], dtype=loc.dtype, device=loc.device)
-    grid = 2 * (loc + 0.5) / size - 1  # (N, Ho, Wo, G, P, 2), align_corners=False normalisation
-    grid = grid.permute(0, 3, 1, 2, 4, 5).reshape(n * g, ho * wo, p, 2)
-    value = x.reshape(n, h, w, g, c).permute(0, 3, 4, 1, 2).reshape(n * g, c, h, w)
-    sampled = F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # (N*G, C, Ho*Wo, P)
-    weights = mask.permute(0, 3, 1, 2, 4).reshape(n * g, 1, ho * wo, p)
-    out = (sampled * weights).sum(-1)  # (N*G, C, Ho*Wo)
-    return out.view(n, g, c, ho, wo).permute(0, 3, 4, 1, 2).reshape(n, ho, wo, g * c)
+    index, weight = bilinear_corners(loc, h, w)  # (N, Ho, Wo, G, P, 4)
+    weight = weight * mask.unsqueeze(-1)
+    # every (image, group) as one padded image of rows (C,) in a table of N*G images
+    padded = F.pad(x.reshape(n, h, w, g, c), (0, 0, 0, 0, 2, 1, 2, 1)).permute(0, 3, 1, 2, 4).reshape(-1, c)
+    image = (torch.arange(n, device=x.device).view(n, 1, 1, 1) * g + torch.arange(g, device=x.device)) * ((h + 3) * (w + 3))
+    rows = index + image.view(n, 1, 1, g, 1, 1)
+    corners = padded.index_select(0, rows.reshape(-1)).view(n * ho * wo * g, p * 4, c)
+    out = torch.bmm(weight.reshape(n * ho * wo * g, 1, p * 4), corners)  # (N*Ho*Wo*G, 1, C)
+    return out.view(n, ho, wo, g * c)
 
 
 def split_offset_mask(cfg: DCNConfig, offset_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,11 +106,16 @@ def dcnv4(cfg: DCNConfig, x: torch.Tensor, offset_mask: torch.Tensor) -> torch.T
     return dcn_core(cfg, x, offset, mask)
 
 
-def dcnv3(cfg: DCNConfig, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """DCNv3 reference. x: (N, H, W, G*C); offset: (N, Ho, Wo, G*P*2); mask: (N, Ho, Wo, G*P)."""
+def split_dcnv3(cfg: DCNConfig, offset: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DCNv3 offset (N, Ho, Wo, G*P*2), mask (N, Ho, Wo, G*P) -> (N, Ho, Wo, G, P, 2), (N, Ho, Wo, G, P)."""
     n, ho, wo, _ = offset.shape
     g, p = cfg.group, cfg.num_points
-    return dcn_core(cfg, x, offset.reshape(n, ho, wo, g, p, 2), mask.reshape(n, ho, wo, g, p))
+    return offset.reshape(n, ho, wo, g, p, 2), mask.reshape(n, ho, wo, g, p)
+
+
+def dcnv3(cfg: DCNConfig, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """DCNv3 reference. x: (N, H, W, G*C); offset: (N, Ho, Wo, G*P*2); mask: (N, Ho, Wo, G*P)."""
+    return dcn_core(cfg, x, *split_dcnv3(cfg, offset, mask))
 
 
 def pack_offset_mask(cfg: DCNConfig, offset: torch.Tensor, mask: torch.Tensor, channels: int | None = None) -> torch.Tensor:

@@ -48,14 +48,9 @@ def test_golden_vectors(name, case, op, dtype):
     tol = TOL[dtype]
     assert rel_err(out, expected["output"]) < tol
     assert rel_err(x.grad, expected["grad_input"]) < tol
-    grad_om, expected_om = grads["grad_offset_mask"], expected["grad_offset_mask"]
-    if dtype in (torch.float16, torch.bfloat16):
-        # 16-bit offsets often land samples exactly on pixel lines, where the offset gradient is
-        # one-sided and grid_sample's normalisation may round to the other side: compare the
-        # weight gradients here; test_16_bit_outputs_and_gradients and the fuzz tests (which keep samples
-        # off the lines) cover the offset gradients.
-        grad_om, expected_om = (reference.split_offset_mask(cfg, t)[1] for t in (grad_om, expected_om))
-    assert rel_err(grad_om, expected_om) < tol
+    # 16-bit offsets land many samples exactly on pixel lines, where the offset gradient is one-sided:
+    # the kernels and the reference take it from the same side (SPEC.md section 1)
+    assert rel_err(grads["grad_offset_mask"], expected["grad_offset_mask"]) < tol
 
 
 @pytest.mark.parametrize("channels", [16, 8])  # 8: rows converted 8 at a time before they are summed

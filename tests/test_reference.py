@@ -1,11 +1,12 @@
-"""The reference against things it is not built from: torchvision's golden vectors, F.conv2d, exact shifts."""
+"""The reference against things it is not built from: torchvision's golden vectors, F.conv2d, exact
+shifts, F.grid_sample, one-sided differences."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import golden_cases, golden_config, random_inputs, rel_err
 
-from dcngen import reference
+from dcngen import baseline, reference
 from dcngen.config import DCNConfig
 
 CASES = golden_cases()
@@ -69,7 +70,7 @@ def test_offset_scale_scales_the_grid_and_offsets():
 
 def test_gradcheck_float64():
     cfg = DCNConfig(group=2, group_channels=2, kernel_size=(3, 5), stride=(2, 1), padding=(1, 2), dtype="float64", offset_scale=1.5)
-    x, offset, mask = (t.requires_grad_() for t in random_inputs(cfg, 1, 5, 6))
+    x, offset, mask = (t.requires_grad_() for t in random_inputs(cfg, 1, 5, 6, generator=torch.Generator().manual_seed(2)))
     assert torch.autograd.gradcheck(lambda *a: reference.dcn_core(cfg, *a), (x, offset, mask))
 
 
@@ -100,3 +101,46 @@ def test_points_outside_the_window_contribute_nothing_whatever_their_values():
     for a, b in zip(got, want):
         assert torch.isfinite(a).all() and rel_err(a, b) < 1e-14
     assert (got[2][dead] == 0).all() and (got[3][dead] == 0).all()
+
+
+def test_matches_grid_sample_off_pixel_lines():
+    """Values and all gradients agree with the F.grid_sample formulation (dcngen.baseline); samples
+    cross the borders, none on a pixel line, where grid_sample may take the offset gradient from
+    either side."""
+    cfg = DCNConfig(group=3, group_channels=4, kernel_size=(3, 5), stride=(1, 2), padding=(2, 1), dilation=(2, 1),
+                    offset_scale=1.5, dtype="float64")
+    x, offset, mask = random_inputs(cfg, 2, 7, 9, generator=torch.Generator().manual_seed(7))
+    offset = offset * 2
+    grad_out = torch.randn(2, *cfg.output_size(7, 9), cfg.channels, dtype=torch.float64)
+    results = []
+    for core in (reference.dcn_core, baseline.dcn_core):
+        leaves = [t.clone().requires_grad_() for t in (x, offset, mask)]
+        out = core(cfg, *leaves)
+        out.backward(grad_out)
+        results.append([out, *(t.grad for t in leaves)])
+    loc = reference.sampling_locations(cfg, offset)
+    assert (loc.frac().abs() > 1e-6).all() and not reference.in_window(loc, 7, 9).all()
+    for got, want in zip(*results):
+        assert rel_err(got, want) < 1e-13
+
+
+def test_offset_gradient_on_pixel_lines_is_taken_from_the_floor_corner():
+    """SPEC.md section 1: at an integer px (or py) the sample's corners are floor(p) and floor(p) + 1,
+    so the offset gradient is the one-sided difference towards larger p. Bilinear sampling is linear in
+    each coordinate within a cell, so that difference over 1/1024 px is exact."""
+    cfg = DCNConfig(group=2, group_channels=3, kernel_size=3, dtype="float64")
+    x, offset, mask = random_inputs(cfg, 1, 6, 7, generator=torch.Generator().manual_seed(8))
+    offset = offset.round()  # every sample on a pixel corner
+    grad_out = torch.randn(1, 6, 7, cfg.channels, dtype=torch.float64)
+    leaf = offset.clone().requires_grad_()
+    loss = lambda off: (reference.dcn_core(cfg, x, off, mask) * grad_out).sum()  # noqa: E731
+    loss(leaf).backward()
+    live = reference.in_window(reference.sampling_locations(cfg, offset), 6, 7)
+    step = 2.0**-10
+    for axis in (0, 1):
+        onehot = torch.zeros_like(offset)
+        for index in live.nonzero()[:12].tolist():
+            onehot.zero_()
+            onehot[(*index, axis)] = step
+            expected = (loss(offset + onehot) - loss(offset)) / step
+            assert abs(leaf.grad[(*index, axis)] - expected) < 1e-9 * max(1.0, abs(expected))

@@ -13,6 +13,9 @@ import functools
 from typing import Sequence
 
 import torch
+import torch.autograd.forward_ad as forward_ad
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from .config import DCNConfig, as_bool, as_int, as_number, as_pair
 from .errors import InputError, NoKernelError
@@ -116,7 +119,16 @@ def check_backward_inputs(op: str, args: Sequence, grad_output: torch.Tensor, in
     return cfg
 
 
+def _refuse_tangents(*tensors: torch.Tensor) -> None:
+    """Forward-mode AD (torch.autograd.forward_ad) has no formula here, and PyTorch's custom ops
+    take none: its dual inputs would give an output without tangent. Refuse them instead."""
+    if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError("dcngen's ops do not support forward-mode AD (no tangent flows through them): "
+                                  "use reverse mode (backward(), torch.autograd.grad)")
+
+
 def _forward(cfg: DCNConfig, input, offset, mask):
+    _refuse_tangents(input, offset, mask)
     n, h, w, _ = input.shape
     ho, wo = cfg.output_size(h, w)
     if input.numel() == 0:  # an empty batch, or an empty image that padding gives outputs: every point samples outside
@@ -307,9 +319,13 @@ def _route(input: torch.Tensor, *tensors: torch.Tensor) -> _Route:
     profiler). Otherwise it runs the implementation directly, or, where inputs need gradients (or a
     backward builds a graph), under an autograd.Function with the same formula. Every route runs the
     same checks and kernels and gives the same result."""
-    if (torch.compiler.is_compiling() or torch._C._get_tracing_state() or torch.autograd._profiler_enabled()
-            or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-            or torch._C._are_functorch_transforms_active()):
+    if torch.compiler.is_compiling():
+        return _Route.OP
+    if torch._C._are_functorch_transforms_active():
+        _refuse_functorch_autodiff()
+        return _Route.OP
+    if (torch._C._get_tracing_state() or torch.autograd._profiler_enabled() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()):
         return _Route.OP
     if type(input) is not torch.Tensor or not (input.is_cpu or input.is_cuda) or torch.is_autocast_enabled("cpu" if input.is_cpu else "cuda"):
         return _Route.OP
@@ -318,6 +334,16 @@ def _route(input: torch.Tensor, *tensors: torch.Tensor) -> _Route:
     if torch.is_grad_enabled() and (input.requires_grad or any(t.requires_grad for t in tensors)):
         return _Route.FUNCTION
     return _Route.KERNEL
+
+
+def _refuse_functorch_autodiff() -> None:
+    """torch.func's differentiating transforms do not see through PyTorch's custom ops: jvp and
+    jacfwd would return zero tangents, grad, vjp and jacrev fail with an error about
+    autograd.Function. Say so; torch.func.vmap works."""
+    if any(i.key() in (TransformType.Jvp, TransformType.Grad) for i in retrieve_all_functorch_interpreters()):
+        raise NotImplementedError("torch.func.grad / vjp / jacrev / jvp / jacfwd cannot differentiate dcngen's ops (PyTorch's "
+                                  "custom ops do not support them): use torch.autograd (backward(), torch.autograd.grad); "
+                                  "torch.func.vmap works")
 
 
 def _op_args(kernel_size, stride, padding, dilation, group, group_channels, offset_scale, remove_center, backend) -> tuple:

@@ -424,6 +424,31 @@ def test_second_order_gradients_are_a_clear_error(op):
             sum(g.square().sum() for g in grads).backward()
 
 
+@pytest.mark.parametrize("op", ["dcnv4", "dcnv3"])
+def test_forward_mode_ad_and_torch_func_differentiation_are_clear_errors(op):
+    """Dual tensors (through the public function and the registered op) and torch.func's
+    differentiating transforms raise, instead of giving an output without tangent or zero tangents;
+    a dual level whose tangents do not reach the op, and vmap, still work."""
+    import torch.autograd.forward_ad as forward_ad
+    from torch import func
+
+    public, registered, tensors, kwargs = _inference_inputs(op)
+    args = ops._op_args(3, 1, 1, 1, 2, 8, 1.0, False, "template")
+    x, rest = tensors[0].double(), [t.double() for t in tensors[1:]]
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(x, torch.randn_like(x))
+        for call in (lambda: public(dual, *rest, **kwargs), lambda: registered(dual, *rest, *args)):
+            with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                call()
+        assert forward_ad.unpack_dual(public(x, *rest, **kwargs)).tangent is None
+    f = lambda a: public(a, *rest, **kwargs)  # noqa: E731
+    for transform in (lambda: func.jvp(f, (x,), (x,)), lambda: func.grad(lambda a: f(a).sum())(x), lambda: func.jacrev(f)(x)):
+        with pytest.raises(NotImplementedError, match="cannot differentiate dcngen's ops"):
+            transform()
+    batched = func.vmap(f)(torch.stack((x, 2 * x)))
+    assert torch.equal(batched[1], f(2 * x))
+
+
 def test_remembered_checks_still_reject_bad_inputs():
     """The checks' outcome is remembered per (arguments, shapes, dtypes, devices): a repeated call
     skips them, and a call that differs in any of those is checked afresh."""

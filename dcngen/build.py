@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -168,6 +169,10 @@ def build(source: KernelSource) -> Artifact:
     except BuildError as e:  # no compiler here
         if (art := prebuilt(source)) is not None:
             return art
+        unreadable = [p.name for p in settings.cache_root().glob(f"{source.name}_*") if not os.access(p / META, os.R_OK)]
+        if unreadable:
+            raise BuildError(f"{e}; and this user cannot read the cached folders of this kernel in {settings.cache_root()} "
+                             f"({', '.join(unreadable)}): give them read permission (chmod -R a+rX)") from None
         raise BuildError(f"{e}; and the cache {settings.cache_root()} holds no library of this kernel built elsewhere "
                          f"(build it where the compiler is, with the same dcngen, and copy its folder {source.name}_<hash> here)") from None
     if (art := _published(settings.cache_root() / key)) is not None:
@@ -201,7 +206,10 @@ def _build_in(root: Path, key: str, source: KernelSource) -> Artifact:
             shutil.rmtree(stale, ignore_errors=True)
         stage = None
         try:
-            stage = Path(tempfile.mkdtemp(prefix=f".stage-{key}-", dir=root))
+            # mkdir, not mkdtemp (mode 0700): the published artifact keeps the umask's mode, so a
+            # cache shared by users, or built by one and copied for another, is readable by them
+            stage = root / f".stage-{key}-{uuid.uuid4().hex}"
+            stage.mkdir()
             source_file = f"kernel{source.suffix}"
             (stage / source_file).write_text(source.text)
             started = time.perf_counter()
@@ -274,7 +282,7 @@ def clean(root: Path | None = None) -> tuple[int, int]:
     removed = skipped = 0
     for path in sorted(root.iterdir()):
         if path.name.startswith(".stage-") and path.is_dir():
-            key = path.name[len(".stage-") :].rsplit("-", 1)[0]  # mkdtemp's suffix has no '-'
+            key = path.name[len(".stage-") :].rsplit("-", 1)[0]  # the stage's uuid suffix has no '-'
         elif path.is_dir() and not path.is_symlink() and (path / META).is_file():
             key = path.name
         else:
@@ -294,9 +302,22 @@ def clean(root: Path | None = None) -> tuple[int, int]:
     return removed, skipped
 
 
+def artifact_roots() -> list[Path]:
+    """Where artifacts are served from: the cache, and its temporary fallback where the cache cannot
+    be written (a read-only cache still serves what it holds)."""
+    return list(dict.fromkeys([settings.cache_root(), cache_dir()]))
+
+
 def list_artifacts() -> list[Artifact]:
-    root = cache_dir()
-    return [a for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".") and (a := _published(p))]
+    """The intact artifacts of artifact_roots()."""
+    found = []
+    for root in artifact_roots():
+        try:
+            entries = sorted(root.iterdir())
+        except OSError:
+            continue
+        found += [a for p in entries if p.is_dir() and not p.name.startswith(".") and (a := _published(p))]
+    return found
 
 
 def load(artifact: Artifact):

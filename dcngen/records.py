@@ -18,13 +18,14 @@ dcngen/tune.py), so times measured minutes apart stay comparable on a noisy mach
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
 import platform
 import re
-import tempfile
+import uuid
 import warnings
 from pathlib import Path
 
@@ -139,10 +140,13 @@ def save(path: Path, data: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    # open(..., "x"), not mkstemp (mode 0600): other users of the folder must read the records
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}"
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "x") as f:
             f.write(text)
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, path.stat().st_mode & 0o7777)  # a shared file keeps its mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -163,14 +167,49 @@ def update(path: Path, target: str, key: str, record: dict, measured_on: dict | 
     from filelock import FileLock
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path.parent / f".{path.name}.lock")):  # hidden, and ignored by git (the repository's .gitignore)
-        data = load(path)
-        data.update(format=FORMAT, fingerprint=fingerprint(target, measured_on), machine=measured_on or machine(target))
-        current = int(generator_version())
-        data["records"] = {k: r for k, r in data["records"].items() if (_version_of(k) or 0) >= current}
-        data["records"][key] = record
-        save(path, data)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path.parent / f".{path.name}.lock")):  # hidden, and ignored by git (the repository's .gitignore)
+            data = load(path)
+            data.update(format=FORMAT, fingerprint=fingerprint(target, measured_on), machine=measured_on or machine(target))
+            current = int(generator_version())
+            data["records"] = {k: r for k, r in data["records"].items() if (_version_of(k) or 0) >= current}
+            data["records"][key] = record
+            save(path, data)
+    except OSError as e:
+        raise DCNGenError(f"cannot write tuning records to {path}: {e.strerror or e} (set DCNGEN_RECORDS to a writable folder)") from None
+
+
+def check_writable(path: Path) -> None:
+    """Raise DCNGenError if the record file `path` cannot be written (before a tune spends its time)."""
+    probe = Path(path).parent / f".{Path(path).name}.{uuid.uuid4().hex}"
+    try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as e:
+        raise DCNGenError(f"cannot write tuning records to {path}: {e.strerror or e} (set DCNGEN_RECORDS to a writable folder)") from None
+
+
+def _finished(rec) -> bool:
+    """Whether a record entry is a finished tune's, with the fields lookups and listings read (an
+    entry without "best" is a tune in progress; one missing other fields was edited by hand)."""
+    try:
+        n, hw = rec["bucket"]
+        return (isinstance(rec["config"], str) and int(n) > 0 and int(hw) > 0 and isinstance(rec["best"]["params"], dict)
+                and math.isfinite(float(rec["best"]["ms"])) and math.isfinite(float(rec["default"]["ms"])) and isinstance(rec["candidates"], dict))
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def _usable(rec, key: str, path: Path) -> bool:
+    """_finished(rec); a record with a result but not well formed is skipped with a warning."""
+    if not isinstance(rec, dict) or "best" not in rec:
+        return False
+    if not _finished(rec):
+        warnings.warn(f"ignoring the malformed tuning record {key!r} in {path}", RuntimeWarning, stacklevel=3)
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=64)
@@ -199,7 +238,7 @@ def lookup(cfg: DCNConfig, shape: tuple[int, int, int], root: Path | None = None
         except (OSError, DCNGenError):
             continue
         for key, rec in sorted(data["records"].items()):
-            if not key.startswith(prefix) or not isinstance(rec, dict) or "best" not in rec:
+            if not key.startswith(prefix) or not _usable(rec, key, path):
                 continue
             n, hw = rec["bucket"]
             dist = abs(math.log2(n / want[0])) + abs(math.log2(hw / want[1]))
@@ -237,5 +276,5 @@ def all_records(root: Path | None = None) -> list[tuple[str, dict]]:
             data = load(path)
         except DCNGenError:
             continue
-        out += [(data.get("fingerprint", path.stem), rec) for _, rec in sorted(data["records"].items()) if isinstance(rec, dict) and "best" in rec]
+        out += [(data.get("fingerprint", path.stem), rec) for key, rec in sorted(data["records"].items()) if _usable(rec, key, path)]
     return out

@@ -296,6 +296,28 @@ def test_read_only_cache_still_serves_its_artifacts(cache, recwarn):
         undo_readonly(cache)
 
 
+def test_read_only_cache_is_listed(cache, recwarn):
+    """`dcngen list` shows what a read-only cache serves, not only the (empty) fallback."""
+    art = build(generate(fresh_config()))
+    make_readonly(cache)
+    try:
+        assert art.path in [a.path for a in list_artifacts()]
+    finally:
+        undo_readonly(cache)
+
+
+def test_artifacts_take_the_umask_mode(cache):
+    """A published artifact is readable by the cache's other users (a shared cache, or one built by
+    one user and copied for another): its folder takes the umask's mode, not mkdtemp's 0700."""
+    old = os.umask(0o022)
+    try:
+        art = build(generate(fresh_config()))
+    finally:
+        os.umask(old)
+    assert art.path.stat().st_mode & 0o777 == 0o755
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in art.path.iterdir())
+
+
 def test_no_writable_directory_is_a_clear_cache_error(cache):
     make_readonly(cache)
     make_readonly(Path(tempfile.gettempdir()))

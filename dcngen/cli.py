@@ -29,7 +29,7 @@ Padding = Annotated[str, typer.Option("--padding", help="padding, e.g. 1 or 1x2"
 Dilation = Annotated[str, typer.Option("--dilation", help="dilation, e.g. 1 or 2x1")]
 OffsetScale = Annotated[float, typer.Option("--offset-scale", help="offset scale s")]
 RemoveCenter = Annotated[bool, typer.Option("--remove-center/--keep-center", help="skip the kernel centre point")]
-Dtype = Annotated[str, typer.Option("--dtype", help="float32 | float64 | bfloat16 | float16 (CUDA)")]
+Dtype = Annotated[str, typer.Option("--dtype", help="float32 | float64 | bfloat16 | float16")]
 Target = Annotated[str, typer.Option("--target", help="cpu (this CPU) | cpu:x86-64-v3 (and v2, v4, x86-64: any CPU with that level) | cuda (the visible GPU) | cuda:sm_80 | cuda:sm_90 | ...")]
 Backend = Annotated[str, typer.Option("--backend", help="template | tvm")]
 Param = Annotated[Optional[list[str]], typer.Option("--param", help="generator parameter NAME=INT (repeatable)")]
@@ -201,8 +201,8 @@ Shapes = Annotated[Optional[list[str]], typer.Option("--shape", help="N x H x W 
 
 @app.command()
 @_config_command
-def tune(cfg: DCNConfig, shape: Shapes = None, trials: Annotated[int, typer.Option(help="new candidates to measure per shape")] = 64,
-         time_budget: Annotated[float, typer.Option(help="seconds for the whole run (split over the shapes)")] = 300.0,
+def tune(cfg: DCNConfig, shape: Shapes = None, trials: Annotated[int, typer.Option(min=0, help="new candidates to measure per shape")] = 64,
+         time_budget: Annotated[float, typer.Option(help="seconds for the whole run (split over the shapes); inf: no limit")] = 300.0,
          list_records: Annotated[bool, typer.Option("--list", help="show the stored tuning records and exit")] = False,
          rpc_tracker: Annotated[Optional[str], typer.Option(help="measure on a TVM RPC server from this tracker, HOST:PORT")] = None,
          rpc_key: Annotated[Optional[str], typer.Option(help="the RPC server key to request")] = None,
@@ -226,6 +226,8 @@ def tune(cfg: DCNConfig, shape: Shapes = None, trials: Annotated[int, typer.Opti
         return
     if cfg.params:
         _fail("tune searches the parameters: drop --param")
+    if not time_budget > 0:  # nan too
+        _fail(f"--time-budget must be a positive number of seconds (inf: no limit), got {time_budget}")
     if bool(rpc_tracker) != bool(rpc_key):
         _fail("--rpc-tracker and --rpc-key go together")
     shapes = [_problem(cfg, s) for s in shape or ["8x56x56"]]
@@ -255,13 +257,13 @@ def tune(cfg: DCNConfig, shape: Shapes = None, trials: Annotated[int, typer.Opti
 @app.command("list")
 def list_cmd(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
     """List the cached artifacts."""
-    from .build import cache_dir, list_artifacts
+    from .build import artifact_roots, list_artifacts
 
     arts = list_artifacts()
     if as_json:
         print(json.dumps([{"path": str(a.path), **a.meta} for a in arts], indent=2))
         return
-    table = Table(title=f"artifacts in {cache_dir()}")
+    table = Table(title=f"artifacts in {' and '.join(map(str, artifact_roots()))}")
     for col in ("config", "language", "params", "size", "build s", "path"):
         table.add_column(col)
     for a in arts:

@@ -159,6 +159,10 @@ class DCNConfig:
             items = tuple(sorted((str(k), _param_value(v)) for k, v in params))
         except (TypeError, ValueError):
             raise ConfigError("params", f"must map names to ints (or their text), got {self.params!r}") from None
+        names = [k for k, _ in items]
+        if len(set(names)) != len(names):
+            twice = sorted({k for k in names if names.count(k) > 1})
+            raise ConfigError("params", f"{', '.join(twice)} given more than once")
         set_("params", items)
 
     def __hash__(self) -> int:

@@ -71,8 +71,9 @@ def space_for(cfg: DCNConfig) -> Space:
         return Space(values)
     if not cfg.is_cuda:
         return Space({"pixels_per_task": _pow2_upto(1, 256), "unroll_points": (0, 1), "vector": (0, 1)})
-    vec = tuple(v for v in (1, 2, 4, 8, 16) if cfg.group_channels % v == 0 and v * cfg.itemsize <= 16)
-    return Space({"threads": _pow2_upto(32, 1024), "vec": vec})
+    from .generators.tvm_gen import schedule_module
+
+    return Space({"threads": _pow2_upto(32, 1024), "vec": schedule_module("cuda").vector_widths(cfg)})
 
 
 def default_params(cfg: DCNConfig) -> dict[str, int]:
@@ -393,9 +394,13 @@ def tune(cfg: DCNConfig, shape: tuple[int, int, int], *, trials: int = 64, time_
     Candidates are built `jobs` at a time in parallel (template backends; TVM builds one at a
     time), then checked and timed one by one, with no build running meanwhile. Stops after
     `trials` new measurements or when `time_budget` seconds would be exceeded (the final re-timing
-    of the best against the default is kept inside the budget).
+    of the best against the default is kept inside the budget; inf: no limit).
     progress(done, total, best_ms, note) is called after each candidate.
     """
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
+        raise DCNGenError(f"trials must be a whole number >= 0, got {trials!r}")
+    if math.isnan(time_budget):
+        raise DCNGenError("time_budget must be a number of seconds (inf: no limit), got nan")
     started = time.monotonic()
     deadline = started + time_budget
     cfg = cfg.replace(params=())
@@ -407,6 +412,7 @@ def tune(cfg: DCNConfig, shape: tuple[int, int, int], *, trials: int = 64, time_
     executor = executor or LocalExecutor(cfg)
     measured_on = executor.machine(cfg.target)  # the machine the timings are filed under
     path = records.path_for(cfg.target, root, measured_on)
+    records.check_writable(path)
     previous = records.load(path)["records"].get(key, {})
     measured: dict[str, object] = dict(previous.get("candidates", {}))
     m = _Measure(cfg, shape, executor, space, rounds)
@@ -451,7 +457,9 @@ def tune(cfg: DCNConfig, shape: tuple[int, int, int], *, trials: int = 64, time_
                 batch_build = 1.5 * max(build_s[-3:], default=default_s)
                 one_trial = 1.5 * max(trial_s[-5:], default=timing_s)
                 room = deadline - reserve - time.monotonic() - batch_build
-                batch = list(itertools.islice(pending, min(jobs, trials - len(done), max(0, int(room // max(one_trial, 1e-3))))))
+                fit = room / max(one_trial, 1e-3)  # trials that fit in the budget (inf without one)
+                left = trials - len(done)
+                batch = list(itertools.islice(pending, min(jobs, left, left if fit == math.inf else max(0, math.floor(fit)))))
                 if not batch:
                     break
                 t0 = time.monotonic()

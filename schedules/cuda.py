@@ -10,7 +10,8 @@ gradient reductions), fp32 atomicAdd scatter into the input-gradient accumulator
 Parameters (ints; PARAM_BOUNDS; tuned values are replayed as DCNConfig.params from
 the records under records/, see dcngen/records.py):
   threads  threads per block (both kernels)
-  vec      channels per forward thread; must divide group_channels
+  vec      channels per forward thread: a power of two that divides group_channels, at most 16
+           bytes (vector_widths)
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ PARAM_BOUNDS = {"threads": (32, 1024), "vec": (1, 16)}
 VECTOR_BYTES = 16  # widest CUDA vector load (float4 / 8 halves)
 
 
+def vector_widths(cfg) -> tuple[int, ...]:
+    """The `vec` values TVM's CUDA code generator can emit for cfg: powers of two dividing the
+    group's channels, at most VECTOR_BYTES wide."""
+    return tuple(v for v in (1, 2, 4, 8, 16) if cfg.group_channels % v == 0 and v * cfg.itemsize <= VECTOR_BYTES)
+
+
 def default_params(cfg) -> dict:
-    """Heuristic: the widest vector (<= 16 bytes) that divides the group's channels."""
-    vec = max(v for v in (1, 2, 4, 8) if cfg.group_channels % v == 0 and v * cfg.itemsize <= VECTOR_BYTES)
-    return {**DEFAULTS, "vec": vec}
+    """Heuristic: the widest vector."""
+    return {**DEFAULTS, "vec": max(vector_widths(cfg))}

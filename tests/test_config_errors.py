@@ -51,6 +51,7 @@ INVALID = [
     ("params", dict(params=5)),
     ("params", dict(params={"pixel_chunk": 2.9})),  # int() would have made it 2
     ("params", dict(params={"unroll_points": True})),
+    ("params", dict(params=(("pixel_chunk", 2), ("pixel_chunk", 1)))),  # a repeated --param
 ]
 
 
@@ -79,10 +80,19 @@ def test_cuda_target_without_a_gpu_names_the_target():
         DCNConfig(target="cuda")
 
 
-@pytest.mark.parametrize("params", [{"no_such_param": 3}, {"pixel_chunk": 0}, {"pixel_chunk": 10**6}])
-def test_generator_params_are_config_errors(params):
+TVM_CUDA = dict(backend="tvm", target="cuda:sm_90", group=4)
+
+
+@pytest.mark.parametrize("kwargs", [dict(params={"no_such_param": 3}), dict(params={"pixel_chunk": 0}), dict(params={"pixel_chunk": 10**6}),
+                                    # vector widths TVM's CUDA code generator cannot emit (wider than 16 bytes, not a power of two)
+                                    dict(TVM_CUDA, group_channels=16, params={"vec": 16}),
+                                    dict(TVM_CUDA, group_channels=16, dtype="float16", params={"vec": 16}),
+                                    dict(TVM_CUDA, group_channels=16, dtype="float64", params={"vec": 8}),
+                                    dict(TVM_CUDA, group_channels=12, params={"vec": 12}),
+                                    dict(TVM_CUDA, group_channels=15, params={"vec": 5})])
+def test_generator_params_are_config_errors(kwargs):
     with pytest.raises(ConfigError) as info:
-        generate(DCNConfig(params=params))
+        generate(DCNConfig(**kwargs))
     assert info.value.field == "params"
 
 

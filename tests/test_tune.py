@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import threading
 import time
 
@@ -307,3 +308,59 @@ def test_rpc_loopback_measures_on_the_server(root, monkeypatch):
     finally:
         server.terminate()
         tracker.terminate()
+
+
+def test_record_files_keep_the_umask_mode_and_a_shared_file_its_own(root):
+    """Record files are readable by the folder's other users (mkstemp would give 0600): new files
+    take the umask's mode, a rewritten one keeps its mode."""
+    path = records.path_for("cpu", root)
+    key = records.record_key(CFG, (1, 64))
+    old = os.umask(0o022)
+    try:
+        records.update(path, "cpu", key, _record(CFG, (1, 64), {"pixel_chunk": 4}))
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.chmod(path, 0o664)
+        records.update(path, "cpu", key, _record(CFG, (1, 64), {"pixel_chunk": 8}))
+        assert path.stat().st_mode & 0o777 == 0o664
+    finally:
+        os.umask(old)
+
+
+def test_malformed_records_are_skipped_with_a_warning(root):
+    """A record with a result but missing fields (a hand edit, a bad merge) neither breaks the ops nor
+    `tune --list`: it is skipped with a warning."""
+    path = records.path_for("cpu", root)
+    good = _record(CFG, (1, 64), {"pixel_chunk": 4, "unroll_points": 2})
+    records.update(path, "cpu", records.record_key(CFG, (1, 64)), {k: v for k, v in good.items() if k != "bucket"})
+    records.update(path, "cpu", records.record_key(CFG, (2, 64)), {**good, "best": {"params": {"pixel_chunk": 4}, "ms": "fast"}})
+    with pytest.warns(RuntimeWarning, match="malformed tuning record"):
+        assert records.lookup(CFG, SHAPE) is None
+    with pytest.warns(RuntimeWarning, match="malformed tuning record"):
+        assert records.all_records() == []
+
+
+def test_bad_budgets_and_unwritable_records_fail_before_any_work(root, monkeypatch):
+    """trials < 0 and a NaN time budget are refused; an unwritable record folder is found before the
+    default kernel is built and timed; an infinite budget means no limit."""
+    from dcngen.errors import DCNGenError
+
+    built = []
+
+    def no_build(self, *args):
+        built.append(args)
+        raise AssertionError("a kernel was built")
+
+    monkeypatch.setattr(tune._Measure, "load", no_build)
+    with pytest.raises(DCNGenError, match="trials must be"):
+        tune.tune(CFG, SHAPE, trials=-1)
+    with pytest.raises(DCNGenError, match="time_budget must be"):
+        tune.tune(CFG, SHAPE, time_budget=float("nan"))
+    (root / "file").write_text("")
+    monkeypatch.setenv("DCNGEN_RECORDS", str(root / "file" / "records"))  # a folder under a file: never writable
+    with pytest.raises(DCNGenError, match="cannot write tuning records"):
+        tune.tune(CFG, SHAPE)
+    assert built == []
+    monkeypatch.undo()
+    monkeypatch.setenv("DCNGEN_RECORDS", str(root))
+    result = tune.tune(CFG, SHAPE, trials=1, time_budget=float("inf"), rounds=1)
+    assert len(result.trials) == 1

@@ -215,7 +215,7 @@ def fwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     smem = om_offset + _round_up(pixels * om_stride * 2, 16)
     static = _static_bytes((2 + pixels) * 4)  # the template's fm_slow[2] and fm_redo[PIXELS]
     _check_smem(cfg, smem, static, f"fwd_mma {tile_h}x{tile_w} with fwd_halo {params['fwd_halo']} and {buffers} region buffers",
-                "fwd_mma_h, fwd_mma_w or fwd_halo, or fwd_mma_tiles=1")
+                "fwd_mma_h, fwd_mma_w or fwd_halo" + (", or fwd_mma_tiles=1" if buffers > 1 else ""))
     return {"tile_h": tile_h, "tile_w": tile_w, "threads": threads, "warp_tiles": pixels // 16 // warps,
             "min_blocks": _register_target(cfg, threads, smem + static),
             "tiles": params["fwd_mma_tiles"], "buffers": buffers, "rows": rows, "x_stride": x_stride, "m_stride": m_stride, "out_stride": out_stride,

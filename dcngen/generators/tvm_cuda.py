@@ -77,8 +77,11 @@ def generate(cfg: DCNConfig, params: dict) -> KernelSource:
     target = {"kind": "cuda", "arch": cfg.arch, "host": {"kind": "c"}}
     # CSE off: with it TVM hoists index products into extra kernel parameters computed by its
     # own host code, which our launcher does not run.
-    with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_cse_tir": True}):
-        ex = tvm.compile(ir_module(cfg, params), target=target)
+    try:
+        with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_cse_tir": True}):
+            ex = tvm.compile(ir_module(cfg, params), target=target)
+    except Exception as e:  # noqa: BLE001  (TVM raises its own error types from C++)
+        raise BuildError(f"TVM could not generate CUDA code for {cfg.key} with {params}: {str(e).strip().splitlines()[-1]}") from e
     kernels_src = ex.mod.imports[0].inspect_source()
     sigs = kernel_signatures(kernels_src)
     G, C, threads, vec = cfg.group, cfg.group_channels, params["threads"], params["vec"]

@@ -35,8 +35,9 @@ def params_for(cfg: DCNConfig) -> dict[str, int]:
     tuning records reach the generator as cfg.params, see dcngen/records.py)."""
     sched = schedule_module("cuda" if cfg.is_cuda else "llvm")
     params = resolve_params(cfg, sched.default_params(cfg), sched.PARAM_BOUNDS)
-    if cfg.is_cuda and cfg.group_channels % params["vec"]:
-        raise ConfigError("params", f"vec={params['vec']} must divide group_channels={cfg.group_channels}")
+    if cfg.is_cuda and params["vec"] not in (widths := sched.vector_widths(cfg)):
+        raise ConfigError("params", f"vec={params['vec']} must be a power of two dividing group_channels={cfg.group_channels}, "
+                                    f"at most {sched.VECTOR_BYTES} bytes of {cfg.dtype}: one of {', '.join(map(str, widths))}")
     return params
 
 

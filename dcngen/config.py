@@ -18,6 +18,9 @@ OPS = ("dcnv4", "dcnv3")
 BACKENDS = ("template", "tvm")
 DTYPES = ("float32", "float64", "float16", "bfloat16")  # on every target
 ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}  # bytes per element
+SPATIAL_MAX = (1 << 31) - 1  # the kernels compute window extents and padded sizes in 32-bit ints
+MAX_POINTS = 1 << 16  # sampling points per group (kh * kw)
+FLOAT32_MAX = 3.4028234663852886e38  # 16-bit and float32 kernels compute locations in float32
 CUDA_ARCHS = tuple(LIMITS)
 
 Pair = tuple[int, int]
@@ -138,6 +141,15 @@ class DCNConfig:
             if min(pair) < low:
                 raise ConfigError(name, f"must be >= {low}, got {pair[0]}x{pair[1]}")
             set_(name, pair)
+        if self.kernel_size[0] * self.kernel_size[1] > MAX_POINTS:
+            raise ConfigError("kernel_size", f"{self.kernel_size[0]}x{self.kernel_size[1]} has more than {MAX_POINTS} sampling points")
+        for (k, d, p, axis) in zip(self.kernel_size, self.dilation, self.padding, ("height", "width")):
+            if d * (k - 1) + 1 > SPATIAL_MAX:
+                raise ConfigError("dilation", f"the window's {axis}, dilation x (kernel - 1) + 1 = {d * (k - 1) + 1}, passes 2^31 - 1")
+            if 2 * p > SPATIAL_MAX:
+                raise ConfigError("padding", f"2 x padding = {2 * p} passes 2^31 - 1")
+        if max(self.stride) > SPATIAL_MAX:
+            raise ConfigError("stride", f"must be below 2^31, got {self.stride[0]}x{self.stride[1]}")
         scale = as_number("offset_scale", self.offset_scale)
         if not math.isfinite(scale):
             raise ConfigError("offset_scale", f"must be finite, got {scale}")
@@ -154,6 +166,8 @@ class DCNConfig:
         if dtype not in DTYPES:
             raise ConfigError("dtype", f"expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
         set_("dtype", dtype)
+        if dtype != "float64" and abs(self.offset_scale) > FLOAT32_MAX:
+            raise ConfigError("offset_scale", f"{self.offset_scale} is beyond float32's range, in which {dtype} kernels compute")
         params = self.params.items() if isinstance(self.params, Mapping) else self.params
         try:
             items = tuple(sorted((str(k), _param_value(v)) for k, v in params))

@@ -37,6 +37,12 @@ INVALID = [
     ("offset_scale", dict(offset_scale=float("inf"))),
     ("offset_scale", dict(offset_scale="big")),
     ("offset_scale", dict(offset_scale=None)),
+    ("offset_scale", dict(offset_scale=1e39)),  # inf in the float32 the kernels compute locations in
+    ("offset_scale", dict(offset_scale=-1e39, dtype="bfloat16")),
+    ("kernel_size", dict(kernel_size=(1, 65537))),  # more points than any kernel needs (and a huge points tuple)
+    ("dilation", dict(dilation=2**30, padding=2**30)),  # the window's extent passes int32
+    ("padding", dict(padding=2**30)),
+    ("stride", dict(stride=2**31)),
     ("remove_center", dict(remove_center=1)),
     ("remove_center", dict(remove_center=True, kernel_size=2)),
     ("remove_center", dict(remove_center=True, kernel_size=(3, 5))),
@@ -196,6 +202,16 @@ def test_cli_error_in_a_real_process_has_no_traceback():
     assert "Traceback" not in proc.stderr + proc.stdout
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "kernel_size" in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("group, channels, dtype", [(33, 96, "float64"), (129, 32, "float32"), (65, 48, "float32"), (257, 16, "float32")])
+def test_cuda_many_groups_take_wider_vectors_by_default(group, channels, dtype):
+    """A pixel's G groups of lanes must fit one block: the default vector widens (up to 128 bytes a
+    thread) rather than refusing the group count."""
+    from dcngen.generators.template_cuda import launch_params
+
+    _, geometry = launch_params(DCNConfig(group=group, group_channels=channels, dtype=dtype, target="cuda:sm_90"))
+    assert geometry["fwd_threads"] <= 1024 and geometry["bwd_threads"] <= 1024
 
 
 @pytest.mark.parametrize("dtype, widest", [("float32", 1024), ("float16", 2048), ("float64", 512)])

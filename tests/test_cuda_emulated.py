@@ -37,6 +37,7 @@ CASES = {
     "v4-fp32-32-lanes": cuda(group=2, group_channels=32, params={"vec": 1, "bwd_vec": 1}),
     "v3-fp16-ragged-batches": cuda(op="dcnv3", group=4, group_channels=12, dtype="float16", params={"unroll": 2, "bwd_unroll": 4}),
     "v3-fp64-7x7": cuda(op="dcnv3", group=1, group_channels=16, dtype="float64", kernel_size=7, padding=3),
+    "v4-fp32-129-groups": cuda(group=129, group_channels=32),  # default vec widened to 8: 516 threads per pixel
     # the tiled backward (bwd_tile=1): fixed-point sums in shared memory, global fallbacks
     "tiled-fp16": cuda(group=4, group_channels=32, dtype="float16", params={"bwd_tile": 1}),
     "tiled-fp32-4x4-tiles": cuda(group=2, group_channels=16, params={"bwd_tile": 1, "bwd_tile_h": 4, "bwd_tile_w": 4, "bwd_tile_threads": 64}),

@@ -120,11 +120,12 @@ def lanes(cfg: DCNConfig, vec: int) -> int:
 
 
 def _default_vec(cfg: DCNConfig) -> int:
-    """16-byte vectors where the group channels allow, never more than 32 lanes per group."""
+    """16-byte vectors where the group channels allow, never more than 32 lanes per group, and
+    wider where a pixel's G groups of lanes would not fit a block (up to MAX_VEC_BYTES)."""
     size = cfg.itemsize
     c = cfg.group_channels
     vec = min(16 // size, c & -c)  # largest power of two dividing C, capped at 16 bytes
-    while lanes(cfg, vec) > MAX_LANES:
+    while lanes(cfg, vec) > MAX_LANES or (cfg.group * lanes(cfg, vec) > MAX_THREADS and 2 * vec * size <= MAX_VEC_BYTES):
         vec *= 2
     return vec
 

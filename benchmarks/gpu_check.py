@@ -8,7 +8,7 @@ Run on a machine with an NVIDIA GPU, torch (CUDA), nvcc and apache-tvm-ffi (TVM 
    (unwritten elements show up), for many configurations (fp32/fp16/bf16/fp64, DCNv3/DCNv4,
    strides, dilation, remove_center, channel tails, deterministic mode, side streams).
 3. Checks the forward's 64-bit index path on an image whose element offsets pass 2^31.
-4. Times forward and backward (CUDA events, warm-up, medians) on the shapes of SPEC.md section 4
+4. Times forward and backward (CUDA events, warm-up, medians) on the shapes of docs/SPEC.md section 4
    against the PyTorch baseline (dcngen.baseline, grid_sample; and the official DCNv4 package if
    importable), and reports the achieved memory bandwidth against the card's peak.
 5. Times parameter candidates against the defaults (paired, alternated), each checked first.
@@ -39,7 +39,7 @@ from dcngen.config import DCNConfig  # noqa: E402
 from dcngen.errors import ConfigError  # noqa: E402
 from dcngen.generators import generate  # noqa: E402
 from dcngen.generators.template_cuda import launch_params  # noqa: E402
-from dcngen.verify import poisoned_call, rel_err  # noqa: E402
+from dcngen.verify import TORCH_DTYPE, poisoned_call, rel_err  # noqa: E402
 
 START = time.time()
 LINES: list[str] = []
@@ -125,7 +125,7 @@ def applies(kw: dict, dtype: str) -> bool:
     return True
 
 
-DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DT = TORCH_DTYPE
 
 # (name, config, (N, H, W))
 CHECKS = [

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import DCNConfig
-from .reference import in_window, sampling_locations, split_dcnv3, split_offset_mask
+from .reference import live_samples, split_dcnv3, split_offset_mask
 
 
 def dcn_core(cfg: DCNConfig, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -21,11 +21,7 @@ def dcn_core(cfg: DCNConfig, x: torch.Tensor, offset: torch.Tensor, mask: torch.
     n, h, w, _ = x.shape
     g, c = cfg.group, cfg.group_channels
     _, ho, wo, _, p, _ = offset.shape
-    loc = sampling_locations(cfg, offset)
-    # points outside the strict window (non-finite ones too) sample off the image with weight 0
-    live = in_window(loc, h, w)
-    loc = torch.where(live.unsqueeze(-1), loc, torch.full_like(loc, -2.0))
-    mask = torch.where(live, mask, torch.zeros_like(mask))
+    loc, mask = live_samples(cfg, offset, mask, h, w)
     size = torch.tensor([w, h], dtype=loc.dtype, device=loc.device)
     grid = 2 * (loc + 0.5) / size - 1  # align_corners=False normalisation
     grid = grid.permute(0, 3, 1, 2, 4, 5).reshape(n * g, ho * wo, p, 2)

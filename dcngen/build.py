@@ -99,9 +99,7 @@ def _warn_fallback(root: Path, fallback: Path, reason: str) -> None:
 def _usable_fallback(root: Path, error: BaseException) -> Path:
     fallback = _fallback_root()
     try:
-        fallback.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=fallback, prefix=".probe-")
-        probe.close()
+        settings.probe_writable(fallback)
     except OSError as e2:
         raise CacheError(f"neither the cache {root} ({error}) nor the fallback {fallback} is writable: {e2}") from None
     return fallback
@@ -111,9 +109,7 @@ def cache_dir() -> Path:
     """The cache directory, created if needed; a temporary one (with a warning) if it is unusable."""
     root = settings.cache_root()
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=root, prefix=".probe-")
-        probe.close()
+        settings.probe_writable(root)
         return root
     except OSError as e:
         fallback = _usable_fallback(root, e)

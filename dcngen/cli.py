@@ -1,4 +1,4 @@
-"""`dcngen` command line: build, verify, bench, tune, list, show, clean."""
+"""`dcngen` command line: build, verify, bench, tune, list, show, doctor, clean."""
 
 import inspect
 import json

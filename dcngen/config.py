@@ -207,6 +207,13 @@ class DCNConfig:
         return len(self.points)
 
     @property
+    def half_window(self) -> Pair:
+        """(Dh, Dw) = ((dh * (kh - 1)) >> 1, (dw * (kw - 1)) >> 1): how far the window's centre lies
+        below and right of its first point (docs/SPEC.md section 1)."""
+        (kh, kw), (dh, dw) = self.kernel_size, self.dilation
+        return (dh * (kh - 1)) >> 1, (dw * (kw - 1)) >> 1
+
+    @property
     def itemsize(self) -> int:
         """Bytes per element of the dtype."""
         return ITEMSIZE[self.dtype]

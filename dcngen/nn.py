@@ -1,4 +1,4 @@
-"""Drop-in `DCNv4` / `DCNv3` modules (SPEC.md sections 2 and 3) running on the generated kernels.
+"""Drop-in `DCNv4` / `DCNv3` modules (docs/SPEC.md sections 2 and 3) running on the generated kernels.
 
 Constructor arguments, defaults, attribute and parameter names, initialisation and forward order
 follow the official modules, so their state_dicts load with `strict=True`. Unlike the official
@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.init import constant_, xavier_uniform_
 
-from . import autocast as _autocast  # noqa: F401  (registers the Autocast keys of the ops)
 from . import ops, reference
 from .config import DCNConfig, as_int, as_pair
 from .errors import BuildError, ConfigError, NoKernelError
@@ -64,13 +63,6 @@ class _ToChannelsLast(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.permute(0, 2, 3, 1)
-
-
-class _ToChannelsFirst(nn.Module):
-    """(N, H, W, C) -> (N, C, H, W) view."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.permute(0, 3, 1, 2)
 
 
 def _norm(channels: int, norm_layer: str, **factory) -> nn.Sequential:

@@ -1,7 +1,7 @@
 """ONNX export of models that contain `dcngen::dcnv4` / `dcngen::dcnv3`.
 
 Each op becomes one standard ONNX `DeformConv` (opset 19) in its depthwise ones-weight form
-(SPEC.md section 5), so the model runs in any runtime that implements it (onnxruntime's CPU
+(docs/SPEC.md section 5), so the model runs in any runtime that implements it (onnxruntime's CPU
 provider does):
 
     X (N, H, W, G*C) --Transpose--> (N, G*C, H, W)
@@ -53,7 +53,7 @@ def _gather_plan(cfg: DCNConfig) -> tuple[np.ndarray, np.ndarray]:
     additive (dy, dx, mask) term (kh*kw, 3) of the offset_scale transform."""
     kh, kw = cfg.kernel_size
     dh, dw = cfg.dilation
-    half_h, half_w = (dh * (kh - 1)) >> 1, (dw * (kw - 1)) >> 1
+    half_h, half_w = cfg.half_window
     ours = {pt: k for k, pt in enumerate(cfg.points)}
     s = cfg.offset_scale
     index, bias = [], []

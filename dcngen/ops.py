@@ -1,6 +1,6 @@
 """Torch custom ops `dcngen::dcnv4` / `dcngen::dcnv3` (+ their backward ops) and the public functions.
 
-Layouts (SPEC.md): channels-last. input (N, H, W, G*C); DCNv4 offset_mask (N, Ho, Wo, >= G*P*3)
+Layouts (docs/SPEC.md): channels-last. input (N, H, W, G*C); DCNv4 offset_mask (N, Ho, Wo, >= G*P*3)
 packed per group as [x0 y0 ... x(P-1) y(P-1) m0 ... m(P-1)]; DCNv3 offset (N, Ho, Wo, G*P*2) and
 mask (N, Ho, Wo, G*P). Output (N, Ho, Wo, G*C). One argument order from the public function to
 the op schema to the generated kernel; one input check shared by the real op and its fake.
@@ -17,13 +17,12 @@ import torch.autograd.forward_ad as forward_ad
 from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-from .config import DCNConfig, as_bool, as_int, as_number, as_pair
+from .config import DTYPES, DCNConfig, as_bool, as_int, as_number, as_pair
 from .errors import InputError, NoKernelError
 from .generators import backward_zeroes_padding
 from .kernels import kernel_for, target_of
-from .verify import TORCH_DTYPE
 
-_TORCH_DTYPES = {dtype: name for name, dtype in TORCH_DTYPE.items()}
+_TORCH_DTYPES = {getattr(torch, name): name for name in DTYPES}  # the config's dtype names are torch's
 
 
 @functools.lru_cache(maxsize=1024)

@@ -32,7 +32,7 @@ from pathlib import Path
 from .config import DCNConfig
 from .cpu_isas import cpuinfo
 from .errors import DCNGenError
-from .settings import records_dirs
+from .settings import probe_writable, records_dirs
 
 FORMAT = 1
 
@@ -182,11 +182,8 @@ def update(path: Path, target: str, key: str, record: dict, measured_on: dict | 
 
 def check_writable(path: Path) -> None:
     """Raise DCNGenError if the record file `path` cannot be written (before a tune spends its time)."""
-    probe = Path(path).parent / f".{Path(path).name}.{uuid.uuid4().hex}"
     try:
-        probe.parent.mkdir(parents=True, exist_ok=True)
-        probe.touch(exist_ok=False)
-        probe.unlink()
+        probe_writable(Path(path).parent)
     except OSError as e:
         raise DCNGenError(f"cannot write tuning records to {path}: {e.strerror or e} (set DCNGEN_RECORDS to a writable folder)") from None
 

@@ -1,4 +1,4 @@
-"""Pure-PyTorch DCNv3/DCNv4: the ground truth for every kernel (see SPEC.md sections 1-3).
+"""Pure-PyTorch DCNv3/DCNv4: the ground truth for every kernel (see docs/SPEC.md sections 1-3).
 
 Bilinear sampling follows the spec's formula itself: y0 = floor(py), x0 = floor(px), corner weights
 from the fractional parts, zero corners off the image, points outside the strict window removed
@@ -16,9 +16,10 @@ from .config import DCNConfig
 
 
 def kernel_grid(cfg: DCNConfig, **tensor_kwargs) -> torch.Tensor:
-    """(P, 2): each point's dilation-grid term (i*dw - Dw, j*dh - Dh) as (x, y), in point order."""
-    (kh, kw), (dh, dw) = cfg.kernel_size, cfg.dilation
-    half_h, half_w = (dh * (kh - 1)) >> 1, (dw * (kw - 1)) >> 1
+    """(P, 2): each point's dilation-grid term (i*dw - Dw, j*dh - Dh) as (x, y), in point order
+    ((Dh, Dw) = cfg.half_window)."""
+    dh, dw = cfg.dilation
+    half_h, half_w = cfg.half_window
     return torch.tensor([[i * dw - half_w, j * dh - half_h] for i, j in cfg.points], **tensor_kwargs)
 
 
@@ -28,9 +29,8 @@ def sampling_locations(cfg: DCNConfig, offset: torch.Tensor) -> torch.Tensor:
     offset: (N, Ho, Wo, G, P, 2) learned (x, y) offsets -> (N, Ho, Wo, G, P, 2) (px, py).
     """
     _, ho, wo = offset.shape[:3]
-    (sh, sw), (ph, pw), (dh, dw) = cfg.stride, cfg.padding, cfg.dilation
-    kh, kw = cfg.kernel_size
-    half_h, half_w = (dh * (kh - 1)) >> 1, (dw * (kw - 1)) >> 1
+    (sh, sw), (ph, pw) = cfg.stride, cfg.padding
+    half_h, half_w = cfg.half_window
     kwargs = dict(dtype=offset.dtype, device=offset.device)
     grid_x, grid_y = kernel_grid(cfg, **kwargs).unbind(-1)  # (P,)
     base_x = torch.arange(wo, **kwargs) * sw - pw + half_w  # (Wo,)
@@ -48,8 +48,18 @@ def in_window(loc: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return (px > -1) & (px < w) & (py > -1) & (py < h)
 
 
+def live_samples(cfg: DCNConfig, offset: torch.Tensor, mask: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampling locations (N, Ho, Wo, G, P, 2) and weights (N, Ho, Wo, G, P) of offsets (N, Ho, Wo, G,
+    P, 2) and mask (N, Ho, Wo, G, P) on an h x w image. A point outside the strict window (NaN, inf
+    and huge offsets included) contributes nothing and gets zero gradients, whatever its weight: it
+    moves to (-2, -2), where every corner is off the image, with weight 0."""
+    loc = sampling_locations(cfg, offset)
+    live = in_window(loc, h, w)
+    return torch.where(live.unsqueeze(-1), loc, torch.full_like(loc, -2.0)), torch.where(live, mask, torch.zeros_like(mask))
+
+
 def bilinear_corners(loc: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The four corners of each bilinear sample (SPEC.md section 1) in an image padded with two
+    """The four corners of each bilinear sample (docs/SPEC.md section 1) in an image padded with two
     rows/columns of zeros before and one after, where every corner of an in-window location lies.
 
     loc: (..., 2) as (px, py), each with -1 < px < w and -1 < py < h, or exactly (-2, -2) for "no
@@ -74,13 +84,7 @@ def dcn_core(cfg: DCNConfig, x: torch.Tensor, offset: torch.Tensor, mask: torch.
     n, h, w, _ = x.shape
     g, c = cfg.group, cfg.group_channels
     _, ho, wo, _, p, _ = offset.shape
-    loc = sampling_locations(cfg, offset)
-    # A point outside the strict window (NaN, inf and huge offsets included) contributes nothing and
-    # gets zero gradients, whatever its weight: it samples (-2, -2), where every corner is padding,
-    # with weight 0.
-    live = in_window(loc, h, w)
-    loc = torch.where(live.unsqueeze(-1), loc, torch.full_like(loc, -2.0))
-    mask = torch.where(live, mask, torch.zeros_like(mask))
+    loc, mask = live_samples(cfg, offset, mask, h, w)
     index, weight = bilinear_corners(loc, h, w)  # (N, Ho, Wo, G, P, 4)
     weight = weight * mask.unsqueeze(-1)
     # every (image, group) as one padded image of rows (C,) in a table of N*G images

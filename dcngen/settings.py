@@ -1,4 +1,6 @@
-"""Every environment knob and data location dcngen reads, in one place.
+"""dcngen's own environment variables (DCNGEN_*) and its data locations, in one place. (Toolchain
+variables are read where the toolchain is driven: CXX in compilers/cpp.py, CUDA_HOME / CUDA_PATH
+in compilers/cuda.py, TVM_NUM_THREADS in compilers/tvm.py.)
 
 dcngen runs either from a source checkout (editable install, or the tree on PYTHONPATH) or from an
 installed wheel. A checkout keeps its data beside the package (`templates/`, `schedules/`) and
@@ -10,6 +12,7 @@ into the user's cache and data folders.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -56,3 +59,9 @@ def cpu_target() -> str:
     level, which runs kernels built on another machine where this one has no compiler:
     dcngen/cpu_isas.py)."""
     return os.environ.get("DCNGEN_CPU_TARGET", "").strip() or "cpu"
+
+
+def probe_writable(folder: Path) -> None:
+    """Create `folder` if needed and check that files can be made in it; OSError if not."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-").close()

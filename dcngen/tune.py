@@ -277,21 +277,14 @@ def _kernel_args(cfg: DCNConfig, executor, n: int, h: int, w: int, seed: int = 0
 
 def check(cfg: DCNConfig, executor, mod) -> dict[str, float]:
     """Max relative error of forward and gradients of `mod` vs the float64 reference at GATE_SHAPE."""
-    from .verify import rel_err, run_reference
+    from .verify import reference_errors
 
     problem, inputs, fwd, bwd, dev = _kernel_args(cfg, executor, *GATE_SHAPE)
     mod.forward(*fwd)
     mod.backward(*bwd)
-    ref = [t.detach().double().requires_grad_() for t in inputs]
-    expected = run_reference(cfg, tuple(ref))
-    expected.backward(problem.grad_out.to(inputs[0].dtype).double())
     out, gx, goff, gmask = (executor.get(t) for t in (dev[3], dev[5], dev[6], dev[7]))
-    errors = {"output": rel_err(out, expected), "grad_input": rel_err(gx, ref[0].grad)}
-    if cfg.op == "dcnv4":
-        errors["grad_offset_mask"] = rel_err(goff, ref[1].grad)
-    else:
-        errors.update(grad_offset=rel_err(goff, ref[1].grad), grad_mask=rel_err(gmask, ref[2].grad))
-    return errors
+    grads = (gx, goff) if cfg.op == "dcnv4" else (gx, goff, gmask)
+    return reference_errors(cfg, inputs, problem.grad_out.to(inputs[0].dtype), out, grads)
 
 
 @dataclass
@@ -308,8 +301,8 @@ class Trial:
 class _Measure:
     """Builds, checks and times candidates of one config at one shape against the default's timer."""
 
-    def __init__(self, cfg: DCNConfig, shape, executor, space: Space, rounds: int):
-        self.cfg, self.shape, self.executor, self.space, self.rounds = cfg, shape, executor, space, rounds
+    def __init__(self, cfg: DCNConfig, shape, executor, space: Space):
+        self.cfg, self.shape, self.executor, self.space = cfg, shape, executor, space
         self.args = None
         self.number = 1
 
@@ -360,13 +353,12 @@ class _Measure:
         return statistics.median(sample() for _ in range(rounds))
 
     def paired(self, a: Callable[[], float], b: Callable[[], float], rounds: int) -> tuple[float, float, float]:
-        """Alternating rounds (order flipped each round) after one warm-up each: (median a, median b, median a/b)."""
-        a(), b()
-        ta, tb = [], []
-        for r in range(rounds):
-            for sink, fn in ((ta, a), (tb, b)) if r % 2 == 0 else ((tb, b), (ta, a)):
-                sink.append(fn())
-        return statistics.median(ta), statistics.median(tb), statistics.median(x / y for x, y in zip(ta, tb))
+        """Samplers (each call: one sample's ms) a and b in alternating rounds (bench.compare), after one
+        warm-up each: (median a, median b, a / b as the inverse of the median of the paired b / a)."""
+        from .bench import compare
+
+        c = compare(a, b, rounds=rounds, timer=lambda sample: sample())
+        return c.candidate_ms, c.baseline_ms, 1 / c.speedup
 
 
 def process_age() -> float:
@@ -415,7 +407,7 @@ def tune(cfg: DCNConfig, shape: tuple[int, int, int], *, trials: int = 64, time_
     records.check_writable(path)
     previous = records.load(path)["records"].get(key, {})
     measured: dict[str, object] = dict(previous.get("candidates", {}))
-    m = _Measure(cfg, shape, executor, space, rounds)
+    m = _Measure(cfg, shape, executor, space)
     done: list[Trial] = []
     try:
         t0 = time.monotonic()

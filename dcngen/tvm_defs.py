@@ -1,4 +1,4 @@
-"""TVM definitions of the DCNv3/DCNv4 forward and backward (SPEC.md sections 1-3).
+"""TVM definitions of the DCNv3/DCNv4 forward and backward (docs/SPEC.md sections 1-3).
 
 Every definition goes through ONE sampling helper, `locate`, which turns an output pixel, a
 point index and a learned (dx, dy) into the window test, the four corners (clamped indices
@@ -87,7 +87,7 @@ def locate(cfg: DCNConfig, acc: str, H, W, ho, wo, k, dx, dy, bind=_same) -> Sam
     """
     kh, kw = cfg.kernel_size
     (sh, sw), (ph, pw), (dh, dw) = cfg.stride, cfg.padding, cfg.dilation
-    half_h, half_w = (dh * (kh - 1)) >> 1, (dw * (kw - 1)) >> 1
+    half_h, half_w = cfg.half_window
     if cfg.remove_center:
         center = (kw // 2) * kh + kh // 2
         k = tirx.Select(k >= center, k + 1, k)
@@ -200,7 +200,7 @@ def _inputs(cfg: DCNConfig, s: Shapes):
 
 
 def forward(cfg: DCNConfig, params: dict) -> tvm.tirx.PrimFunc:
-    """Forward PrimFunc `forward(x, om | off, msk, out)`; out (N, Ho, Wo, G, C) fully written."""
+    """Forward PrimFunc `forward(x, om | off, msk, out)`; out (N, Ho, Wo, G*C) fully written."""
     s = shapes()
     x, offs = _inputs(cfg, s)
     out = [("out", (s.N, s.Ho, s.Wo, cfg.channels), cfg.dtype)]
@@ -211,9 +211,9 @@ def forward(cfg: DCNConfig, params: dict) -> tvm.tirx.PrimFunc:
 def backward(cfg: DCNConfig, params: dict) -> tvm.tirx.PrimFunc:
     """Backward PrimFunc `backward(x, om | off, msk, gout, gx, gom | goff, gmsk[, gxacc])`.
 
-    gx (N, H, W, G, C) is fully written; offset/weight gradients are written for every point of
+    gx (N, H, W, G*C) is fully written; offset/weight gradients are written for every point of
     every group (zero for out-of-window points); DCNv4 padding channels are left untouched.
-    CUDA fp16/bf16 adds gxacc, an fp32 (N, H, W, G, C) workspace the launcher provides.
+    CUDA fp16/bf16 adds gxacc, an fp32 (N, H, W, G*C) workspace the launcher provides.
     """
     s = shapes()
     G, C = cfg.group, cfg.group_channels
@@ -499,10 +499,17 @@ def _forward_cpu(cfg: DCNConfig, params: dict, s: Shapes, ins, outs):
     return ib.get()
 
 
+def _bilinear_terms(gc, v, w, ly, lx, hy, hx) -> tuple:
+    """One channel's (gc * B, gc * dB/dlx, gc * dB/dly) (docs/SPEC.md section 1 gradients): corner
+    values v and weights w in the order 00, 01, 10, 11, fractions (ly, lx), hy = 1 - ly, hx = 1 - lx."""
+    return (gc * (w[0] * v[0] + w[1] * v[1] + w[2] * v[2] + w[3] * v[3]),
+            gc * (hy * (v[1] - v[0]) + ly * (v[3] - v[2])),
+            gc * (hx * (v[2] - v[0]) + lx * (v[3] - v[1])))
+
+
 def _point_grads(cfg, acc, smp: Sample, value, grad, C, red):
     """red[0..2] <- sum_c grad(c) * (B_c, dB/dlx, dB/dly) for one point (value(q, c): corner q's
     value at channel c, zero when not valid); one thread, serial over the channels (CUDA)."""
-    q00, q01, q10, q11 = smp.corners
     bind = _scalar_binder(cfg)
     one, zero = tirx.const(1, acc), tirx.const(0, acc)
     hy, hx = bind(one - smp.ly), bind(one - smp.lx)
@@ -510,9 +517,9 @@ def _point_grads(cfg, acc, smp: Sample, value, grad, C, red):
         red[i] = zero
     with T.serial(0, C) as c:
         v, gc = [bind(value(q, c)) for q in smp.corners], bind(grad(c))
-        red[0] = red[0] + gc * (q00.weight * v[0] + q01.weight * v[1] + q10.weight * v[2] + q11.weight * v[3])
-        red[1] = red[1] + gc * (hy * (v[1] - v[0]) + smp.ly * (v[3] - v[2]))
-        red[2] = red[2] + gc * (hx * (v[2] - v[0]) + smp.lx * (v[3] - v[1]))
+        terms = _bilinear_terms(gc, v, [q.weight for q in smp.corners], smp.ly, smp.lx, hy, hx)
+        for i in range(3):
+            red[i] = red[i] + terms[i]
 
 
 def _store_point_grads(cfg, acc, goff, gmsk, n, ho, wo, g, k, m, red):
@@ -618,9 +625,8 @@ def _point_sums(cfg, acc, s: Shapes, xr, plan: Plan, q, go, t, chan):
     ly, lx = plan.ly[q], plan.lx[q]
     with chan(0, C) as c:
         v = [xr[plan.at[q] + step + c] for step in _corner_steps(s.W + 2, C)]
-        t[0, c] = go[c] * (w[0] * v[0] + w[1] * v[1] + w[2] * v[2] + w[3] * v[3])
-        t[1, c] = go[c] * ((one - ly) * (v[1] - v[0]) + ly * (v[3] - v[2]))
-        t[2, c] = go[c] * ((one - lx) * (v[2] - v[0]) + lx * (v[3] - v[1]))
+        for i, term in enumerate(_bilinear_terms(go[c], v, w, ly, lx, one - ly, one - lx)):
+            t[i, c] = term
     _fold_lanes(t, 3, C, chan)
 
 
@@ -634,7 +640,8 @@ def _threads(total, threads: int):
 
 def _forward_cuda(cfg: DCNConfig, params: dict, s: Shapes, ins, outs):
     """One thread per (pixel, group, `vec` contiguous channels), as the official DCNv4 kernel:
-    each thread reads its own P offsets/weights, accumulates `vec` channels in fp32 registers
+    each thread reads its own P offsets/weights, accumulates `vec` channels in fp32 registers (fp64
+    for fp64)
     and loads/stores them as vectors."""
     G, C, P = cfg.group, cfg.group_channels, cfg.num_points
     vec = params["vec"]

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import torch
 
 from . import reference
-from .config import DCNConfig
+from .config import DTYPES, DCNConfig
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "float16": 5e-3, "bfloat16": 3e-2}
-TORCH_DTYPE = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPE = {name: getattr(torch, name) for name in DTYPES}  # the config's dtype names are torch's
 
 
 @dataclass(frozen=True)
@@ -89,16 +89,10 @@ def verify(cfg: DCNConfig, n: int = 2, h: int = 9, w: int = 11, *, seed: int = 0
     problem = random_problem(cfg, n, h, w, seed=seed)
     dtype = TORCH_DTYPE[cfg.dtype]
     ours = [t.requires_grad_() for t in problem.op_inputs(dtype, device)]
-    # The reference runs on the same (rounded) values the kernel sees.
-    ref = [t.detach().double().cpu().requires_grad_() for t in ours]
+    grad_out = problem.grad_out.to(dtype=dtype, device=device)
     out = run_op(cfg, tuple(ours))
-    out.backward(problem.grad_out.to(dtype=dtype, device=device))
-    expected = run_reference(cfg, tuple(ref))
-    expected.backward(problem.grad_out.to(dtype).double())
-    names = ("grad_input", "grad_offset_mask") if cfg.op == "dcnv4" else ("grad_input", "grad_offset", "grad_mask")
-    errors = {"output": rel_err(out, expected)}
-    errors.update({name: rel_err(a.grad, b.grad) for name, a, b in zip(names, ours, ref)})
-    return errors
+    out.backward(grad_out)
+    return reference_errors(cfg, ours, grad_out, out, [t.grad for t in ours])
 
 
 def verify_kernel(cfg: DCNConfig, kernel, n: int = 2, h: int = 9, w: int = 11, *, seed: int = 0, device: str = "cpu") -> dict[str, float]:
@@ -110,14 +104,22 @@ def verify_kernel(cfg: DCNConfig, kernel, n: int = 2, h: int = 9, w: int = 11, *
     problem = random_problem(cfg, n, h, w, seed=seed)
     dtype = TORCH_DTYPE[cfg.dtype]
     tensors = problem.op_inputs(dtype, device)
-    ref = [t.double().cpu().requires_grad_() for t in tensors]
-    expected = run_reference(cfg, tuple(ref))
-    expected.backward(problem.grad_out.to(dtype).double())
-    out, grad_x, grad_offset, grad_mask = poisoned_call(cfg, kernel, tensors, problem.grad_out.to(dtype=dtype, device=device))
+    grad_out = problem.grad_out.to(dtype=dtype, device=device)
+    out, grad_x, grad_offset, grad_mask = poisoned_call(cfg, kernel, tensors, grad_out)
     grads = (grad_x, grad_offset) if cfg.op == "dcnv4" else (grad_x, grad_offset, grad_mask)
+    return reference_errors(cfg, tensors, grad_out, out, grads)
+
+
+def reference_errors(cfg: DCNConfig, tensors, grad_out: torch.Tensor, out: torch.Tensor, grads) -> dict[str, float]:
+    """Max relative errors of a kernel's `out` and `grads` (one per op tensor: DCNv4 grad_x,
+    grad_offset_mask; DCNv3 grad_x, grad_offset, grad_mask) vs the float64 reference run on the
+    same `tensors` (the op's, with the values the kernel saw) and `grad_out`. Keys as `verify`'s."""
+    ref = [t.detach().double().cpu().requires_grad_() for t in tensors]
+    expected = run_reference(cfg, tuple(ref))
+    expected.backward(grad_out.detach().double().cpu())
     names = ("grad_input", "grad_offset_mask") if cfg.op == "dcnv4" else ("grad_input", "grad_offset", "grad_mask")
     errors = {"output": rel_err(out, expected)}
-    errors.update({name: rel_err(a, b.grad) for name, a, b in zip(names, grads, ref)})
+    errors.update({name: rel_err(g, r.grad) for name, g, r in zip(names, grads, ref)})
     return errors
 
 

@@ -4,8 +4,8 @@ Forward: one thread per (output pixel, group, `vec` contiguous channels), 1-D bl
 `threads`; each thread loads its own offsets/weights, reads every corner as one vector of
 `vec` elements and accumulates in fp32 (fp64 for fp64).
 Backward: one thread per (output pixel, group) over all C channels (private offset/weight
-gradient reductions), fp32 atomicAdd scatter into the input-gradient accumulator; blocks of
-`threads`.
+gradient reductions), atomicAdd scatter into the input gradient (fp32, or fp64 for fp64; 16-bit
+dtypes through an fp32 accumulator); blocks of `threads`.
 
 Parameters (ints; PARAM_BOUNDS; tuned values are replayed as DCNConfig.params from
 the records under records/, see dcngen/records.py):

@@ -7,8 +7,9 @@ Backward: one parallel task per (image, group) (the race-free input-gradient sca
 tvm_defs._backward_cpu) on zero-ringed private copies; the group's points planned per pixel,
 channel loops vectorised.
 
-Parameters (ints; searched by tuning within PARAM_BOUNDS; tuned values are replayed as DCNConfig.params
-from the records under records/, see dcngen/records.py):
+Parameters (ints within PARAM_BOUNDS; `dcngen tune` searches pixels_per_task, unroll_points and
+vector (dcngen/tune.py space_for); tuned values are replayed as DCNConfig.params from the records
+under records/, see dcngen/records.py):
   pixels_per_task  output pixels (of one row) per parallel work item of the forward
   unroll_points    1 unrolls the loop over the P sampling points (forward)
   vector           1 vectorises the channel loops (forward and backward)

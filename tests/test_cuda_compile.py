@@ -178,8 +178,9 @@ def test_invalid_params_rejected(params, match):
 
 
 def test_too_many_threads_per_pixel_rejected():
+    """More groups than a block holds lanes for, even at the widest vector (128 bytes: one lane per group)."""
     with pytest.raises(ConfigError) as e:
-        generate(DCNConfig(group=300, group_channels=32, dtype="float32", target="cuda:sm_90"))  # 300 x 8 lanes
+        generate(DCNConfig(group=1100, group_channels=32, dtype="float32", target="cuda:sm_90"))
     assert e.value.field == "group"
 
 

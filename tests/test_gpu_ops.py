@@ -7,7 +7,7 @@ from helpers import assert_compile_matches_eager
 
 import dcngen.ops as ops
 from dcngen.config import DCNConfig
-from dcngen.verify import TOLERANCE, TORCH_DTYPE, random_problem, run_op, verify
+from dcngen.verify import TOLERANCE, random_problem, run_op, verify
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

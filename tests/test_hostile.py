@@ -1,6 +1,6 @@
 """Hostile values and shapes: defined results or clear errors, never a crash, never out of bounds.
 
-Semantics (SPEC.md section 1): a point whose sampling location is NaN, infinite or outside the
+Semantics (docs/SPEC.md section 1): a point whose sampling location is NaN, infinite or outside the
 strict window (-1, H) x (-1, W) contributes exactly zero, whatever its weight (even NaN or inf),
 and gets exactly zero offset and weight gradients. A NaN weight on an in-window point makes that
 pixel's group output NaN (m * B with IEEE arithmetic) and poisons the input gradient of the

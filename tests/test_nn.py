@@ -1,4 +1,4 @@
-"""dcngen.nn.DCNv4 / DCNv3: official state_dicts load strictly, outputs equal the SPEC.md
+"""dcngen.nn.DCNv4 / DCNv3: official state_dicts load strictly, outputs equal the docs/SPEC.md
 composition (written here from the formulas, on the reference op), gradients reach every
 parameter, init, errors, reference fallback, torch.compile of a block, torch.export of a module."""
 
@@ -29,7 +29,7 @@ def _rand(gen, *shape, std=1.0):
 
 
 def official_dcnv4_state(channels, group, k, remove_center, dw_kernel_size, center_feature_scale, output_bias, without_pointwise, seed=0):
-    """Random weights under the official DCNv4 module's parameter names and shapes (SPEC.md 3)."""
+    """Random weights under the official DCNv4 module's parameter names and shapes (docs/SPEC.md 3)."""
     gen = torch.Generator().manual_seed(seed)
     c, g, p = channels, group, k * k - int(remove_center)
     sd = {}
@@ -52,7 +52,7 @@ def official_dcnv4_state(channels, group, k, remove_center, dw_kernel_size, cent
 
 
 def official_dcnv3_state(channels, group, k, remove_center, dw_kernel_size, center_feature_scale, seed=0):
-    """Random weights under the official DCNv3 module's parameter names and shapes (SPEC.md 2, LN norm)."""
+    """Random weights under the official DCNv3 module's parameter names and shapes (docs/SPEC.md 2, LN norm)."""
     gen = torch.Generator().manual_seed(seed)
     c, g, p = channels, group, k * k - int(remove_center)
     sd = {
@@ -80,7 +80,7 @@ def _cfg(op, channels, group, k, offset_scale, remove_center):
 
 
 def spec_dcnv4(sd, cfg, dw_kernel_size, inp, h, w):
-    """SPEC.md section 3 module forward, from the formulas: input (N, L, C) -> (N, L, C)."""
+    """docs/SPEC.md section 3 module forward, from the formulas: input (N, L, C) -> (N, L, C)."""
     n, length, c = inp.shape
     x = F.linear(inp, sd["value_proj.weight"], sd["value_proj.bias"]) if "value_proj.weight" in sd else inp
     x = x.reshape(n, h, w, c)
@@ -100,7 +100,7 @@ def spec_dcnv4(sd, cfg, dw_kernel_size, inp, h, w):
 
 
 def spec_dcnv3(sd, cfg, dw_kernel_size, inp):
-    """SPEC.md section 2 module forward, from the formulas: input (N, H, W, C) -> (N, H, W, C)."""
+    """docs/SPEC.md section 2 module forward, from the formulas: input (N, H, W, C) -> (N, H, W, C)."""
     n, h, w, c = inp.shape
     g, p = cfg.group, cfg.num_points
     x = F.linear(inp, sd["input_proj.weight"], sd["input_proj.bias"])

@@ -49,7 +49,7 @@ def test_golden_vectors(name, case, op, dtype):
     assert rel_err(out, expected["output"]) < tol
     assert rel_err(x.grad, expected["grad_input"]) < tol
     # 16-bit offsets land many samples exactly on pixel lines, where the offset gradient is one-sided:
-    # the kernels and the reference take it from the same side (SPEC.md section 1)
+    # the kernels and the reference take it from the same side (docs/SPEC.md section 1)
     assert rel_err(grads["grad_offset_mask"], expected["grad_offset_mask"]) < tol
 
 

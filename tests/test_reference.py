@@ -125,7 +125,7 @@ def test_matches_grid_sample_off_pixel_lines():
 
 
 def test_offset_gradient_on_pixel_lines_is_taken_from_the_floor_corner():
-    """SPEC.md section 1: at an integer px (or py) the sample's corners are floor(p) and floor(p) + 1,
+    """docs/SPEC.md section 1: at an integer px (or py) the sample's corners are floor(p) and floor(p) + 1,
     so the offset gradient is the one-sided difference towards larger p. Bilinear sampling is linear in
     each coordinate within a cell, so that difference over 1/1024 px is exact."""
     cfg = DCNConfig(group=2, group_channels=3, kernel_size=3, dtype="float64")

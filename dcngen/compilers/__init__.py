@@ -1,6 +1,6 @@
 """One module per source language: `version()` (the toolchain's, which must be present),
 `built_for(source)` (what a library is specific to beyond its source and flags, such as the host CPU),
-`compile(source, out_dir) -> metadata`, `load(path)`.
+`compile(source, out_dir) -> metadata`, `load(path, ...)`.
 
 `compile` writes `out_dir/<LIBRARY>` and returns JSON-able metadata (e.g. the ptxas report);
 `load` returns an object whose `forward`/`backward` take torch tensors (see ops.py).

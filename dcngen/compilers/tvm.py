@@ -1,5 +1,5 @@
 """TVMScript -> TVM llvm library; loaded through TVM's runtime (its parallel loops need TVM's
-thread pool, which tvm_ffi.load_module alone does not provide: see FEASIBILITY.md)."""
+thread pool, which tvm_ffi.load_module alone does not provide)."""
 
 from __future__ import annotations
 

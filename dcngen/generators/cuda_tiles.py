@@ -102,9 +102,8 @@ def tile_region(cfg: DCNConfig, tile_h: int, tile_w: int, halo: int) -> dict[str
     (ho0 * stride - pad, wo0 * stride - pad) and size (reg_h, reg_w), holding all four corners of
     every sample whose offset moves it at most `halo` pixels from its kernel position."""
     region = {}
-    for axis, size, k, d, stride, tile in (("y", "reg_h", cfg.kernel_size[0], cfg.dilation[0], cfg.stride[0], tile_h),
-                                           ("x", "reg_w", cfg.kernel_size[1], cfg.dilation[1], cfg.stride[1], tile_w)):
-        half = (d * (k - 1)) >> 1
+    for axis, size, k, d, half, stride, tile in (("y", "reg_h", cfg.kernel_size[0], cfg.dilation[0], cfg.half_window[0], cfg.stride[0], tile_h),
+                                                 ("x", "reg_w", cfg.kernel_size[1], cfg.dilation[1], cfg.half_window[1], cfg.stride[1], tile_w)):
         centers = [half + (j * d - half) * cfg.offset_scale for j in range(k)]
         lo, hi = math.floor(min(centers)) - halo, math.floor(max(centers)) + halo + 1
         region[f"reg_{axis}0"] = lo

@@ -96,8 +96,8 @@ def generate(cfg: DCNConfig, params: dict) -> KernelSource:
     if not direct:
         bwd += _launch("backward_kernel_2", sigs["backward_kernel_2"], xs, threads)
     text = render(
-        "cuda/tvm_launcher.cu.j2", cfg, key=cfg.key, tvm_source=kernels_src, forward_launch=fwd, backward_launch=bwd, GC=cfg.channels,
-        direct="true" if direct else "false", itemsize=cfg.itemsize, vec=vec, dtype=cfg.dtype,
+        "cuda/tvm_launcher.cu.j2", cfg, tvm_source=kernels_src, forward_launch=fwd, backward_launch=bwd, GC=cfg.channels,
+        direct="true" if direct else "false", itemsize=cfg.itemsize, vec=vec,
     )
     return KernelSource(
         config=cfg,

@@ -74,5 +74,5 @@ def generate(cfg: DCNConfig) -> KernelSource:
         text=text,
         flags=("target=" + json.dumps(target, sort_keys=True),),
         params=tuple(sorted(params.items())),
-        extra=json.dumps({"tvm_target": target, "op": cfg.op}),
+        extra=json.dumps({"tvm_target": target}),
     )

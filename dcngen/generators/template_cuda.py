@@ -266,6 +266,15 @@ def launch_params(cfg: DCNConfig) -> tuple[dict[str, int], dict]:
     return params, geometry
 
 
+def entry_align(cfg: DCNConfig, forward_vec: int, backward_vec: int, grad_vec: int) -> dict[str, int]:
+    """The byte alignment the tvm-ffi entry points (cuda/ffi_entry.h.j2) require of x and out, of x
+    and grad_out, and of the gradients: their vector accesses of `*_vec` elements, at most 16 bytes."""
+    def align(vec: int) -> int:
+        return min(16, vec * cfg.itemsize)
+
+    return {"forward": align(forward_vec), "backward": align(backward_vec), "grads": align(grad_vec)}
+
+
 def generate(cfg: DCNConfig, *, emulate: bool = False) -> KernelSource:
     """The CUDA source of `cfg` for nvcc; with `emulate`, the same kernels and launchers on the SIMT
     emulator (templates/cuda/emulator.h.j2) for the host C++ compiler, working on CPU tensors."""
@@ -276,13 +285,15 @@ def generate(cfg: DCNConfig, *, emulate: bool = False) -> KernelSource:
         "cuda/dcn.cu.j2",
         cfg,
         scalar_type=SCALAR_TYPE[cfg.dtype],
-        itemsize=cfg.itemsize,
         params=params,
         mma=geometry.get("mma"),
         fwd_mma=geometry.get("fwd_mma"),
         bwd_tile=geometry.get("bwd_tile"),
         bwd_mma=geometry.get("bwd_mma"),
         emulate=emulate,
+        # the tensor-core kernels copy x (and fwd_mma stores out) in 16-byte pieces
+        entry_align=entry_align(cfg, 16 if params["mma"] or params["fwd_mma"] else params["vec"], 16 if params["bwd_mma"] else params["bwd_vec"],
+                                16 if params["bwd_mma"] else params["bwd_vec"]),
     )
     return KernelSource(
         config=cfg,

@@ -17,6 +17,7 @@ from ..config import DCNConfig
 from ..errors import BuildError
 from ..source import KernelSource
 from .jinja import render
+from .template_cuda import entry_align
 
 FLAGS = ("-O3", "-std=c++17", "-lineinfo")
 
@@ -97,7 +98,8 @@ def generate(cfg: DCNConfig, params: dict) -> KernelSource:
         bwd += _launch("backward_kernel_2", sigs["backward_kernel_2"], xs, threads)
     text = render(
         "cuda/tvm_launcher.cu.j2", cfg, tvm_source=kernels_src, forward_launch=fwd, backward_launch=bwd, GC=cfg.channels,
-        direct="true" if direct else "false", itemsize=cfg.itemsize, vec=vec,
+        direct="true" if direct else "false", itemsize=cfg.itemsize, emulate=False,
+        entry_align=entry_align(cfg, vec, vec, 1),  # TVM's kernels access x and out `vec` elements at a time, the gradients by element
     )
     return KernelSource(
         config=cfg,

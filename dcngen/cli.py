@@ -42,22 +42,6 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _config(op, group, group_channels, kernel_size, stride, padding, dilation, offset_scale, remove_center, dtype, target,
-            backend, param) -> DCNConfig:
-    params = []
-    for item in param or []:
-        name, sep, value = item.partition("=")
-        if not sep:
-            _fail(f"invalid config field 'params': expected NAME=INT, got {item!r}")
-        params.append((name.strip(), value.strip()))
-    try:
-        return DCNConfig(op=op, group=group, group_channels=group_channels, kernel_size=kernel_size, stride=stride,
-                         padding=padding, dilation=dilation, offset_scale=offset_scale, remove_center=remove_center,
-                         dtype=dtype, target=target, backend=backend, params=tuple(params))
-    except DCNGenError as e:
-        _fail(str(e))
-
-
 def _shape(text: str) -> tuple[int, int, int]:
     parts = text.lower().replace(",", "x").split("x")
     if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
@@ -90,8 +74,19 @@ def _config_flags(op: Op = "dcnv4", group: Group = 4, group_channels: GroupChann
                   stride: Stride = "1", padding: Padding = "1", dilation: Dilation = "1", offset_scale: OffsetScale = 1.0,
                   remove_center: RemoveCenter = False, dtype: Dtype = "float32", target: Target = "cpu",
                   backend: Backend = "template", param: Param = None) -> DCNConfig:
-    return _config(op, group, group_channels, kernel_size, stride, padding, dilation, offset_scale, remove_center, dtype,
-                   target, backend, param)
+    """The DCNConfig of the config flags (a bad field: one-line error)."""
+    params = []
+    for item in param or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            _fail(f"invalid config field 'params': expected NAME=INT, got {item!r}")
+        params.append((name.strip(), value.strip()))
+    try:
+        return DCNConfig(op=op, group=group, group_channels=group_channels, kernel_size=kernel_size, stride=stride,
+                         padding=padding, dilation=dilation, offset_scale=offset_scale, remove_center=remove_center,
+                         dtype=dtype, target=target, backend=backend, params=tuple(params))
+    except DCNGenError as e:
+        _fail(str(e))
 
 
 def _config_command(fn):

@@ -522,9 +522,12 @@ def test_results_do_not_depend_on_the_thread_count():
     """The CPU kernels follow torch.set_num_threads(); forward (per pixel) and backward (per
     (image, group) task, no atomics) give bitwise the same results on 1 and 2 threads."""
     cfg = DCNConfig(group=3, group_channels=8, dtype="float32")
-    x, offset, mask = random_inputs(cfg, 3, 9, 10, dtype=torch.float32, generator=torch.Generator().manual_seed(5))
+    n, h, w = 3, 24, 24
+    # enough sampling points that the kernels use both threads (one thread below 8192 per thread)
+    assert n * h * w * cfg.group * cfg.num_points >= 2 * 8192
+    x, offset, mask = random_inputs(cfg, n, h, w, dtype=torch.float32, generator=torch.Generator().manual_seed(5))
     om = dcnv4_packed(cfg, offset, mask)
-    grad_out = torch.randn(3, 9, 10, cfg.channels, generator=torch.Generator().manual_seed(6))
+    grad_out = torch.randn(n, h, w, cfg.channels, generator=torch.Generator().manual_seed(6))
     results = []
     previous = torch.get_num_threads()
     try:
@@ -548,3 +551,52 @@ def test_outputs_past_the_caches(op):
     case = random_case(cfg, random.Random(11), size=(1, 128, 128))
     assert case.grad_out.numel() * 4 >= 4 << 20
     assert check_case(cfg, case) == []
+
+
+@pytest.mark.parametrize("backend", ["template", "tvm"])
+def test_samples_exactly_on_the_window_edge_contribute_nothing(backend):
+    """docs/SPEC.md section 1: the window is strict, -1 < px and -1 < py. A sample exactly at px = -1
+    (or py = -1) has one corner column (row) on the image with weight 0, so only the window test
+    decides that its offset gradient is 0 rather than m * (corner value): output and every gradient
+    of such points must be exactly 0."""
+    cfg = DCNConfig(group=2, group_channels=3, kernel_size=1, padding=0, dtype="float64", backend=backend)
+    n, h, w = 1, 4, 5
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(n, h, w, cfg.channels, dtype=torch.float64, generator=gen)
+    ho, wo = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    offset = torch.zeros(n, h, w, cfg.group, 1, 2, dtype=torch.float64)
+    left = (ho + wo) % 2 == 0  # half the pixels sample at px = -1, the others at py = -1
+    offset[0, ..., 0, 0] = torch.where(left, -1 - wo, torch.zeros_like(wo)).unsqueeze(-1)
+    offset[0, ..., 0, 1] = torch.where(left, torch.zeros_like(ho), -1 - ho).unsqueeze(-1)
+    mask = torch.randn(n, h, w, cfg.group, 1, dtype=torch.float64, generator=gen)
+    grad_out = torch.randn(n, h, w, cfg.channels, dtype=torch.float64, generator=gen)
+    for run in (lambda a, b: ops.dcnv4(a, b, **cfg.op_kwargs), lambda a, b: reference.dcnv4(cfg, a, b)):
+        xs, om = x.clone().requires_grad_(), dcnv4_packed(cfg, offset, mask).requires_grad_()
+        out = run(xs, om)
+        out.backward(grad_out)
+        assert torch.equal(out, torch.zeros_like(out))
+        assert torch.equal(xs.grad, torch.zeros_like(x)) and torch.equal(om.grad, torch.zeros_like(om))
+
+
+@pytest.mark.parametrize("channels", [5, 8, 16])  # 5: element by element; 8 and 16: the vector conversions
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16_bit_outputs_round_to_nearest_even(dtype, channels):
+    """Outputs and input gradients whose float32 values are exact ties, or a sliver off them, are
+    stored rounded to the nearest (ties to even) like torch's own conversion: a one-ulp rounding slip
+    passes any tolerance, not this test. A 1x1 kernel with zero offsets and weight m gives out = m * x
+    and grad_x = m * grad_out, both exact in float32."""
+    cfg = DCNConfig(group=1, group_channels=channels, kernel_size=1, padding=0, dtype=str(dtype).replace("torch.", ""))
+    ulp = 2.0**-10 if dtype == torch.float16 else 2.0**-7  # in [1, 2)
+    gen = torch.Generator().manual_seed(11)
+    # 1.5 * (1 + k ulp) is an exact tie for odd k below 2 and for k = 2 mod 4 above; the others are
+    # a quarter ulp or exactly on a value
+    x = (1 + torch.randint(0, 64, (1, 3, 4, channels), generator=gen) * ulp).to(dtype)
+    grad_out = (1 + torch.randint(0, 64, (1, 3, 4, channels), generator=gen) * ulp).to(dtype)
+    om = dcnv4_packed(cfg, torch.zeros(1, 3, 4, 1, 1, 2, dtype=torch.float64), torch.full((1, 3, 4, 1, 1), 1.5)).to(dtype)
+    xs = x.clone().requires_grad_()
+    out = ops.dcnv4(xs, om, **cfg.op_kwargs)
+    out.backward(grad_out)
+    for got, v in ((out, x), (xs.grad, grad_out)):
+        exact = v.double() * 1.5
+        assert (exact.to(dtype).double() - exact).abs().eq(ulp / 2 * (1 + (exact >= 2).double())).any()  # ties occur
+        assert torch.equal(got, exact.to(dtype))  # double -> dtype: round to nearest, ties to even

@@ -364,3 +364,16 @@ def test_bad_budgets_and_unwritable_records_fail_before_any_work(root, monkeypat
     monkeypatch.setenv("DCNGEN_RECORDS", str(root))
     result = tune.tune(CFG, SHAPE, trials=1, time_budget=float("inf"), rounds=1)
     assert len(result.trials) == 1
+
+
+def test_lookup_ties_go_to_the_earlier_folder(tmp_path, monkeypatch):
+    """Two records at equal distance from the wanted bucket (H*W 64 and 256 for 128): the earlier
+    record folder's wins, as lookup's docstring says (a user's folder before the shipped one)."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    monkeypatch.setattr(records, "records_dirs", lambda: (first, second))
+    records.tuned_config.cache_clear()
+    a, b = {"pixel_chunk": 2, "unroll_points": 1}, {"pixel_chunk": 8, "unroll_points": 1}
+    records.update(records.path_for("cpu", second), "cpu", records.record_key(CFG, (1, 64)), _record(CFG, (1, 64), b))
+    records.update(records.path_for("cpu", first), "cpu", records.record_key(CFG, (1, 256)), _record(CFG, (1, 256), a))
+    assert records.lookup(CFG, (1, 8, 16))["best"]["params"] == a
+    records.tuned_config.cache_clear()

@@ -232,3 +232,32 @@ def test_cli_verify_emulate(kernels):
     assert "SIMT emulator, 3 warp orders" in result.output and result.output.count("PASS") == 3
     result = CliRunner().invoke(app, ["verify", "--emulate"])
     assert result.exit_code == 2 and "--emulate" in result.output
+
+
+@pytest.mark.parametrize("name, cfg, size, target", [
+    # the tiled backward's 32-bit sums: a 4x4 tile of 8 points, 128 contributions to one position
+    ("tiled", cuda(group=2, group_channels=16, remove_center=True, params={"bwd_tile": 1, "bwd_tile_h": 4, "bwd_tile_w": 4,
+                                                                          "bwd_tile_threads": 64, "bwd_halo": 3}), 4, 2),
+    # the deterministic backward's 64-bit sums past the 52-bit cap: 24 x 24 x 15 = 8640 contributions
+    ("deterministic", cuda(group=1, group_channels=8, kernel_size=(3, 5), padding=(1, 2), params={"deterministic": 1}), 24, 12),
+])
+def test_fixed_point_sums_keep_their_headroom_at_the_worst_case(name, cfg, size, target):
+    """Every point of every pixel samples one input pixel, exactly on it, with same-signed weights and
+    grad_out near the bound: the fixed-point input-gradient sum of that pixel reaches its largest
+    value, which the scale must leave room for (a scale one or two bits too fine wraps it)."""
+    import torch
+
+    from dcngen import reference
+    from dcngen.verify import TOLERANCE, poisoned_call, reference_errors
+
+    kernel = emulated_kernel(cfg)
+    g, p = cfg.group, cfg.num_points
+    loc = reference.sampling_locations(cfg, torch.zeros(1, size, size, g, p, 2, dtype=torch.float64))
+    offset = (target - loc).reshape(1, size, size, g * p * 2)  # offset_scale 1: every sample at (target, target)
+    mask = torch.full((1, size, size, g * p), 0.99, dtype=torch.float64)
+    x = torch.randn(1, size, size, cfg.channels, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    tensors = (x.float(), reference.pack_offset_mask(cfg, offset, mask).float())
+    grad_out = torch.full((1, size, size, cfg.channels), 0.99)
+    out, grad_x, grad_offset, _ = poisoned_call(cfg, kernel, tensors, grad_out)
+    errors = reference_errors(cfg, tensors, grad_out, out, (grad_x, grad_offset))
+    assert all(e < TOLERANCE[cfg.dtype] for e in errors.values()), f"{name}: {errors}"

@@ -578,14 +578,19 @@ def test_samples_exactly_on_the_window_edge_contribute_nothing(backend):
         assert torch.equal(xs.grad, torch.zeros_like(x)) and torch.equal(om.grad, torch.zeros_like(om))
 
 
+@pytest.mark.parametrize("target", ["cpu", "cpu:x86-64-v3"])  # v3: the AVX2 + F16C conversions, where AVX-512 is native
 @pytest.mark.parametrize("channels", [5, 8, 16])  # 5: element by element; 8 and 16: the vector conversions
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_16_bit_outputs_round_to_nearest_even(dtype, channels):
-    """Outputs and input gradients whose float32 values are exact ties, or a sliver off them, are
-    stored rounded to the nearest (ties to even) like torch's own conversion: a one-ulp rounding slip
-    passes any tolerance, not this test. A 1x1 kernel with zero offsets and weight m gives out = m * x
-    and grad_x = m * grad_out, both exact in float32."""
-    cfg = DCNConfig(group=1, group_channels=channels, kernel_size=1, padding=0, dtype=str(dtype).replace("torch.", ""))
+def test_16_bit_outputs_round_to_nearest_even(dtype, channels, target):
+    """Outputs and input gradients whose float32 values are exact ties are stored rounded to the
+    nearest, ties to even, like torch's own conversion: a one-ulp rounding slip passes any tolerance,
+    not this test. A 1x1 kernel with zero offsets and weight 1.5 gives out = 1.5 x and
+    grad_x = 1.5 grad_out, both exact in float32."""
+    from dcngen.cpu_isas import missing_features
+
+    if target != "cpu" and missing_features(target[4:]):
+        pytest.skip(f"this CPU lacks {', '.join(missing_features(target[4:]))}")
+    cfg = DCNConfig(group=1, group_channels=channels, kernel_size=1, padding=0, dtype=str(dtype).replace("torch.", ""), target=target)
     ulp = 2.0**-10 if dtype == torch.float16 else 2.0**-7  # in [1, 2)
     gen = torch.Generator().manual_seed(11)
     # 1.5 * (1 + k ulp) is an exact tie for odd k below 2 and for k = 2 mod 4 above; the others are
@@ -594,7 +599,7 @@ def test_16_bit_outputs_round_to_nearest_even(dtype, channels):
     grad_out = (1 + torch.randint(0, 64, (1, 3, 4, channels), generator=gen) * ulp).to(dtype)
     om = dcnv4_packed(cfg, torch.zeros(1, 3, 4, 1, 1, 2, dtype=torch.float64), torch.full((1, 3, 4, 1, 1), 1.5)).to(dtype)
     xs = x.clone().requires_grad_()
-    out = ops.dcnv4(xs, om, **cfg.op_kwargs)
+    out = ops.run_config(cfg, xs, om)  # exactly cfg's kernel, for either target
     out.backward(grad_out)
     for got, v in ((out, x), (xs.grad, grad_out)):
         exact = v.double() * 1.5

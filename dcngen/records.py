@@ -177,7 +177,7 @@ def update(path: Path, target: str, key: str, record: dict, measured_on: dict | 
             data["records"][key] = record
             save(path, data)
     except OSError as e:
-        raise DCNGenError(f"cannot write tuning records to {path}: {e.strerror or e} (set DCNGEN_RECORDS to a writable folder)") from None
+        raise _unwritable(path, e) from None
 
 
 def check_writable(path: Path) -> None:
@@ -185,7 +185,11 @@ def check_writable(path: Path) -> None:
     try:
         probe_writable(Path(path).parent)
     except OSError as e:
-        raise DCNGenError(f"cannot write tuning records to {path}: {e.strerror or e} (set DCNGEN_RECORDS to a writable folder)") from None
+        raise _unwritable(path, e) from None
+
+
+def _unwritable(path: Path, error: OSError) -> DCNGenError:
+    return DCNGenError(f"cannot write tuning records to {path}: {error.strerror or error} (set DCNGEN_RECORDS to a writable folder)")
 
 
 def _finished(rec) -> bool:

@@ -450,8 +450,7 @@ def tune(cfg: DCNConfig, shape: tuple[int, int, int], *, trials: int = 64, time_
                 one_trial = 1.5 * max(trial_s[-5:], default=timing_s)
                 room = deadline - reserve - time.monotonic() - batch_build
                 fit = room / max(one_trial, 1e-3)  # trials that fit in the budget (inf without one)
-                left = trials - len(done)
-                batch = list(itertools.islice(pending, min(jobs, left, left if fit == math.inf else max(0, math.floor(fit)))))
+                batch = list(itertools.islice(pending, max(0, math.floor(min(jobs, trials - len(done), fit)))))
                 if not batch:
                     break
                 t0 = time.monotonic()

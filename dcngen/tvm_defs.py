@@ -641,8 +641,7 @@ def _threads(total, threads: int):
 def _forward_cuda(cfg: DCNConfig, params: dict, s: Shapes, ins, outs):
     """One thread per (pixel, group, `vec` contiguous channels), as the official DCNv4 kernel:
     each thread reads its own P offsets/weights, accumulates `vec` channels in fp32 registers (fp64
-    for fp64)
-    and loads/stores them as vectors."""
+    for fp64) and loads/stores them as vectors."""
     G, C, P = cfg.group, cfg.group_channels, cfg.num_points
     vec = params["vec"]
     acc = acc_dtype(cfg.dtype)

@@ -281,6 +281,9 @@ def generate(cfg: DCNConfig, *, emulate: bool = False) -> KernelSource:
     if not cfg.is_cuda:
         raise ConfigError("target", f"the CUDA template needs a cuda target, got {cfg.target!r}")
     params, geometry = launch_params(cfg)
+    # the tensor-core kernels copy x (and fwd_mma stores out) in 16-byte pieces
+    fwd_vec = 16 if params["mma"] or params["fwd_mma"] else params["vec"]
+    bwd_vec = 16 if params["bwd_mma"] else params["bwd_vec"]
     text = render(
         "cuda/dcn.cu.j2",
         cfg,
@@ -291,9 +294,7 @@ def generate(cfg: DCNConfig, *, emulate: bool = False) -> KernelSource:
         bwd_tile=geometry.get("bwd_tile"),
         bwd_mma=geometry.get("bwd_mma"),
         emulate=emulate,
-        # the tensor-core kernels copy x (and fwd_mma stores out) in 16-byte pieces
-        entry_align=entry_align(cfg, 16 if params["mma"] or params["fwd_mma"] else params["vec"], 16 if params["bwd_mma"] else params["bwd_vec"],
-                                16 if params["bwd_mma"] else params["bwd_vec"]),
+        entry_align=entry_align(cfg, fwd_vec, bwd_vec, bwd_vec),
     )
     return KernelSource(
         config=cfg,

@@ -17,7 +17,7 @@ import torch.autograd.forward_ad as forward_ad
 from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-from .config import DTYPES, DCNConfig, as_bool, as_int, as_number, as_pair
+from .config import DTYPES, SPATIAL_MAX, DCNConfig, as_bool, as_int, as_number, as_pair
 from .errors import InputError, NoKernelError
 from .generators import backward_zeroes_padding
 from .kernels import kernel_for, target_of
@@ -84,6 +84,8 @@ def _check(op: str, args: tuple, *metas: tuple) -> DCNConfig:
     ho, wo = cfg.output_size(h, w)
     if ho <= 0 or wo <= 0:
         raise InputError(f"a {kh}x{kw} kernel (dilation {dh}x{dw}, padding {ph}x{pw}) does not fit an input of {h}x{w}")
+    if max(h, w, ho, wo) > SPATIAL_MAX:
+        raise InputError(f"input {h}x{w} (output {ho}x{wo}): heights and widths must be below 2^31 (the kernels index rows and columns in 32 bits)")
     g, p = cfg.group, cfg.num_points
     if op == "dcnv4":
         shape = metas[1][0]

@@ -158,6 +158,27 @@ def test_tiled_backward_bound_covers_every_pixel(kernels, seed, monkeypatch):
     assert torch.allclose(tiled_gx, expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
 
 
+def test_tiled_backward_tiny_grad_out_beside_large_weights(kernels):
+    """float32 grad_out near 2^-110 beside DCNv4 weights near 2^20: the fixed-point scale that maps
+    their products' bound to 2^BITS (2^110 here) would turn a weight alone into inf, and the sums
+    into garbage. Such tiles take the global atomics; the result agrees with the per-point backward."""
+    import torch
+
+    from dcngen.layout import offset_layout
+    from dcngen.verify import poisoned_call, random_problem
+
+    tiled = CASES["tiled-fp32-4x4-tiles"]
+    per_point = emulated_kernel(tiled.replace(params=()))
+    x, om = random_problem(tiled, 1, 9, 11, seed=3).op_inputs(torch.float32)
+    lay, p = offset_layout(tiled), tiled.num_points
+    for g in range(tiled.group):
+        start = g * lay.mask_group_stride + lay.mask_base
+        om[..., start : start + p] *= 2.0**20
+    go = torch.randn(1, 9, 11, tiled.channels, generator=torch.Generator().manual_seed(3)) * 2.0**-110
+    tiled_gx, expected = (poisoned_call(tiled, k, (x, om), go)[1].double() for k in (kernels["tiled-fp32-4x4-tiles"], per_point))
+    assert expected.abs().max() > 0 and torch.allclose(tiled_gx, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
 @pytest.mark.parametrize("name", ["mma-fp16", "mma-tiled-fp16"])
 def test_mma_forward_matches_the_per_point_one_on_hostile_values(kernels, name):
     """NaN / inf / huge offsets and NaN / huge weights: the tensor-core forwards put NaN where the

@@ -489,6 +489,17 @@ def test_kernel_larger_than_input():
         ops.dcnv4(x, om, kernel_size=7, padding=0, group=2, group_channels=4)
 
 
+
+def test_image_extents_past_32_bits_are_refused():
+    """The kernels index rows and columns in 32 bits: a height or width of 2^31 (an input of W * G * C
+    = 1, or an output that padding makes that large) is refused by name, not wrapped."""
+    x, om = torch.empty(1, 2**31, 1, 4, device="meta"), torch.empty(1, 2**31, 1, 27, device="meta")
+    with pytest.raises(InputError, match="below 2\\^31"):
+        ops.dcnv4(x, om, group=1, group_channels=4)
+    x, om = torch.empty(1, 3, 1, 4, device="meta"), torch.empty(1, 2**31 + 1, 1, 3, device="meta")
+    with pytest.raises(InputError, match="below 2\\^31"):
+        ops.dcnv4(x, om, kernel_size=1, padding=2**30 - 1, group=1, group_channels=4)
+
 def test_errors_under_torch_compile_match_eager():
     x, om = torch.randn(2, 5, 5, 8), torch.randn(2, 5, 5, 10)
     fn = torch.compile(lambda x, om: ops.dcnv4(x, om, group=2, group_channels=4), fullgraph=True)

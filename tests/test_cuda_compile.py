@@ -169,6 +169,8 @@ def test_default_geometry():
         ({"bwd_pixels": 33}, "1024"),
         ({"deterministic": 2}, "outside"),
         ({"threads_per_block": 128}, "unknown parameter"),
+        ({"pixels": 16, "vec": 4, "min_blocks": 4}, "min_blocks=4 blocks of 1024 threads .* 2048 threads an sm_90 SM holds"),
+        ({"bwd_pixels": 16, "bwd_vec": 4, "bwd_min_blocks": 4}, "bwd_min_blocks=4 .* at most 2"),
     ],
 )
 def test_invalid_params_rejected(params, match):

@@ -58,6 +58,7 @@ import json
 import math
 
 from ..config import DCNConfig
+from ..cuda_archs import LIMITS
 from ..errors import ConfigError
 from ..source import KernelSource
 from .cuda_tiles import FP32_TILE_SAMPLES, bwd_mma_geometry, bwd_tile_geometry, fits_twice, fitting_halo, fwd_mma_geometry, mma_geometry
@@ -242,6 +243,21 @@ def _check(cfg: DCNConfig, params: dict[str, int]) -> dict:
     return geometry
 
 
+def _check_register_caps(cfg: DCNConfig, params: dict[str, int], geometry: dict) -> None:
+    """Reject a per-point kernel's register cap (resident blocks per SM) that asks for more threads
+    than the target's SM holds: ptxas would ignore it, so the parameter would silently do nothing."""
+    limit = LIMITS[cfg.arch].threads_per_sm
+    caps = []
+    if not (params["mma"] or params["fwd_mma"]):
+        caps.append(("min_blocks", geometry["fwd_threads"]))
+    if not (params["bwd_tile"] or params["bwd_mma"]):
+        caps.append(("bwd_min_blocks", geometry["bwd_threads"]))
+    for name, threads in caps:
+        if params[name] * threads > limit:
+            raise ConfigError("params", f"{name}={params[name]} blocks of {threads} threads is more than the {limit} threads an {cfg.arch} "
+                                        f"SM holds (ptxas would ignore the register cap); at most {max(1, limit // threads)}")
+
+
 def launch_params(cfg: DCNConfig) -> tuple[dict[str, int], dict]:
     """cfg.params over the defaults, with the automatic ones filled in, and the launch geometry;
     raises ConfigError for a combination the kernels cannot run."""
@@ -257,6 +273,7 @@ def launch_params(cfg: DCNConfig) -> tuple[dict[str, int], dict]:
     _auto_batches(cfg, params)
     if params["min_blocks"] == 0:
         params["min_blocks"] = _auto_min_blocks(cfg, params)
+    _check_register_caps(cfg, params, geometry)
     if params["bwd_tile"]:
         params["bwd_halo"] = fitting_halo(cfg, params, "bwd_halo", bwd_tile_geometry)
         geometry["bwd_tile"] = bwd_tile_geometry(cfg, params)

@@ -77,6 +77,37 @@ def test_numpy_ints_and_signed_zero_are_the_same_config():
     assert a == b and hash(a) == hash(b) and a.key == b.key and len({a, b}) == 1
 
 
+# one config of every field differing from the default (params: one generator parameter)
+ONE_FIELD_CHANGED = dict(op="dcnv3", group=2, group_channels=8, kernel_size=5, stride=2, padding=2, dilation=2, offset_scale=0.5,
+                         remove_center=True, dtype="float16", target="cuda:sm_90", backend="tvm", params={"vec": 2})
+
+
+@pytest.mark.parametrize("field", ONE_FIELD_CHANGED)
+def test_every_field_is_part_of_the_key(field):
+    """The key names a config (tuning records are looked up by it): configs that differ in one field
+    have different keys and hashes."""
+    base = DCNConfig(kernel_size=5, padding=2) if field == "remove_center" else DCNConfig()
+    other = base.replace(**{field: ONE_FIELD_CHANGED[field]})
+    assert other != base and other.key != base.key and hash(other) != hash(base)
+
+
+def test_every_changed_field_is_covered():
+    from dataclasses import fields
+
+    assert {f.name for f in fields(DCNConfig)} == set(ONE_FIELD_CHANGED)
+
+
+def test_tvm_cuda_takes_16_byte_vectors():
+    """TVM's CUDA schedule emits vectors of up to 16 bytes (float4, 8 halves): they are accepted,
+    and the default is the widest."""
+    from dcngen.generators.tvm_gen import params_for
+
+    for dtype, widest in (("float32", 4), ("float16", 8), ("bfloat16", 8), ("float64", 2)):
+        cfg = DCNConfig(**TVM_CUDA, group_channels=16, dtype=dtype)
+        assert params_for(cfg)["vec"] == widest
+        assert params_for(cfg.replace(params={"vec": widest}))["vec"] == widest
+
+
 def test_cuda_target_without_a_gpu_names_the_target():
     import torch
 
@@ -170,6 +201,7 @@ CLI_BAD_RUNS = [
     (["bench", "--kernel-size", "5", "--padding", "0", "--shape", "1x4x5"], "leaves no output pixel on a 4x5 input"),
     (["tune", "--kernel-size", "5", "--padding", "0", "--shape", "1x4x5"], "leaves no output pixel on a 4x5 input"),
     (["bench", "--rounds", "0"], "--rounds"),
+    (["verify", "--shape", "0x9x11"], "invalid --shape '0x9x11'"),  # an empty batch: nothing to verify
 ]
 
 

@@ -179,6 +179,16 @@ def test_invalid_params_rejected(params, match):
     assert e.value.field == "params"
 
 
+def test_blocks_of_exactly_1024_threads_are_accepted():
+    """The limit is inclusive: 64 pixels x 4 groups x 4 lanes (C=16, vec=4) = 1024 threads per block."""
+    from dcngen.generators.template_cuda import launch_params
+
+    cfg = DCNConfig(group=4, group_channels=16, target="cuda:sm_90", params={"vec": 4, "bwd_vec": 4, "pixels": 64, "bwd_pixels": 64})
+    geometry = launch_params(cfg)[1]
+    assert geometry["fwd_threads"] == geometry["bwd_threads"] == 1024
+    generate(cfg)
+
+
 def test_too_many_threads_per_pixel_rejected():
     """More groups than a block holds lanes for, even at the widest vector (128 bytes: one lane per group)."""
     with pytest.raises(ConfigError) as e:

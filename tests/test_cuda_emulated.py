@@ -282,3 +282,75 @@ def test_fixed_point_sums_keep_their_headroom_at_the_worst_case(name, cfg, size,
     out, grad_x, grad_offset, _ = poisoned_call(cfg, kernel, tensors, grad_out)
     errors = reference_errors(cfg, tensors, grad_out, out, (grad_x, grad_offset))
     assert all(e < TOLERANCE[cfg.dtype] for e in errors.values()), f"{name}: {errors}"
+
+
+def test_tiled_backward_with_tiny_gradients(kernels):
+    """grad_out and weights of 1e-18 (bound 1e-35): a fixed-point scale 2^(bits - e2) past float's
+    range would be inf, so such tiles sum in global memory (float32 holds the values themselves)."""
+    import dataclasses
+
+    from dcngen.verify import TORCH_DTYPE, poisoned_call, random_problem, reference_errors
+
+    cfg = CASES["tiled-fp32-4x4-tiles"]
+    problem = random_problem(cfg, 1, 21, 19, seed=2)
+    problem = dataclasses.replace(problem, mask=problem.mask * 1e-18, grad_out=problem.grad_out * 1e-18)
+    tensors = problem.op_inputs(TORCH_DTYPE[cfg.dtype])
+    grad_out = problem.grad_out.float()
+    out, grad_x, grad_offset, _ = poisoned_call(cfg, kernels["tiled-fp32-4x4-tiles"], tensors, grad_out)
+    errors = reference_errors(cfg, tensors, grad_out, out, (grad_x, grad_offset))
+    assert all(e < TOLERANCE[cfg.dtype] for e in errors.values()), errors
+
+
+# the deterministic backward, as in test_hostile's fixed-point configs
+DETERMINISTIC = cuda(group=2, group_channels=16, params={"deterministic": 1})
+
+
+@pytest.mark.parametrize("pixel, group", [("interior", 0), ("last", 1)])
+def test_deterministic_bound_covers_every_point(pixel, group):
+    """One in-window point with a weight 1e6 times the others' (at an interior pixel of the first
+    image in the first group, or at the last pixel in the last group): the fixed-point scale must
+    come from the max over every (pixel, group, point), else that point's contributions overflow
+    the int64 sums."""
+    import dataclasses
+
+    import torch
+
+    from dcngen.verify import TORCH_DTYPE, poisoned_call, random_problem, reference_errors
+
+    cfg = DETERMINISTIC
+    problem = random_problem(cfg, 2, 9, 11, seed=4)
+    n, ho, wo = (0, 4, 5) if pixel == "interior" else (1, 8, 10)  # the last pixel's centre sample is still inside
+    centre = cfg.points.index((cfg.kernel_size[1] // 2, cfg.kernel_size[0] // 2))
+    offset, mask = problem.offset.clone(), problem.mask.clone()
+    offset[n, ho, wo, group, centre] = torch.tensor([0.375, 0.625], dtype=torch.float64)
+    mask[n, ho, wo, group, centre] = 1e6
+    problem = dataclasses.replace(problem, offset=offset, mask=mask)
+    tensors = problem.op_inputs(TORCH_DTYPE[cfg.dtype])
+    grad_out = problem.grad_out.float()
+    out, grad_x, grad_offset, _ = poisoned_call(cfg, emulated_kernel(cfg), tensors, grad_out)
+    errors = reference_errors(cfg, tensors, grad_out, out, (grad_x, grad_offset))
+    assert all(e < TOLERANCE[cfg.dtype] for e in errors.values()), errors
+
+
+def test_deterministic_backward_with_a_nan_grad_out():
+    """A NaN in grad_out makes the deterministic bound NaN: every input gradient the reference makes
+    NaN is NaN (a NaN contribution rounded to an integer is a finite garbage value), and the offset
+    and weight gradients match the reference, NaNs included."""
+    import torch
+
+    from dcngen import reference
+    from dcngen.verify import TORCH_DTYPE, poisoned_call, random_problem
+
+    cfg = DETERMINISTIC
+    problem = random_problem(cfg, 1, 9, 11, seed=6)
+    tensors = problem.op_inputs(TORCH_DTYPE[cfg.dtype])
+    grad_out = problem.grad_out.float()
+    grad_out[0, 4, 5, 3] = float("nan")
+    _, grad_x, grad_offset, _ = poisoned_call(cfg, emulated_kernel(cfg), tensors, grad_out)
+    ref = [t.double().requires_grad_() for t in tensors]
+    reference.dcnv4(cfg, *ref).backward(grad_out.double())
+    assert ref[0].grad.isnan().any() and grad_x[ref[0].grad.isnan()].isnan().all()
+    expected = ref[1].grad
+    assert torch.equal(grad_offset.isnan(), expected.isnan())
+    finite = expected.isfinite()
+    assert torch.allclose(grad_offset[finite].double(), expected[finite], rtol=1e-4, atol=1e-4 * expected[finite].abs().max().item())

@@ -89,6 +89,19 @@ def test_op_stride_dilation_non_square_kernel_matches_reference():
     assert _rel(_run_onnx(prog.model_proto.SerializeToString(), (x, om)), reference.dcnv4(cfg, x, om)) < 1e-5
 
 
+def test_op_offset_scale_with_unequal_half_windows_matches_reference():
+    """offset_scale != 1 on a window whose half extents differ ((Dh, Dw) = (1, 2)): the additive
+    terms use Dh for dy and Dw for dx (the other geometry test's halves are equal)."""
+    kw = dict(kernel_size=(3, 5), padding=(1, 2), group=G, group_channels=C, offset_scale=0.5)
+    cfg = DCNConfig(op="dcnv3", **kw)
+    assert cfg.half_window == (1, 2)
+    x = torch.randn(1, 6, 7, G * C)
+    off, mask = torch.randn(1, 6, 7, 2 * G * cfg.num_points) * 1.5, torch.rand(1, 6, 7, G * cfg.num_points)
+    prog = torch.onnx.export(_Op("dcnv3", **kw), (x, off, mask), dynamo=True, opset_version=19, custom_translation_table=dcngen.onnx.translation_table())
+    _check_graph(prog.model_proto)
+    assert _rel(_run_onnx(prog.model_proto.SerializeToString(), (x, off, mask)), reference.dcnv3(cfg, x, off, mask)) < 1e-5
+
+
 def test_torchscript_exporter(tmp_path):
     dcngen.onnx.register_torchscript_symbolics()
     kw = dict(kernel_size=3, group=G, group_channels=C, offset_scale=2.0, remove_center=True)

@@ -17,15 +17,26 @@ BACKWARD_ZEROES_PADDING = True
 
 COMMON_FLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros", "-ffp-contract=fast")
 # The kernels plan 16 fp32 lanes at a time: use whole 512-bit vectors where the CPU has them (GCC 13
-# tunes Sapphire Rapids for 256-bit ones; the option changes nothing on CPUs without AVX-512).
+# tunes Sapphire Rapids for 256-bit ones; the option changes nothing on CPUs without AVX-512) ...
 WIDE_VECTORS = ("-mprefer-vector-width=512",)
+# ... except where a group's channel row is longer than one 512-bit vector of the accumulation type
+# and does not end on one: GCC finishes each channel loop there with a slow partial vector. 256-bit
+# vectors, paired on a Zen 4 (benchmarks/RESULTS.md): float32 C20-C52 forward 0.64-0.78x the time,
+# backward 0.87-0.97x; float64 C12-C28 forward 0.76-0.91x; 16-bit C20-C28 backward 0.77-0.88x.
+HALF_VECTORS = ("-mprefer-vector-width=256",)
+
+
+def _vector_flags(cfg: DCNConfig) -> tuple[str, ...]:
+    lanes = 8 if cfg.dtype == "float64" else 16  # accumulation-type values per 512-bit vector
+    c = cfg.group_channels
+    return HALF_VECTORS if c > lanes and c % lanes else WIDE_VECTORS
 
 
 def flags(cfg: DCNConfig) -> tuple[str, ...]:
     """Host compiler flags for cfg's target: this machine's CPU ('cpu') or a named x86-64 level."""
     if cfg.cpu_isa:
-        return (*COMMON_FLAGS, f"-march={cfg.cpu_isa}", *(WIDE_VECTORS if ISAS[cfg.cpu_isa].vector_bits == 512 else ()))
-    return (*COMMON_FLAGS, "-march=native", *(WIDE_VECTORS if is_x86_64() else ()))
+        return (*COMMON_FLAGS, f"-march={cfg.cpu_isa}", *(_vector_flags(cfg) if ISAS[cfg.cpu_isa].vector_bits == 512 else ()))
+    return (*COMMON_FLAGS, "-march=native", *(_vector_flags(cfg) if is_x86_64() else ()))
 
 
 def default_params(cfg: DCNConfig) -> dict[str, int]:

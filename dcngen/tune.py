@@ -50,9 +50,14 @@ def space_for(cfg: DCNConfig) -> Space:
     """The search space of cfg's generator (see its PARAM_BOUNDS and default_params)."""
     p = cfg.num_points
     if cfg.backend == "template" and not cfg.is_cuda:
-        # the knobs shape the forward only (the backward runs one task per (image, group))
+        from .generators.template_cpu import wide_vectors
+
         unroll = tuple(sorted({1, 2, 3, 4, p} & set(range(1, 65))))
-        return Space({"pixel_chunk": _pow2_upto(1, 4096), "unroll_points": unroll, "accumulators": (1, 2, 4)}, passes=("forward",))
+        values = {"pixel_chunk": _pow2_upto(1, 4096), "unroll_points": unroll, "accumulators": (1, 2, 4)}
+        if wide_vectors(cfg):  # AVX-512: the vector width GCC prefers shapes both passes
+            return Space({**values, "vector_bits": (256, 512)})
+        # the other knobs shape the forward only (the backward runs one task per (image, group))
+        return Space(values, passes=("forward",))
     if cfg.backend == "template":
         # the knobs the H100 sweeps found to matter (benchmarks/RESULTS.md), around the defaults
         vec = _pow2_upto(1, 16)

@@ -141,3 +141,27 @@ def test_template_compiles_for_aarch64(tmp_path, op, dtype, c):
                           f"-I{libinfo.find_dlpack_include_path()}", "-c", "kernel.cc", "-o", "kernel.o"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_vector_width_follows_the_channel_row():
+    """AVX-512 targets prefer 512-bit vectors, except where a group's channel row is longer than one
+    512-bit vector of the accumulation type and ends in a partial one; `vector_bits` overrides it,
+    tune searches it, and targets without AVX-512 have no such parameter."""
+    from dcngen.tune import space_for
+
+    def width(c, dtype="float32", **kw):
+        source = generate(DCNConfig(group_channels=c, dtype=dtype, target="cpu:x86-64-v4", **kw))
+        assert f"-mprefer-vector-width={dict(source.params)['vector_bits']}" in source.flags
+        return dict(source.params)["vector_bits"]
+
+    assert [width(c) for c in (4, 12, 16, 20, 24, 32, 36)] == [512, 512, 512, 256, 256, 512, 256]
+    assert [width(c, "float64") for c in (4, 8, 12, 16)] == [512, 512, 256, 512]
+    assert width(20, params={"vector_bits": 512}) == 512
+    with pytest.raises(ConfigError, match="256 or 512"):
+        generate(DCNConfig(target="cpu:x86-64-v4", params={"vector_bits": 384}))
+    v3 = DCNConfig(target="cpu:x86-64-v3")
+    with pytest.raises(ConfigError, match="unknown parameter 'vector_bits'"):
+        generate(v3.replace(params={"vector_bits": 256}))
+    assert not any(f.startswith("-mprefer-vector-width") for f in generate(v3).flags)
+    assert space_for(DCNConfig(target="cpu:x86-64-v4")).values["vector_bits"] == (256, 512)
+    assert "vector_bits" not in space_for(v3).values

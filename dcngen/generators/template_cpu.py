@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..config import DCNConfig
-from ..cpu_isas import ISAS, is_x86_64, register_bytes
+from ..cpu_isas import ISAS, is_x86_64, missing_features, register_bytes
+from ..errors import ConfigError
 from ..source import KernelSource
 from .jinja import render, resolve_params
 
@@ -16,27 +17,32 @@ PARAM_BOUNDS = {"pixel_chunk": (1, 4096), "unroll_points": (1, 64), "accumulator
 BACKWARD_ZEROES_PADDING = True
 
 COMMON_FLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros", "-ffp-contract=fast")
-# The kernels plan 16 fp32 lanes at a time: use whole 512-bit vectors where the CPU has them (GCC 13
-# tunes Sapphire Rapids for 256-bit ones; the option changes nothing on CPUs without AVX-512) ...
-WIDE_VECTORS = ("-mprefer-vector-width=512",)
-# ... except where a group's channel row is longer than one 512-bit vector of the accumulation type
-# and does not end on one: GCC finishes each channel loop there with a slow partial vector. 256-bit
-# vectors, paired on a Zen 4 (benchmarks/RESULTS.md): float32 C20-C52 forward 0.64-0.78x the time,
-# backward 0.87-0.97x; float64 C12-C28 forward 0.76-0.91x; 16-bit C20-C28 backward 0.77-0.88x.
-HALF_VECTORS = ("-mprefer-vector-width=256",)
 
 
-def _vector_flags(cfg: DCNConfig) -> tuple[str, ...]:
+def wide_vectors(cfg: DCNConfig) -> bool:
+    """Whether cfg's target has 512-bit vectors (AVX-512): this machine's CPU, or the named level."""
+    if cfg.cpu_isa:
+        return ISAS[cfg.cpu_isa].vector_bits == 512
+    return is_x86_64() and not missing_features("x86-64-v4")
+
+
+def default_vector_bits(cfg: DCNConfig) -> int:
+    """The vector width GCC prefers on an AVX-512 target: 512 bits (the kernels plan 16 fp32 lanes at
+    a time; GCC 13 tunes Sapphire Rapids for 256), except where a group's channel row is longer than
+    one 512-bit vector of the accumulation type and does not end on one: GCC finishes each channel
+    loop there with a slow partial vector. 256-bit vectors, paired on a Zen 4 (benchmarks/RESULTS.md):
+    float32 C20-C52 forward 0.64-0.78x the time, backward 0.87-0.97x; float64 C12-C28 forward
+    0.76-0.91x; 16-bit C20-C28 backward 0.77-0.88x. `dcngen tune` tries both."""
     lanes = 8 if cfg.dtype == "float64" else 16  # accumulation-type values per 512-bit vector
     c = cfg.group_channels
-    return HALF_VECTORS if c > lanes and c % lanes else WIDE_VECTORS
+    return 256 if c > lanes and c % lanes else 512
 
 
-def flags(cfg: DCNConfig) -> tuple[str, ...]:
-    """Host compiler flags for cfg's target: this machine's CPU ('cpu') or a named x86-64 level."""
-    if cfg.cpu_isa:
-        return (*COMMON_FLAGS, f"-march={cfg.cpu_isa}", *(_vector_flags(cfg) if ISAS[cfg.cpu_isa].vector_bits == 512 else ()))
-    return (*COMMON_FLAGS, "-march=native", *(_vector_flags(cfg) if is_x86_64() else ()))
+def flags(cfg: DCNConfig, params: dict[str, int]) -> tuple[str, ...]:
+    """Host compiler flags for cfg's target (this machine's CPU, 'cpu', or a named x86-64 level) and
+    params' vector width (AVX-512 targets)."""
+    vectors = (f"-mprefer-vector-width={params['vector_bits']}",) if "vector_bits" in params else ()
+    return (*COMMON_FLAGS, f"-march={cfg.cpu_isa or 'native'}", *vectors)
 
 
 def default_params(cfg: DCNConfig) -> dict[str, int]:
@@ -48,10 +54,16 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
     row_bytes = cfg.group_channels * (8 if cfg.dtype == "float64" else 4)
     budget = register_bytes(cfg.cpu_isa) // 4
     accumulators = next(a for a in (4, 2, 1) if a == 1 or a * row_bytes <= budget)
-    return {"pixel_chunk": 4096, "unroll_points": cfg.num_points if cfg.num_points <= 16 else 1, "accumulators": accumulators}
+    params = {"pixel_chunk": 4096, "unroll_points": cfg.num_points if cfg.num_points <= 16 else 1, "accumulators": accumulators}
+    if wide_vectors(cfg):
+        params["vector_bits"] = default_vector_bits(cfg)
+    return params
 
 
 def generate(cfg: DCNConfig) -> KernelSource:
-    params = resolve_params(cfg, default_params(cfg), PARAM_BOUNDS)
+    bounds = {**PARAM_BOUNDS, **({"vector_bits": (256, 512)} if wide_vectors(cfg) else {})}
+    params = resolve_params(cfg, default_params(cfg), bounds)
+    if params.get("vector_bits", 256) not in (256, 512):
+        raise ConfigError("params", f"vector_bits={params['vector_bits']} must be 256 or 512")
     text = render("cpu/dcn.cc.j2", cfg, scalar_type=SCALAR_TYPE[cfg.dtype], params=params)
-    return KernelSource(config=cfg, language="cpp", text=text, flags=flags(cfg), params=tuple(sorted(params.items())))
+    return KernelSource(config=cfg, language="cpp", text=text, flags=flags(cfg, params), params=tuple(sorted(params.items())))

@@ -25,14 +25,18 @@ from dcngen.verify import TOLERANCE, verify, verify_kernel
 
 RUNNABLE = [isa for isa in ISAS if not missing_features(isa)]
 # Per level: float16 at C16 (the F16C / AVX-512 row conversion), bfloat16 at C8, float32 with a tail (C5);
-# float16 and bfloat16 rows with tails, staged as zero-padded vectors of 4, 8 or 16 (AVX-512, masked loads).
+# float16 and bfloat16 rows with tails, staged as zero-padded vectors of 4, 8 or 16 (AVX-512, masked loads);
+# rows of 8k + 3 (C3, C11): the backward's input copy converts them whole vectors, then scalars (no block of 4;
+# one would write past the row into the padded image's ring).
 CASES = [
     (isa, op, dtype, c)
     for isa in ISAS
     for op, dtype, c in (("dcnv4", "float16", 16), ("dcnv3", "bfloat16", 8), ("dcnv4", "float32", 5))
     if isa in ("x86-64", "x86-64-v3") or dtype == "float16"
 ] + [("x86-64-v3", "dcnv4", "float16", 5), ("x86-64-v3", "dcnv3", "float16", 12), ("x86-64-v4", "dcnv4", "float16", 4),
-     ("x86-64-v4", "dcnv3", "float16", 20), ("x86-64-v3", "dcnv4", "bfloat16", 4), ("x86-64-v4", "dcnv4", "bfloat16", 12)]
+     ("x86-64-v4", "dcnv3", "float16", 20), ("x86-64-v3", "dcnv4", "bfloat16", 4), ("x86-64-v4", "dcnv4", "bfloat16", 12),
+     ("x86-64-v4", "dcnv4", "float16", 3), ("x86-64-v3", "dcnv3", "float16", 11), ("x86-64-v4", "dcnv3", "bfloat16", 11),
+     ("x86-64-v3", "dcnv4", "bfloat16", 3)]
 # Register names the library of each level must not use (wider vectors than the level has).
 TOO_WIDE = {"x86-64": ("ymm", "zmm"), "x86-64-v2": ("ymm", "zmm"), "x86-64-v3": ("zmm",), "x86-64-v4": ()}
 

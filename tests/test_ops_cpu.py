@@ -3,6 +3,7 @@
 import os
 import pickle
 import random
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ import dcngen.ops as ops
 from dcngen import reference
 from dcngen.config import DCNConfig
 from dcngen.errors import ConfigError, InputError
+from dcngen.generators import generate
 
 CASES = golden_cases()
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -552,6 +554,96 @@ def test_results_do_not_depend_on_the_thread_count():
         torch.set_num_threads(previous)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+TSAN_DRIVER = r"""
+// One dcn_forward or dcn_backward call (argv[1]: f or b) of the included kernel, DCNv3 layout, on the 4
+// threads asked for with dcn_set_num_threads; prints how many threads the process gained in the call.
+#include "kernel.cc"
+#include <dirent.h>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+static DLTensor tensor(scalar_t* data, std::vector<int64_t>& shape) {
+  DLTensor t{};
+  t.data = data; t.device = {kDLCPU, 0}; t.ndim = 4; t.dtype = dcn_ffi::kDType; t.shape = shape.data();
+  return t;
+}
+
+static int os_threads() {
+  DIR* dir = opendir("/proc/self/task");
+  int n = 0;
+  while (dirent* e = readdir(dir)) n += e->d_name[0] != '.';
+  closedir(dir);
+  return n;
+}
+
+int main(int argc, char** argv) {
+  const int N = 4, H = 16, W = 16;
+  const int Ho = int(dcn_ffi::output_extent(H, KH, SH, PH, DH)), Wo = int(dcn_ffi::output_extent(W, KW, SW, PW, DW));
+  std::vector<int64_t> sx{N, H, W, GC}, so{N, Ho, Wo, G * P * 2}, sm{N, Ho, Wo, G * P}, sy{N, Ho, Wo, GC};
+  std::mt19937 rng(1);
+  std::uniform_real_distribution<float> u(-1.f, 1.f), frac(0.1f, 0.9f);
+  std::uniform_int_distribution<int> whole(-2, 2);
+  // Never freed: a free on this thread after the region would race (for TSan) with the workers' writes,
+  // since it cannot see libgomp's barriers. Inputs are written before the region, whose threads are
+  // created there (pthread_create orders them).
+  std::vector<scalar_t*> t;
+  for (auto* s : {&sx, &so, &sm, &sy, &sx, &so, &sm, &sy}) t.push_back(new scalar_t[(*s)[0] * (*s)[1] * (*s)[2] * (*s)[3]]);
+  for (int64_t i = 0; i < N * H * W * GC; ++i) t[0][i] = from_acc<scalar_t>(u(rng));
+  for (int64_t i = 0; i < N * Ho * Wo * G * P * 2; ++i) t[1][i] = from_acc<scalar_t>(whole(rng) + frac(rng));
+  for (int64_t i = 0; i < N * Ho * Wo * G * P; ++i) t[2][i] = from_acc<scalar_t>(u(rng));
+  for (int64_t i = 0; i < N * Ho * Wo * GC; ++i) t[3][i] = from_acc<scalar_t>(u(rng));
+  DLTensor x = tensor(t[0], sx), off = tensor(t[1], so), mask = tensor(t[2], sm), go = tensor(t[3], sy);
+  DLTensor gx = tensor(t[4], sx), goff = tensor(t[5], so), gmask = tensor(t[6], sm), out = tensor(t[7], sy);
+  dcn_set_num_threads(4);
+  const int before = os_threads();
+  if (argv[1][0] == 'f') dcn_forward(&x, &off, &mask, &out);
+  else dcn_backward(&x, &off, &mask, &go, &gx, &goff, &gmask);
+  std::printf("done, %d new threads\n", os_threads() - before);
+  std::fflush(stdout);
+  std::_Exit(0);  // no destructors or frees after the region
+}
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("g++") is None, reason="needs g++ with ThreadSanitizer (Linux)")
+def test_threads_share_no_scratch_under_thread_sanitizer(tmp_path):
+    """Each thread of the forward and backward regions keeps its own scratch (the forward's point
+    inputs and plan; the backward's padded images and channel terms): a standalone driver of the
+    generated source, built with -fsanitize=thread, runs one parallel region per process on 4
+    threads, and TSan reports no race. The region must have run on the 4 threads that
+    dcn_set_num_threads asked for (3 new ones at least), not OpenMP's default (OMP_NUM_THREADS=1
+    here). Scratch shared by the threads is reported on every run, as TSan needs no overlap in time:
+    libgomp is not instrumented, so accesses of two threads to the same address within one region
+    are never ordered for it. (For the same reason the driver runs one
+    region per process: its threads are reused by the next region without an order TSan can see.)"""
+    from tvm_ffi import libinfo
+
+    libtsan = subprocess.run(["g++", "-print-file-name=libtsan.so"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(libtsan):
+        pytest.skip("libtsan is not installed")
+    cfg = DCNConfig(op="dcnv3", group=4, group_channels=8, kernel_size=3, dtype="float32")
+    source = generate(cfg)
+    (tmp_path / "kernel.cc").write_text(source.text)
+    (tmp_path / "driver.cc").write_text(TSAN_DRIVER)
+    lib = libinfo.find_libtvm_ffi()
+    flags = [f for f in source.flags if f != "-O3"]
+    build = subprocess.run(["g++", "-std=c++17", *flags, "-O1", "-g", "-fsanitize=thread", "-w", f"-I{libinfo.find_include_path()}",
+                            f"-I{libinfo.find_dlpack_include_path()}", "driver.cc", "-o", "driver", lib, f"-Wl,-rpath,{os.path.dirname(lib)}"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    for mode in ("forward", "backward"):
+        run = subprocess.run([str(tmp_path / "driver"), mode], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "TSAN_OPTIONS": "exitcode=66", "OMP_NUM_THREADS": "1"})
+        output = run.stdout + run.stderr
+        if "FATAL: ThreadSanitizer" in output:  # e.g. a kernel whose mmap randomisation TSan cannot map around
+            pytest.skip(output.strip().splitlines()[0])
+        assert "WARNING: ThreadSanitizer" not in output, f"{mode}:\n{output[-6000:]}"
+        assert run.returncode == 0 and "done" in run.stdout, f"{mode}:\n{output[-3000:]}"
+        # at least libgomp's 3 workers (TSan may start a thread of its own with the first one)
+        assert int(run.stdout.split()[1]) >= 3, f"{mode}: {run.stdout}"
 
 
 @pytest.mark.parametrize("op", ["dcnv4", "dcnv3"])

@@ -52,11 +52,12 @@ def space_for(cfg: DCNConfig) -> Space:
     if cfg.backend == "template" and not cfg.is_cuda:
         from .generators.template_cpu import wide_vectors
 
+        # pixel_chunk, unroll_points and accumulators shape the forward only (the backward runs one
+        # task per (image, group)); on AVX-512 targets the vector width GCC prefers shapes both passes
         unroll = tuple(sorted({1, 2, 3, 4, p} & set(range(1, 65))))
         values = {"pixel_chunk": _pow2_upto(1, 4096), "unroll_points": unroll, "accumulators": (1, 2, 4)}
-        if wide_vectors(cfg):  # AVX-512: the vector width GCC prefers shapes both passes
+        if wide_vectors(cfg):
             return Space({**values, "vector_bits": (256, 512)})
-        # the other knobs shape the forward only (the backward runs one task per (image, group))
         return Space(values, passes=("forward",))
     if cfg.backend == "template":
         # the knobs the H100 sweeps found to matter (benchmarks/RESULTS.md), around the defaults
@@ -411,6 +412,8 @@ def tune(cfg: DCNConfig, shape: tuple[int, int, int], *, trials: int = 64, time_
     path = records.path_for(cfg.target, root, measured_on)
     records.check_writable(path)
     previous = records.load(path)["records"].get(key, {})
+    if previous.get("passes", list(space.passes)) != list(space.passes):  # timed over other passes: start again
+        previous = {}
     measured: dict[str, object] = dict(previous.get("candidates", {}))
     m = _Measure(cfg, shape, executor, space)
     done: list[Trial] = []

@@ -31,8 +31,9 @@ def default_vector_bits(cfg: DCNConfig) -> int:
     a time; GCC 13 tunes Sapphire Rapids for 256), except where a group's channel row is longer than
     one 512-bit vector of the accumulation type and does not end on one: GCC finishes each channel
     loop there with a slow partial vector. 256-bit vectors, paired on a Zen 4 (benchmarks/RESULTS.md):
-    float32 C20-C52 forward 0.64-0.78x the time, backward 0.87-0.97x; float64 C12-C28 forward
-    0.76-0.91x; 16-bit C20-C28 backward 0.77-0.88x. `dcngen tune` tries both."""
+    float32 C20/C28/C36/C40/C52 forward 0.64-0.78x the time (C24 0.96x), backward 0.87-0.97x;
+    float64 C12-C28 forward 0.76-0.91x (C10 1.06x); 16-bit C20/C28 backward 0.77-0.85x (float16 C28
+    forward 1.10x). `dcngen tune` tries both."""
     lanes = 8 if cfg.dtype == "float64" else 16  # accumulation-type values per 512-bit vector
     c = cfg.group_channels
     return 256 if c > lanes and c % lanes else 512
@@ -61,6 +62,8 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
 
 
 def generate(cfg: DCNConfig) -> KernelSource:
+    if "vector_bits" in cfg.param_dict and not wide_vectors(cfg):
+        raise ConfigError("params", f"vector_bits applies to targets with AVX-512 only; {cfg.target} has none")
     bounds = {**PARAM_BOUNDS, **({"vector_bits": (256, 512)} if wide_vectors(cfg) else {})}
     params = resolve_params(cfg, default_params(cfg), bounds)
     if params.get("vector_bits", 256) not in (256, 512):

@@ -50,14 +50,17 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
     """Heuristic: unroll the forward point loop for kernels up to 4x4 (the point geometry folds to constants);
     forward work items of up to 4096 pixels (fewer when that leaves under four per thread): long runs of
     pixels keep each thread's band of input rows in its own cache; 4, 2 or 1 accumulator rows, as many
-    as fit a quarter of the target's vector registers (more made the compiler spill them: 1.07-1.2x
-    the forward's time under AVX2 at C16/C32 in float32, and under AVX-512 at C64)."""
+    as fit a quarter of the vector registers the compiler uses (more made it spill them: 1.07-1.2x
+    the forward's time under AVX2 at C16/C32 in float32, and under AVX-512 at C64; with 256-bit
+    vectors preferred on AVX-512, the registers hold half as much: float32 C20/C28 2 rows instead of 4
+    0.93x / 0.92x, C36/C52 1 instead of 2 0.79x)."""
+    vector_bits = default_vector_bits(cfg) if wide_vectors(cfg) else None
     row_bytes = cfg.group_channels * (8 if cfg.dtype == "float64" else 4)
-    budget = register_bytes(cfg.cpu_isa) // 4
+    budget = register_bytes(cfg.cpu_isa) * (vector_bits or 512) // 512 // 4
     accumulators = next(a for a in (4, 2, 1) if a == 1 or a * row_bytes <= budget)
     params = {"pixel_chunk": 4096, "unroll_points": cfg.num_points if cfg.num_points <= 16 else 1, "accumulators": accumulators}
-    if wide_vectors(cfg):
-        params["vector_bits"] = default_vector_bits(cfg)
+    if vector_bits:
+        params["vector_bits"] = vector_bits
     return params
 
 

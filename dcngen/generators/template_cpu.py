@@ -65,11 +65,11 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
 
 
 def generate(cfg: DCNConfig) -> KernelSource:
-    if "vector_bits" in cfg.param_dict and not wide_vectors(cfg):
+    wide = wide_vectors(cfg)
+    if "vector_bits" in cfg.param_dict and not wide:
         raise ConfigError("params", f"vector_bits applies to targets with AVX-512 only; {cfg.target} has none")
-    bounds = {**PARAM_BOUNDS, **({"vector_bits": (256, 512)} if wide_vectors(cfg) else {})}
-    params = resolve_params(cfg, default_params(cfg), bounds)
-    if params.get("vector_bits", 256) not in (256, 512):
+    params = resolve_params(cfg, default_params(cfg), {**PARAM_BOUNDS, "vector_bits": (256, 512)} if wide else PARAM_BOUNDS)
+    if wide and params["vector_bits"] not in (256, 512):
         raise ConfigError("params", f"vector_bits={params['vector_bits']} must be 256 or 512")
     text = render("cpu/dcn.cc.j2", cfg, scalar_type=SCALAR_TYPE[cfg.dtype], params=params)
     return KernelSource(config=cfg, language="cpp", text=text, flags=flags(cfg, params), params=tuple(sorted(params.items())))

@@ -270,8 +270,11 @@ class DCNv3(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         n, h, w, _ = input.shape
         _check_same_size(self._cfg, h, w)
-        x = self.input_proj(input)
+        # The depthwise branch is traced first: on the CPU, Inductor (torch 2.13) lays out the 4-D
+        # tensors computed from the graph's inputs before its last convolution as NCHW channels-last,
+        # which fails on the projection's (N, H, W, C) view once H and W are dynamic.
         x1 = self.dw_conv(input.permute(0, 3, 1, 2))  # (N, H, W, C)
+        x = self.input_proj(input)
         offset = self.offset(x1)
         p = self._cfg.num_points
         mask = F.softmax(self.mask(x1).reshape(n, h, w, self.group, p), -1).reshape(n, h, w, self.group * p).to(x.dtype)

@@ -293,6 +293,36 @@ def test_dcnv4_module_compiles_without_a_shape_for_several_lengths():
         m(torch.randn(1, 60, 16))
 
 
+@pytest.mark.parametrize("make,options", [
+    (lambda: dcngen.nn.DCNv3(16, kernel_size=3, group=2, center_feature_scale=True), {}),
+    (lambda: dcngen.nn.DCNv4(16, group=2, dw_kernel_size=3), {"layout_optimization": False}),
+], ids=["dcnv3", "dcnv4-dw"])
+def test_compiled_module_trains_as_the_image_size_changes(make, options):
+    """The second size recompiles with dynamic H and W. On the CPU, Inductor's layout optimization
+    (torch 2.13) could not lay out DCNv3's projection, traced between the graph's input and its
+    depthwise convolution: the module traces that branch first. DCNv4's value projection shares
+    the convolution's size arguments, so it needs the optimization off (as the README says; Inductor
+    turns it off for dynamic convolutions on GPUs). Outputs and every gradient equal eager's."""
+    torch.manual_seed(0)
+    module = make()
+    compiled = torch.compile(module, fullgraph=True, options=options)
+    is_v3 = isinstance(module, dcngen.nn.DCNv3)
+    for h, w in ((6, 6), (7, 5), (8, 9)):
+        x = torch.randn(*((2, h, w, 16) if is_v3 else (2, h * w, 16)), requires_grad=True)
+        args = () if is_v3 else ((h, w),)
+        eager = module(x, *args)
+        eager.square().sum().backward()
+        grads = [x.grad] + [p.grad for p in module.parameters()]
+        module.zero_grad()
+        x2 = x.detach().clone().requires_grad_()
+        out = compiled(x2, *args)
+        out.square().sum().backward()
+        torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
+        for got, want in zip([x2.grad] + [p.grad for p in module.parameters()], grads):
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+        module.zero_grad()
+
+
 def _example():
     spec = importlib.util.spec_from_file_location("train_block", ROOT / "examples" / "train_block.py")
     mod = importlib.util.module_from_spec(spec)

@@ -82,6 +82,16 @@ def test_float64_is_left_alone_and_float16_runs_in_float16():
     torch.testing.assert_close(out.float(), _call("dcnv4", x, rest), rtol=5e-3, atol=5e-3)
 
 
+def test_float16_and_mixed_inputs_run_in_the_autocast_dtype():
+    """float16 inputs, or a mix of float32 and float16, all run in the autocast dtype (bfloat16 here)."""
+    x, (om,) = _inputs("dcnv4")
+    for inputs in ((x.half(), om.half()), (x, om.half())):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = _call("dcnv4", inputs[0], inputs[1:])
+        assert out.dtype == torch.bfloat16
+        assert _rel(out, _call("dcnv4", x, (om,))) < 2e-2
+
+
 def test_modules_under_autocast():
     torch.manual_seed(0)
     m4 = dcngen.nn.DCNv4(G * C, group=G, center_feature_scale=True)

@@ -76,8 +76,9 @@ def run_kernel(cfg: DCNConfig, module) -> None:
 
 WORKER = textwrap.dedent(
     """
-    import sys, time
+    import logging, sys, time
     from pathlib import Path
+    logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")  # each compile: "dcngen.build building ..."
     start = Path(sys.argv[1])
     from dcngen.build import build, load  # no torch: the workers only build and load
     from dcngen.config import DCNConfig
@@ -94,7 +95,8 @@ WORKER = textwrap.dedent(
 
 
 def test_concurrent_builders_share_one_artifact(cache, tmp_path):
-    """8 processes build the same new config at once: all succeed, one artifact, no staging leftovers."""
+    """8 processes build the same new config at once: all succeed, one compiles it (the others wait
+    for it under the key's lock), one artifact, no staging leftovers."""
     cfg = fresh_config()
     start = tmp_path / "go"
     env = dict(os.environ, DCNGEN_CACHE=str(cache), OMP_NUM_THREADS="1")
@@ -110,6 +112,7 @@ def test_concurrent_builders_share_one_artifact(cache, tmp_path):
         assert p.returncode == 0, err[-3000:]
     paths = {line.split(" ", 1)[1] for out, _ in results for line in out.splitlines() if line.startswith("ARTIFACT ")}
     assert len(paths) == 1
+    assert sum(err.count("dcngen.build building ") for _, err in results) == 1
     assert [str(p) for p in artifact_dirs(cache)] == list(paths)
     assert leftovers(cache) == []
     art = build_mod._published(Path(paths.pop()))
@@ -393,6 +396,8 @@ def test_artifact_key_covers_text_flags_and_sanitizer(cache, monkeypatch):
     assert key.startswith("dcnv4_float64_cpu_template_")
     assert artifact_key(KernelSource(src.config, src.language, src.text + "\n", src.flags)) != key
     assert artifact_key(KernelSource(src.config, src.language, src.text, src.flags + ("-O1",))) != key
+    monkeypatch.setenv("DCNGEN_SANITIZE", "0")  # off, as unset
+    assert artifact_key(src) == key
     monkeypatch.setenv("DCNGEN_SANITIZE", "1")
     assert artifact_key(src) != key
 

@@ -169,3 +169,21 @@ def test_vector_width_follows_the_channel_row():
     assert not any(f.startswith("-mprefer-vector-width") for f in generate(v3).flags)
     assert space_for(DCNConfig(target="cpu:x86-64-v4")).values["vector_bits"] == (256, 512)
     assert "vector_bits" not in space_for(v3).values
+    # the vector width shapes the backward too, so an AVX-512 target's candidates are timed over both passes
+    assert space_for(DCNConfig(target="cpu:x86-64-v4")).passes == ("forward", "backward")
+    assert space_for(v3).passes == ("forward",)
+
+
+def test_default_accumulator_rows_fit_a_quarter_of_the_vector_registers():
+    """As many float32 accumulator rows (4, 2 or 1) as fit a quarter of the level's register file:
+    AVX2's 16 x 256 bits, AVX-512's 32 x 512 bits, half of it where 256-bit vectors are preferred
+    (C20, C28, C36). Target 'cpu' plans for the best level this CPU runs (-march=native uses it)."""
+    from dcngen.tune import default_params
+
+    rows = lambda c, isa: default_params(DCNConfig(group_channels=c, target=f"cpu:{isa}"))["accumulators"]  # noqa: E731
+    assert [rows(c, "x86-64-v3") for c in (8, 16, 32)] == [4, 2, 1]
+    assert [rows(c, "x86-64-v4") for c in (16, 20, 32, 36, 64)] == [4, 2, 4, 1, 2]
+    if RUNNABLE:
+        for c, dtype in ((8, "float32"), (16, "float32"), (32, "float32"), (64, "float32"), (16, "float64")):
+            native, level = (DCNConfig(group_channels=c, dtype=dtype, target=t) for t in ("cpu", f"cpu:{RUNNABLE[-1]}"))
+            assert default_params(native) == default_params(level), (c, dtype)

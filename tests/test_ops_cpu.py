@@ -176,6 +176,11 @@ def test_the_library_entry_points_check_their_tensors():
             kernel.forward(*args)
     with pytest.raises(Exception, match="grad_x must have x's shape"):
         kernel.backward(x, om, om, out, torch.empty(1, 5, 5, 8), torch.empty_like(om), torch.empty_like(om))
+    v3 = kernel_for(cfg.replace(op="dcnv3"))  # separate rows: G*P*2 offsets, G*P weights
+    offset, mask = torch.randn(1, 5, 6, 36), torch.randn(1, 5, 6, 18)
+    for narrow in ((offset[..., :35].contiguous(), mask), (offset, mask[..., :9].contiguous())):
+        with pytest.raises(Exception, match="rows must hold at least 36 and 18 channels"):
+            v3.forward(x, *narrow, out)
 
 
 @pytest.mark.parametrize("backend", ["template", "tvm"])

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from helpers import golden_cases, golden_config, random_inputs, rel_err
 
-from dcngen import baseline, reference
+from dcngen import baseline, reference, verify
 from dcngen.config import DCNConfig
 
 CASES = golden_cases()
@@ -144,3 +144,17 @@ def test_offset_gradient_on_pixel_lines_is_taken_from_the_floor_corner():
             onehot[(*index, axis)] = step
             expected = (loss(offset + onehot) - loss(offset)) / step
             assert abs(leaf.grad[(*index, axis)] - expected) < 1e-9 * max(1.0, abs(expected))
+
+
+@pytest.mark.parametrize("scale, kernel, stride, dilation", [(1.0, 3, 1, 1), (0.37, 3, 2, 2), (2.5, (3, 5), 1, (2, 1))])
+def test_verify_problems_sample_clear_of_pixel_lines(scale, kernel, stride, dilation):
+    """verify.random_problem (the inputs of `dcngen verify` and of tune's gate) puts every sample
+    k/8 px past a pixel line, k in 1..7, whatever the offset scale, so no offset gradient is taken
+    where it jumps; some samples fall outside the image."""
+    cfg = DCNConfig(group=2, group_channels=3, kernel_size=kernel, stride=stride, dilation=dilation, offset_scale=scale, dtype="float64")
+    problem = verify.random_problem(cfg, 2, 9, 11, seed=3)
+    loc = reference.sampling_locations(cfg, problem.offset)
+    eighths = (loc - loc.floor()) * 8
+    assert (eighths - eighths.round()).abs().max() < 1e-6
+    assert eighths.round().min() >= 1 and eighths.round().max() <= 7
+    assert not reference.in_window(loc, 9, 11).all()

@@ -7,14 +7,19 @@ import itertools
 import json
 import math
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+import warnings
 
 import pytest
 import torch
 
 from dcngen import kernels, records, tune
 from dcngen.config import DCNConfig
+from dcngen.errors import DCNGenError
 from dcngen.generators import generate, template_cpu
 
 CFG = DCNConfig(op="dcnv4", group=2, group_channels=8)
@@ -53,6 +58,7 @@ def test_record_round_trip_is_sorted_and_readable(root):
     assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
     assert path.stem == records.fingerprint("cpu") and str(records.machine("cpu")["cores"]) in path.stem
     assert records.parse_params_name(records.params_name({"b": 2, "a": 1})) == {"a": 1, "b": 2}
+    assert records.params_name({"b": 2, "a": 1}) == records.params_name({"a": 1, "b": 2}) == "a=1,b=2"  # candidates' keys: any order
 
 
 def test_lookup_picks_nearest_bucket_of_same_config_and_version(root):
@@ -264,6 +270,64 @@ def test_records_are_filed_under_the_machine_that_timed_them(root):
     assert records.lookup(CFG, SHAPE) is None  # not this machine's
 
 
+class _Scripted(tune.LocalExecutor):
+    """Builds, loads and checks the real kernels here, but every timing sample of a candidate takes
+    the milliseconds `ms` gives its parameters (times the search can rank without noise)."""
+
+    class _Tagged:
+        def __init__(self, mod, name):
+            self.mod, self.name = mod, name
+
+        def forward(self, *args):
+            self.mod.forward(*args)
+
+        def backward(self, *args):
+            self.mod.backward(*args)
+
+    def __init__(self, cfg, ms: dict):
+        super().__init__(cfg)
+        self.ms = ms
+
+    def load(self, cfg, artifact):
+        return self._Tagged(super().load(cfg, artifact), records.params_name(cfg.param_dict))
+
+    def timer(self, mod, calls, number):
+        return lambda: self.ms[mod.name]
+
+
+def _chunks(*chunks):
+    """Parameter names of CFG's default with these pixel_chunk values, and a forward-only space of them."""
+    default = tune.default_params(CFG)
+    names = [records.params_name({**default, "pixel_chunk": c}) for c in chunks]
+    return names, tune.Space({"pixel_chunk": chunks, "unroll_points": (default["unroll_points"],)}, passes=("forward",))
+
+
+def test_the_fastest_candidate_wins_if_its_re_timing_beats_the_default(root):
+    (default, fast, slower, slowest), space = _chunks(tune.default_params(CFG)["pixel_chunk"], 2, 4, 8)
+    result = tune.tune(CFG, SHAPE, trials=3, time_budget=120, rounds=3, space=space,
+                       executor=_Scripted(CFG, {default: 2.0, fast: 1.0, slower: 1.5, slowest: 3.0}))
+    assert result.record["candidates"] == {default: 2.0, fast: 1.0, slower: 1.5, slowest: 3.0}
+    assert records.params_name(result.record["best"]["params"]) == fast and result.record["best"]["ms"] == 1.0
+    assert result.record["confirm"]["ratio"] == 0.5
+
+
+def test_a_resumed_tune_rescales_earlier_times_and_re_times_their_best(root):
+    """Earlier times are scaled by today's default / the earlier run's (the machine's load changed);
+    the best of them is kept only if it still beats the default when re-timed now. A record timed
+    over other passes is not resumed."""
+    (default, cand), space = _chunks(tune.default_params(CFG)["pixel_chunk"], 2)
+    path, key = records.path_for("cpu", root), records.record_key(CFG, records.bucket(SHAPE))
+    earlier = {**_record(CFG, records.bucket(SHAPE), records.parse_params_name(cand), ms=10.0), "passes": ["forward"]}
+    records.update(path, "cpu", key, {**earlier, "candidates": {default: 20.0, cand: 10.0}})
+    executor = _Scripted(CFG, {default: 2.0, cand: 3.0})  # today: the default 10x faster, the candidate slower than it
+    result = tune.tune(CFG, SHAPE, trials=0, time_budget=120, rounds=3, space=space, executor=executor)
+    assert result.record["candidates"] == {default: 2.0, cand: 1.0}  # 10.0 * 2.0 / 20.0
+    assert result.record["confirm"]["ratio"] == 1.5 and result.record["best"]["params"] == tune.default_params(CFG)
+    records.update(path, "cpu", key, {**earlier, "passes": ["forward", "backward"]})
+    again = tune.tune(CFG, SHAPE, trials=1, time_budget=120, rounds=3, space=space, executor=executor)
+    assert [records.params_name(t.params) for t in again.trials] == [cand] and again.record["candidates"][cand] == 3.0
+
+
 def test_build_failure_scores_inf(root, monkeypatch):
     original = template_cpu.generate
 
@@ -335,15 +399,74 @@ def test_malformed_records_are_skipped_with_a_warning(root):
     records.update(path, "cpu", records.record_key(CFG, (2, 64)), {**good, "best": {"params": {"pixel_chunk": 4}, "ms": "fast"}})
     with pytest.warns(RuntimeWarning, match="malformed tuning record"):
         assert records.lookup(CFG, SHAPE) is None
+    records.update(path, "cpu", records.record_key(CFG, (4, 64)), {**good, "default": {"params": {}, "ms": math.inf}})
+    with pytest.warns(RuntimeWarning, match="malformed tuning record"):
+        assert records.lookup(CFG, SHAPE) is None
     with pytest.warns(RuntimeWarning, match="malformed tuning record"):
         assert records.all_records() == []
+    # an entry without a result is a tune in progress: skipped without a warning
+    records.save(path, {"records": {records.record_key(CFG, (1, 64)): {k: v for k, v in good.items() if k != "best"}}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert records.lookup(CFG, SHAPE) is None and records.all_records() == []
+
+
+def test_unreadable_record_files_are_skipped_by_lookups_and_refused_by_updates(root):
+    """A record file that is not JSON, or whose 'records' is no object, costs the ops and the listing
+    only its records; a tune does not overwrite it."""
+    path = records.path_for("cpu", root)
+    key = records.record_key(CFG, (1, 64))
+    for text in ("{not json", '{"records": []}'):
+        path.write_text(text)
+        assert records.lookup(CFG, SHAPE) is None and records.all_records() == []
+        with pytest.raises(DCNGenError, match="tuning record file"):
+            records.update(path, "cpu", key, _record(CFG, (1, 64), {"pixel_chunk": 4}))
+        assert path.read_text() == text
+
+
+UPDATER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from dcngen import records
+    path, start, worker = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    while not start.exists():
+        time.sleep(0.005)
+    for i in range(25):
+        records.update(path, "cpu", f"worker{worker}|v{records.generator_version()}|n{i}", {"worker": worker})
+""")
+
+
+def test_concurrent_updates_of_other_keys_all_survive(root):
+    """Tuners of other configs in other processes write the same record file at once: each update
+    re-reads the file under the lock, so no process overwrites another's records."""
+    path, start = records.path_for("cpu", root), root / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", UPDATER, str(path), str(start), str(w)], env=os.environ.copy(),
+                              stderr=subprocess.PIPE, text=True) for w in range(4)]
+    time.sleep(0.5)
+    start.touch()
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    assert len(records.load(path)["records"]) == 4 * 25
+
+
+def test_cuda_records_are_found_without_the_gpu(root, monkeypatch):
+    """Records a GPU machine timed (filed under its GPU's name) serve that architecture on a machine
+    without the GPU (a build host); the file of another architecture is not read, whatever it holds."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    records.machine.cache_clear()
+    try:
+        cfg = CFG.replace(target="cuda:sm_90")
+        for gpu, arch, best in (("NVIDIA H100 80GB HBM3", "sm_90", {"vec": 4}), ("NVIDIA A100", "sm_80", {"vec": 8})):
+            path = records.path_for(cfg.target, root, {"gpu": gpu, "arch": arch})
+            records.update(path, cfg.target, records.record_key(cfg, (1, 64)), _record(cfg, (1, 64), best), {"gpu": gpu, "arch": arch})
+        assert records.lookup(cfg, SHAPE)["best"]["params"] == {"vec": 4}
+    finally:
+        records.machine.cache_clear()
 
 
 def test_bad_budgets_and_unwritable_records_fail_before_any_work(root, monkeypatch):
     """trials < 0 and a NaN time budget are refused; an unwritable record folder is found before the
     default kernel is built and timed; an infinite budget means no limit."""
-    from dcngen.errors import DCNGenError
-
     built = []
 
     def no_build(self, *args):

@@ -85,3 +85,37 @@ def assert_compile_matches_eager(fn, inputs, tol: float = 1e-5) -> None:
     torch.compile(fn, fullgraph=True)(*compiled).backward()
     for a, b in zip(eager, compiled):
         assert rel_err(b.grad, a.grad) < tol
+
+
+def offset_view(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of t that starts one element into its storage (not vector-aligned)."""
+    view = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape)
+    return view.copy_(t)
+
+
+def assert_offset_views_served(mod, cfg: DCNConfig) -> None:
+    """A loaded kernel's forward and backward, called with every tensor (inputs, grad_out and the
+    NaN-poisoned outputs) an offset view, write into the views what they write for aligned
+    tensors, bit for bit. DCNv4's packed offset/mask and its gradient stay one tensor each."""
+    gen = torch.Generator().manual_seed(5)
+    dtype = getattr(torch, cfg.dtype)
+    x, offset, mask = random_inputs(cfg, 1, 7, 9, generator=gen)
+    offset, mask = (dcnv4_packed(cfg, offset, mask),) * 2 if cfg.op == "dcnv4" else dcnv3_split(offset, mask)
+    x, offset, mask = (t.to(dtype) for t in (x, offset, mask))
+    ho, wo = cfg.output_size(7, 9)
+    grad_out = torch.randn(1, ho, wo, cfg.channels, generator=gen).to(dtype)
+
+    def run(view):
+        xs, os_, gs = view(x), view(offset), view(grad_out)
+        ms = os_ if cfg.op == "dcnv4" else view(mask)
+        out, grad_x = (view(torch.full(s, float("nan"), dtype=dtype)) for s in ((1, ho, wo, cfg.channels), x.shape))
+        goff = view(torch.full_like(offset, float("nan")))
+        gmask = goff if cfg.op == "dcnv4" else view(torch.full_like(mask, float("nan")))
+        if cfg.op == "dcnv4":
+            goff[..., cfg.min_offset_mask_channels :] = 0  # the caller zeroes the padding channels
+        mod.forward(xs, os_, ms, out)
+        mod.backward(xs, os_, ms, gs, grad_x, goff, gmask)
+        return (out, grad_x, goff) if cfg.op == "dcnv4" else (out, grad_x, goff, gmask)
+
+    for got, want in zip(run(offset_view), run(lambda t: t.clone())):
+        assert got.data_ptr() % 16 != 0 and torch.equal(got, want)

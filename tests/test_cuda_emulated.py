@@ -10,7 +10,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from helpers import needs_cuda_toolkit
+from helpers import assert_offset_views_served, needs_cuda_toolkit
 
 from dcngen.config import DCNConfig
 from dcngen.kernels import emulated_kernel
@@ -354,3 +354,10 @@ def test_deterministic_backward_with_a_nan_grad_out():
     assert torch.equal(grad_offset.isnan(), expected.isnan())
     finite = expected.isfinite()
     assert torch.allclose(grad_offset[finite].double(), expected[finite], rtol=1e-4, atol=1e-4 * expected[finite].abs().max().item())
+
+
+@pytest.mark.parametrize("cfg", [cuda(group=2, group_channels=16, dtype="float16"), cuda(op="dcnv3", group=2, group_channels=8)], ids=["v4-fp16", "v3-fp32"])
+def test_offset_views_are_served(cfg):
+    """The entry points require 16-byte aligned x, out, grad_out and grad_x (vector accesses): views
+    that start part-way into their storage go through aligned copies, outputs copied back."""
+    assert_offset_views_served(emulated_kernel(cfg), cfg)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import dcnv3_split, dcnv4_packed, golden_cases, golden_config, random_inputs, rel_err
+from helpers import assert_offset_views_served, dcnv3_split, dcnv4_packed, golden_cases, golden_config, random_inputs, rel_err
 
 from dcngen import build, reference
 from dcngen.config import DCNConfig
@@ -258,3 +258,12 @@ def test_direct_calls_check_the_offset_rows():
     om = torch.tensor([[[[0.0, 0.0], [5.0, 0.0]]]])
     with pytest.raises(InputError, match="rows must hold at least 3 and 3 channels"):
         kernel_for(cfg).forward(torch.ones(1, 1, 2, 4), om, om, torch.empty(1, 1, 2, 4))
+
+
+
+@pytest.mark.parametrize("op", ["dcnv4", "dcnv3"])
+def test_offset_views_are_served(op):
+    """TVM's llvm code issues aligned vector accesses on every buffer: tensors that start part-way
+    into their storage (inputs, grad_out and the outputs written) once made the backward fault."""
+    cfg = DCNConfig(op=op, backend="tvm", dtype="float32", group=2, group_channels=16)
+    assert_offset_views_served(kernel(cfg), cfg)

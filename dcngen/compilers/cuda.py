@@ -17,6 +17,7 @@ from pathlib import Path
 from ..errors import BuildError
 from ..source import KernelSource
 from . import LIBRARY, cpp
+from .alignment import aligned, aligned_outputs
 
 DEFAULT_CUDA_HOME = "/usr/local/cuda"
 REPORT_FLAGS = ("-Xptxas", "-v")
@@ -178,35 +179,25 @@ class _Module:
 
     def forward(self, x, offset, mask, out) -> None:
         """x (N, H, W, G*C); offset/mask (N, Ho, Wo, *); out (N, Ho, Wo, G*C), written."""
-        x, out_, copy_back = _aligned(x), _aligned(out), None
-        if out_ is not out:
-            copy_back = out
-        self._forward(x, offset, mask, out_)
-        if copy_back is not None:
-            copy_back.copy_(out_)
+        (x,) = aligned((x,), VECTOR_ALIGN)
+        with aligned_outputs((out,), VECTOR_ALIGN) as (out,):
+            self._forward(x, offset, mask, out)
 
     def backward(self, x, offset, mask, grad_out, grad_x, grad_offset, grad_mask) -> None:
         """Writes grad_x (like x) and the group slices of grad_offset/grad_mask (like offset/mask)."""
         import torch
 
-        gx = _aligned(grad_x)
         nbytes = int(self._workspace_size(x.numel())) or 1
         buffer = torch.empty(nbytes + WORKSPACE_ALIGN, dtype=torch.uint8, device=x.device)
         start = -buffer.data_ptr() % WORKSPACE_ALIGN  # CUDA allocations are aligned already, host ones may not be
         ws = buffer[start : start + nbytes]
-        self._backward(_aligned(x), offset, mask, _aligned(grad_out), gx, grad_offset, grad_mask, ws)
-        if gx is not grad_x:
-            grad_x.copy_(gx)
+        x, grad_out = aligned((x, grad_out), VECTOR_ALIGN)
+        with aligned_outputs((grad_x,), VECTOR_ALIGN) as (grad_x,):
+            self._backward(x, offset, mask, grad_out, grad_x, grad_offset, grad_mask, ws)
 
 
+VECTOR_ALIGN = 1  # bytes; the kernels' widest vector access of x, out, grad_out and grad_x
 WORKSPACE_ALIGN = 256  # bytes; the alignment the entry points require of the workspace
-
-
-def _aligned(t):
-    """`t`, or an aligned copy when its data pointer is not 16-byte aligned (offset views)."""
-    if t.data_ptr() % 16 == 0:
-        return t
-    return t.clone()
 
 
 def load(path: Path) -> _Module:

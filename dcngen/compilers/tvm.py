@@ -12,6 +12,7 @@ from ..cpu_isas import ISAS
 from ..errors import BuildError
 from ..source import KernelSource
 from . import LIBRARY, cpp
+from .alignment import aligned, aligned_outputs
 
 
 @functools.lru_cache(maxsize=1)
@@ -99,17 +100,26 @@ class _Module:
 
     def forward(self, x, offset, mask, out):
         self._check(x, offset, mask, out)
-        if self._packed(offset, mask):
-            self._fwd(x, offset, out)
-        else:
-            self._fwd(x, offset, mask, out)
+        x, offset, mask = aligned((x, offset, mask), BUFFER_ALIGN)
+        with aligned_outputs((out,), BUFFER_ALIGN) as (out,):
+            if self._packed(offset, mask):
+                self._fwd(x, offset, out)
+            else:
+                self._fwd(x, offset, mask, out)
 
     def backward(self, x, offset, mask, grad_out, grad_x, grad_offset, grad_mask):
         self._check(x, offset, mask, grad_out)
-        if self._packed(offset, mask):
-            self._bwd(x, offset, grad_out, grad_x, grad_offset)
-        else:
-            self._bwd(x, offset, mask, grad_out, grad_x, grad_offset, grad_mask)
+        x, offset, mask, grad_out = aligned((x, offset, mask, grad_out), BUFFER_ALIGN)
+        with aligned_outputs((grad_x, grad_offset, grad_mask), BUFFER_ALIGN) as (grad_x, grad_offset, grad_mask):
+            if self._packed(offset, mask):
+                self._bwd(x, offset, grad_out, grad_x, grad_offset)
+            else:
+                self._bwd(x, offset, mask, grad_out, grad_x, grad_offset, grad_mask)
+
+
+# TVM's buffers default to its allocation alignment, and its llvm code issues aligned vector accesses
+# on that promise: an offset view (e.g. x[1:] of a flat buffer) would fault.
+BUFFER_ALIGN = 64
 
 
 def _use_all_cores() -> None:

@@ -272,8 +272,14 @@ def _keep_failed(root: Path, key: str, source: KernelSource, error: BuildError) 
 def clean(root: Path | None = None) -> tuple[int, int]:
     """Delete the cache's artifacts, leftover stage folders and kept failed sources; each artifact
     or stage folder under its key's build lock, so one being built now is skipped. Files dcngen did
-    not write stay. Returns (removed, skipped)."""
-    root = root or cache_dir()
+    not write stay. Returns (removed, skipped). `root` defaults to the configured cache; where that
+    is unusable this is a CacheError, not a clean of the shared fallback that builds then use."""
+    root = root or settings.cache_root()
+    try:
+        settings.probe_writable(root)
+    except OSError as e:
+        raise CacheError(f"cannot clean the cache {root}: {e.strerror or e}; builds meanwhile go to {_fallback_root()} "
+                         f"(clean that with DCNGEN_CACHE={_fallback_root()})") from None
     (root / ".locks").mkdir(exist_ok=True)
     removed = skipped = 0
     for path in sorted(root.iterdir()):

@@ -339,12 +339,16 @@ def doctor() -> None:
 @app.command()
 def clean(yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False) -> None:
     """Delete every cached artifact (not those being built now, nor files dcngen did not write)."""
-    from .build import cache_dir, clean as clean_cache
+    from .build import clean as clean_cache
+    from .settings import cache_root
 
-    root = cache_dir()
+    root = cache_root()
     if not yes and not typer.confirm(f"delete all artifacts under {root}?"):
         raise typer.Exit(1)
-    removed, skipped = clean_cache(root)
+    try:
+        removed, skipped = clean_cache(root)
+    except DCNGenError as e:
+        _fail(str(e))
     console.print(f"cleaned {root}: {removed} removed" + (f", {skipped} being built now left alone" if skipped else ""), highlight=False)
 
 

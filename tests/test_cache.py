@@ -284,6 +284,22 @@ def test_read_only_cache_falls_back_with_a_warning(cache):
         undo_readonly(cache)
 
 
+def test_clean_of_an_unusable_cache_cleans_nothing_else(cache):
+    """`dcngen clean` with an unwritable cache says so (exit 2); it does not clean the shared
+    fallback folder in its place."""
+    art = build(generate(fresh_config()))
+    fallback = Path(tempfile.gettempdir()) / f"dcngen-cache-{os.getuid()}"
+    shutil.copytree(art.path, fallback / art.path.name)
+    make_readonly(cache)
+    try:
+        result = subprocess.run([sys.executable, "-m", "dcngen.cli", "clean", "--yes"], capture_output=True, text=True,
+                                env={**os.environ, "DCNGEN_CACHE": str(cache), "TMPDIR": tempfile.gettempdir()})
+        assert result.returncode == 2 and f"cannot clean the cache {cache}" in result.stderr, result.stderr
+        assert artifact_dirs(fallback) == [fallback / art.path.name] and artifact_dirs(cache) == [art.path]
+    finally:
+        undo_readonly(cache)
+
+
 def test_read_only_cache_still_serves_its_artifacts(cache, recwarn):
     cfg = fresh_config()
     source = generate(cfg)

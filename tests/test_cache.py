@@ -233,6 +233,21 @@ def test_the_host_compiler_named_by_cxx_is_part_of_the_key(cache, tmp_path, monk
     run_kernel(source.config, load(art))
 
 
+def test_cxx_may_carry_a_launcher_and_may_not_be_empty(cache, monkeypatch):
+    """CXX='env c++' (a launcher, as ccache is) builds: tvm-ffi's ninja and dcngen's version probe
+    both run the words. A set but empty CXX (ninja would run '-MMD ...') is a clear BuildError."""
+    import dcngen.compilers.cpp as cpp
+
+    source = generate(fresh_config())
+    monkeypatch.setenv("CXX", "env c++")
+    art = build(source)
+    assert art.meta["compiler"].startswith(f"{shutil.which('env')} c++: ")
+    run_kernel(source.config, load(art))
+    monkeypatch.setenv("CXX", " ")
+    with pytest.raises(BuildError, match="CXX is set but empty"):
+        cpp.version()
+
+
 # ---- unusable caches ------------------------------------------------------------------------------
 
 

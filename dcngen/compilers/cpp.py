@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,9 +19,14 @@ from ..source import KernelSource
 from . import LIBRARY
 
 
-def host_cxx() -> str:
-    """The host C++ compiler: $CXX, else c++ (what tvm-ffi's ninja builder runs)."""
-    return os.environ.get("CXX") or "c++"
+def host_cxx() -> tuple[str, ...]:
+    """The host C++ compiler's command words: $CXX (which may carry a launcher or flags, as in
+    'ccache c++'), else c++; what tvm-ffi's ninja builder runs. A set but empty CXX is refused:
+    ninja would run it."""
+    words = tuple(shlex.split(os.environ.get("CXX", "c++")))
+    if not words:
+        raise BuildError("no working host C++ compiler: CXX is set but empty (unset it, or name a compiler)")
+    return words
 
 
 def version() -> str:
@@ -30,12 +36,13 @@ def version() -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _version_of(cxx: str) -> str:
-    path = shutil.which(cxx) or cxx
+def _version_of(cxx: tuple[str, ...]) -> str:
+    program, *args = cxx
+    command = [shutil.which(program) or program, *args]
     try:
-        return f"{path}: " + subprocess.run([path, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+        return f"{shlex.join(command)}: " + subprocess.run([*command, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
     except (OSError, subprocess.CalledProcessError, IndexError) as e:
-        raise BuildError(f"no working host C++ compiler ({cxx}): {e}") from None
+        raise BuildError(f"no working host C++ compiler ({shlex.join(cxx)}): {e}") from None
 
 
 def built_for(source: KernelSource) -> str:

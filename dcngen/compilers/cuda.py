@@ -132,7 +132,7 @@ def compile(source: KernelSource, out_dir: Path) -> dict:
         cu.write_text(source.text)
         cc.write_text(source.text)
         nvcc_cmd = [nvcc(), *source.flags, "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden", *REPORT_FLAGS, *QUIET_FLAGS, "-c", str(cu), "-o", str(build / "kernel.o")]
-        cxx_cmd = [cpp.host_cxx(), "-x", "c++", "-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", f"-fmacro-prefix-map={build}=dcngen",
+        cxx_cmd = [*cpp.host_cxx(), "-x", "c++", "-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", f"-fmacro-prefix-map={build}=dcngen",
                    *(f"-I{p}" for p in includes), "-c", str(cc), "-o", str(build / "entry.o")]
         procs = [(cmd, path, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)) for cmd, path in ((nvcc_cmd, cu), (cxx_cmd, cc))]
         logs = []
@@ -141,7 +141,7 @@ def compile(source: KernelSource, out_dir: Path) -> dict:
             if proc.returncode != 0:
                 raise BuildError("CUDA build failed", command=" ".join(cmd), source_path=str(path), log=log)
             logs.append(log)
-        link = [cpp.host_cxx(), "-shared", str(build / "kernel.o"), str(build / "entry.o"), "-o", str(out_dir / LIBRARY),
+        link = [*cpp.host_cxx(), "-shared", str(build / "kernel.o"), str(build / "entry.o"), "-o", str(out_dir / LIBRARY),
                 f"-L{Path(cuda_home(), 'lib64')}", "-lcudart_static", "-ldl", "-lpthread", "-lrt", f"-L{libdir}", "-ltvm_ffi"]
         _run(link, cu, "link")
         return {"ptxas": parse_ptxas(logs[0])}

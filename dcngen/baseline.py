@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import DCNConfig
+from .shapes import check_tensors
 from .reference import live_samples, split_dcnv3, split_offset_mask
 
 
@@ -34,9 +35,11 @@ def dcn_core(cfg: DCNConfig, x: torch.Tensor, offset: torch.Tensor, mask: torch.
 
 def dcnv4(cfg: DCNConfig, x: torch.Tensor, offset_mask: torch.Tensor) -> torch.Tensor:
     """x: (N, H, W, G*C); offset_mask: (N, Ho, Wo, >= G*P*3) -> (N, Ho, Wo, G*C)."""
+    check_tensors("dcnv4", cfg, x, offset_mask)
     return dcn_core(cfg, x, *split_offset_mask(cfg, offset_mask))
 
 
 def dcnv3(cfg: DCNConfig, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """x: (N, H, W, G*C); offset: (N, Ho, Wo, G*P*2); mask: (N, Ho, Wo, G*P) -> (N, Ho, Wo, G*C)."""
+    check_tensors("dcnv3", cfg, x, offset, mask)
     return dcn_core(cfg, x, *split_dcnv3(cfg, offset, mask))

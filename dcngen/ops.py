@@ -19,6 +19,7 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from .config import DTYPES, SPATIAL_MAX, DCNConfig, as_bool, as_int, as_number, as_pair
 from .errors import InputError, NoKernelError
+from .shapes import check_metas, check_shapes, format_shape, tensor_names
 from .generators import backward_zeroes_padding
 from .kernels import kernel_for, target_of
 
@@ -33,10 +34,6 @@ def _config(op, kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, offset_sc
     )
 
 
-def _shape(shape: Sequence[int]) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ")"
-
-
 def check_inputs(op: str, args: Sequence, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> DCNConfig:
     """Validate the tensors against the op's arguments; returns the kernel's DCNConfig.
 
@@ -48,29 +45,17 @@ def check_inputs(op: str, args: Sequence, input: torch.Tensor, offset: torch.Ten
     tensors = (input, offset) if op == "dcnv4" else (input, offset, mask)
     if type(input) is torch.Tensor and type(offset) is torch.Tensor and type(mask) is torch.Tensor:
         return _check_remembered(op, tuple(args), *[(t.shape, t.dtype, t.device, t.layout) for t in tensors])
-    for name, t in zip(_tensor_names(op), tensors):
+    for name, t in zip(tensor_names(op), tensors):
         if not isinstance(t, torch.Tensor):
             raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     return _check(op, tuple(args), *((t.shape, t.dtype, t.device, t.layout) for t in tensors))
 
 
-def _tensor_names(op: str) -> tuple[str, ...]:
-    return ("input", "offset_mask") if op == "dcnv4" else ("input", "offset", "mask")
-
-
 def _check(op: str, args: tuple, *metas: tuple) -> DCNConfig:
     """check_inputs on each tensor's (shape, dtype, device, layout): input, then offset_mask (DCNv4) or offset and mask (DCNv3)."""
     kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, offset_scale, remove_center, backend = args
+    check_metas(op, metas)
     input_shape, dtype, device, _ = metas[0]
-    for name, (shape, t_dtype, t_device, layout) in zip(_tensor_names(op), metas):
-        if layout != torch.strided:
-            raise InputError(f"{name} must be a dense (strided) tensor, got layout {layout}")
-        if len(shape) != 4:
-            raise InputError(f"{name} must be 4-D and channels-last, got shape {_shape(shape)}")
-        if t_dtype != dtype:
-            raise InputError(f"{name} has dtype {t_dtype} but input has {dtype}; all tensors must share one dtype")
-        if t_device != device:
-            raise InputError(f"{name} is on {t_device} but input is on {device}; all tensors must share one device")
     if dtype not in _TORCH_DTYPES:
         raise InputError(f"input dtype {dtype} is not supported; use one of {', '.join(map(str, _TORCH_DTYPES))}")
     try:
@@ -78,24 +63,10 @@ def _check(op: str, args: tuple, *metas: tuple) -> DCNConfig:
     except ValueError as e:
         raise NoKernelError(str(e)) from None
     cfg = _config(op, kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, float(offset_scale), bool(remove_center), backend, _TORCH_DTYPES[dtype], target)
-    n, h, w, channels = input_shape
-    if channels != cfg.channels:
-        raise InputError(f"input must be (N, H, W, group*group_channels) = (N, H, W, {cfg.channels}), got {_shape(input_shape)}")
-    ho, wo = cfg.output_size(h, w)
-    if ho <= 0 or wo <= 0:
-        raise InputError(f"a {kh}x{kw} kernel (dilation {dh}x{dw}, padding {ph}x{pw}) does not fit an input of {h}x{w}")
+    ho, wo = check_shapes(op, cfg, input_shape, [m[0] for m in metas[1:]])
+    h, w = input_shape[1:3]
     if max(h, w, ho, wo) > SPATIAL_MAX:
         raise InputError(f"input {h}x{w} (output {ho}x{wo}): heights and widths must be below 2^31 (the kernels index rows and columns in 32 bits)")
-    g, p = cfg.group, cfg.num_points
-    if op == "dcnv4":
-        shape = metas[1][0]
-        expect = f"(N, Ho, Wo, >= group*points*3) = ({n}, {ho}, {wo}, >= {3 * g * p})"
-        if tuple(shape[:3]) != (n, ho, wo) or shape[3] < 3 * g * p:
-            raise InputError(f"offset_mask must be {expect}, got {_shape(shape)}")
-    else:
-        for name, (shape, *_), last in (("offset", metas[1], 2 * g * p), ("mask", metas[2], g * p)):
-            if tuple(shape) != (n, ho, wo, last):
-                raise InputError(f"{name} must be (N, Ho, Wo, {'group*points*2' if name == 'offset' else 'group*points'}) = ({n}, {ho}, {wo}, {last}), got {_shape(shape)}")
     return cfg
 
 
@@ -114,7 +85,7 @@ def check_backward_inputs(op: str, args: Sequence, grad_output: torch.Tensor, in
     if grad_output.layout != torch.strided:
         raise InputError(f"grad_output must be a dense (strided) tensor, got layout {grad_output.layout}")
     if tuple(grad_output.shape) != expect:
-        raise InputError(f"grad_output must be the output's shape (N, Ho, Wo, group*group_channels) = {_shape(expect)}, got {_shape(grad_output.shape)}")
+        raise InputError(f"grad_output must be the output's shape (N, Ho, Wo, group*group_channels) = {format_shape(expect)}, got {format_shape(grad_output.shape)}")
     if grad_output.dtype != input.dtype or grad_output.device != input.device:
         raise InputError(f"grad_output must be {input.dtype} on {input.device} like input, got {grad_output.dtype} on {grad_output.device}")
     return cfg

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import DCNConfig
+from .shapes import check_tensors
 
 
 def kernel_grid(cfg: DCNConfig, **tensor_kwargs) -> torch.Tensor:
@@ -106,6 +107,7 @@ def split_offset_mask(cfg: DCNConfig, offset_mask: torch.Tensor) -> tuple[torch.
 
 def dcnv4(cfg: DCNConfig, x: torch.Tensor, offset_mask: torch.Tensor) -> torch.Tensor:
     """DCNv4 reference. x: (N, H, W, G*C); offset_mask: (N, Ho, Wo, >= G*P*3) -> (N, Ho, Wo, G*C)."""
+    check_tensors("dcnv4", cfg, x, offset_mask)
     offset, mask = split_offset_mask(cfg, offset_mask)
     return dcn_core(cfg, x, offset, mask)
 
@@ -119,6 +121,7 @@ def split_dcnv3(cfg: DCNConfig, offset: torch.Tensor, mask: torch.Tensor) -> tup
 
 def dcnv3(cfg: DCNConfig, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """DCNv3 reference. x: (N, H, W, G*C); offset: (N, Ho, Wo, G*P*2); mask: (N, Ho, Wo, G*P)."""
+    check_tensors("dcnv3", cfg, x, offset, mask)
     return dcn_core(cfg, x, *split_dcnv3(cfg, offset, mask))
 
 

@@ -158,3 +158,27 @@ def test_verify_problems_sample_clear_of_pixel_lines(scale, kernel, stride, dila
     assert (eighths - eighths.round()).abs().max() < 1e-6
     assert eighths.round().min() >= 1 and eighths.round().max() <= 7
     assert not reference.in_window(loc, 9, 11).all()
+
+
+@pytest.mark.parametrize("module", [reference, baseline], ids=["reference", "baseline"])
+def test_wrong_tensors_are_refused_as_the_ops_refuse_them(module):
+    """The public reference and baseline check their tensors like dcngen.ops (the same InputError
+    text), rather than return an output of the offset's size or fail deep in a reshape."""
+    import dcngen.ops as ops
+    from dcngen.errors import InputError
+
+    cfg = DCNConfig(group=2, group_channels=4, stride=2)  # 8x8 -> 4x4; 54 offset_mask channels
+    x = torch.randn(1, 8, 8, 8)
+    bad = {
+        "dcnv4": [(x, torch.randn(1, 8, 8, 54)), (x, torch.randn(1, 4, 4, 50)), (x, torch.randn(1, 4, 4, 54).double()),
+                  (x[0], torch.randn(1, 4, 4, 54)), (torch.randn(1, 8, 8, 6), torch.randn(1, 4, 4, 54))],
+        "dcnv3": [(x, torch.randn(1, 4, 4, 36), torch.randn(1, 4, 5, 18)), (x, torch.randn(1, 4, 4, 35), torch.randn(1, 4, 4, 18))],
+    }
+    for op, cases in bad.items():
+        for tensors in cases:
+            with pytest.raises(InputError) as ours:
+                getattr(module, op)(cfg, *tensors)
+            with pytest.raises(InputError) as theirs:
+                getattr(ops, op)(*tensors, **cfg.op_kwargs)
+            assert str(ours.value) == str(theirs.value)
+    assert module.dcnv3(cfg, x, torch.randn(1, 4, 4, 36), torch.randn(1, 4, 4, 18)).shape == (1, 4, 4, 8)

@@ -44,7 +44,7 @@ def _fail(message: str) -> None:
 
 def _shape(text: str) -> tuple[int, int, int]:
     parts = text.lower().replace(",", "x").split("x")
-    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+    if len(parts) != 3 or not all(p.strip().isascii() and p.strip().isdigit() and int(p) > 0 for p in parts):
         _fail(f"invalid --shape {text!r}: expected N x H x W with positive ints, e.g. 8x56x56")
     n, h, w = (int(p) for p in parts)
     return n, h, w
@@ -57,6 +57,11 @@ def _problem(cfg: DCNConfig, text: str) -> tuple[int, int, int]:
     if ho <= 0 or wo <= 0:
         _fail(f"invalid --shape {text!r}: a {'x'.join(map(str, cfg.kernel_size))} kernel (dilation {'x'.join(map(str, cfg.dilation))}, "
               f"padding {'x'.join(map(str, cfg.padding))}) leaves no output pixel on a {h}x{w} input")
+    need = n * (h * w * cfg.channels + ho * wo * (cfg.channels + 3 * cfg.group * cfg.num_points)) * 8  # the float64 tensors, at least
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        _fail(f"invalid --shape {text!r}: its input, offsets and output alone take {need / 2**30:.3g} GiB in float64, "
+              f"more than this machine's {have / 2**30:.3g} GiB")
     return n, h, w
 
 

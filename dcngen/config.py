@@ -65,11 +65,13 @@ def _param_value(value: Any) -> int:
 
 
 def as_number(name: str, value: Any) -> float:
-    """A real number (or its text) -> float; anything else is a ConfigError for `name`."""
+    """A real number (or its text), not a bool -> float; anything else is a ConfigError for `name`."""
     try:
-        return float(value)
+        if not isinstance(value, bool):
+            return float(value)
     except (TypeError, ValueError):
-        raise ConfigError(name, f"must be a number, got {value!r}") from None
+        pass
+    raise ConfigError(name, f"must be a number, got {value!r}")
 
 
 def as_bool(name: str, value: Any) -> bool:

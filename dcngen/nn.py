@@ -17,7 +17,7 @@ from torch.nn.init import constant_, xavier_uniform_
 
 from . import ops, reference
 from .config import DCNConfig, as_int, as_pair
-from .errors import BuildError, ConfigError, NoKernelError
+from .errors import BuildError, ConfigError, InputError, NoKernelError
 
 __all__ = ["DCNv4", "DCNv3"]
 
@@ -94,6 +94,23 @@ def _geometry(channels, kernel_size, stride, pad, dilation, group):
     )
 
 
+def _dw_kernel(value) -> tuple[int, int]:
+    """dw_kernel_size as (kh, kw): positive and odd, so the depthwise convolution (padding (k-1)/2)
+    keeps the image size the offsets are computed at."""
+    kernel = as_pair("dw_kernel_size", value)
+    if min(kernel) < 1 or kernel[0] % 2 == 0 or kernel[1] % 2 == 0:
+        raise ConfigError("dw_kernel_size", f"must be positive and odd (the depthwise convolution keeps the image size), got {value}")
+    return kernel
+
+
+def _check_input(input: torch.Tensor, layout: str, channels: int) -> None:
+    """input has the rank of `layout` ('(N, L, C)' or '(N, H, W, C)') and `channels` last."""
+    if not isinstance(input, torch.Tensor):
+        raise InputError(f"input must be a torch.Tensor {layout}, got {type(input).__name__}")
+    if input.dim() != layout.count(",") + 1 or input.shape[-1] != channels:
+        raise InputError(f"input must be {layout} with C = {channels}, got shape {tuple(input.shape)}")
+
+
 def _check_same_size(cfg: DCNConfig, h: int, w: int) -> None:
     if cfg.output_size(h, w) != (h, w):
         ho, wo = cfg.output_size(h, w)
@@ -149,7 +166,8 @@ class DCNv4(nn.Module):
         self.K = group * self._cfg.num_points
 
         if dw_kernel_size is not None:
-            self.offset_mask_dw = nn.Conv2d(channels, channels, dw_kernel_size, stride=1, padding=(dw_kernel_size - 1) // 2, groups=channels, **factory)
+            dwk = _dw_kernel(dw_kernel_size)
+            self.offset_mask_dw = nn.Conv2d(channels, channels, dwk, stride=1, padding=(dwk[0] // 2, dwk[1] // 2), groups=channels, **factory)
         self.offset_mask = nn.Linear(channels, self._cfg.padded_offset_mask_channels, **factory)
         if not without_pointwise:
             self.value_proj = nn.Linear(channels, channels, **factory)
@@ -170,6 +188,7 @@ class DCNv4(nn.Module):
                 constant_(self.output_proj.bias.data, 0.0)
 
     def forward(self, input: torch.Tensor, shape: tuple[int, int] | None = None) -> torch.Tensor:
+        _check_input(input, "(N, L, C)", self.channels)
         n, length, c = input.shape
         if shape is not None:
             h, w = shape
@@ -243,9 +262,9 @@ class DCNv3(nn.Module):
         self.remove_center = int(remove_center)
         self.backend = backend
 
-        dwk = as_pair("dw_kernel_size", dw_kernel_size)
+        dwk = _dw_kernel(dw_kernel_size)
         self.dw_conv = nn.Sequential(
-            nn.Conv2d(channels, channels, kernel_size=dwk, stride=1, padding=((dwk[0] - 1) // 2, (dwk[1] - 1) // 2), groups=channels, **factory),
+            nn.Conv2d(channels, channels, kernel_size=dwk, stride=1, padding=(dwk[0] // 2, dwk[1] // 2), groups=channels, **factory),
             _norm(channels, norm_layer, **factory),
             _act(act_layer),
         )
@@ -268,6 +287,7 @@ class DCNv3(nn.Module):
             constant_(layer.bias.data, 0.0)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        _check_input(input, "(N, H, W, C)", self.channels)
         n, h, w, _ = input.shape
         _check_same_size(self._cfg, h, w)
         # The depthwise branch is traced first: on the CPU, Inductor (torch 2.13) lays out the 4-D

@@ -37,6 +37,7 @@ INVALID = [
     ("offset_scale", dict(offset_scale=float("inf"))),
     ("offset_scale", dict(offset_scale="big")),
     ("offset_scale", dict(offset_scale=None)),
+    ("offset_scale", dict(offset_scale=True)),  # as remove_center=1 and group=2.0 are refused
     ("offset_scale", dict(offset_scale=1e39)),  # inf in the float32 the kernels compute locations in
     ("offset_scale", dict(offset_scale=-1e39, dtype="bfloat16")),
     ("kernel_size", dict(kernel_size=(1, 65537))),  # more points than any kernel needs (and a huge points tuple)
@@ -202,6 +203,9 @@ CLI_BAD_RUNS = [
     (["tune", "--kernel-size", "5", "--padding", "0", "--shape", "1x4x5"], "leaves no output pixel on a 4x5 input"),
     (["bench", "--rounds", "0"], "--rounds"),
     (["verify", "--shape", "0x9x11"], "invalid --shape '0x9x11'"),  # an empty batch: nothing to verify
+    (["verify", "--shape", "\u00b2x8x8"], "invalid --shape"),  # str.isdigit() takes superscripts, int() does not
+    (["verify", "--shape", "1x100000x100000"], "GiB in float64, more than this machine's"),
+    (["bench", "--shape", "1x99999999999x99999999999"], "GiB in float64, more than this machine's"),
 ]
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import dcngen.nn
 from dcngen import reference
 from dcngen.config import DCNConfig
-from dcngen.errors import ConfigError
+from dcngen.errors import ConfigError, InputError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -223,6 +223,17 @@ def test_errors():
         m(torch.randn(1, 16, 16))
     with pytest.raises(ValueError, match="shape="):
         dcngen.nn.DCNv4(16, group=2)(torch.randn(1, 12, 16))
+    for module, bad in ((dcngen.nn.DCNv4(16, group=2), (1, 4, 4, 16)), (dcngen.nn.DCNv4(16, group=2), (1, 16, 8)),
+                        (dcngen.nn.DCNv3(16, group=2), (1, 16, 16)), (dcngen.nn.DCNv3(16, group=2), (1, 4, 4, 8))):
+        with pytest.raises(InputError, match=r"input must be \(N, .*C = 16, got shape"):
+            module(torch.randn(bad))
+    # the depthwise convolution must keep the image size: positive, odd
+    for module, value in ((dcngen.nn.DCNv4, 0), (dcngen.nn.DCNv4, -1), (dcngen.nn.DCNv4, 2), (dcngen.nn.DCNv3, (3, 2))):
+        with pytest.raises(ConfigError) as info:
+            module(16, group=2, dw_kernel_size=value)
+        assert info.value.field == "dw_kernel_size"
+    m = dcngen.nn.DCNv4(16, group=2, dw_kernel_size=(3, 5))
+    assert m.offset_mask_dw.padding == (1, 2) and m(torch.randn(1, 36, 16)).shape == (1, 36, 16)
 
 
 FALLBACK = textwrap.dedent(

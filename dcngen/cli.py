@@ -125,6 +125,7 @@ def build(cfg: DCNConfig, shape: Annotated[Optional[str], typer.Option("--shape"
         art = build_config(cfg)
     console.print(f"[green]built[/] {cfg.key}")
     console.print(str(art.path), highlight=False, soft_wrap=True)
+    console.print(f"compiled by {art.meta.get('compiler', 'an unrecorded compiler')}", highlight=False, soft_wrap=True)  # a prebuilt library's may differ from $CXX
     if art.meta.get("ptxas"):  # nvcc's per-kernel resource report
         table = Table(title="ptxas")
         for col in ("kernel", "arch", "registers", "spills st/ld B", "smem B"):

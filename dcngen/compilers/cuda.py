@@ -196,7 +196,7 @@ class _Module:
             self._backward(x, offset, mask, grad_out, grad_x, grad_offset, grad_mask, ws)
 
 
-VECTOR_ALIGN = 1  # bytes; the kernels' widest vector access of x, out, grad_out and grad_x
+VECTOR_ALIGN = 16  # bytes; the kernels' widest vector access of x, out, grad_out and grad_x
 WORKSPACE_ALIGN = 256  # bytes; the alignment the entry points require of the workspace
 
 

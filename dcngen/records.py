@@ -236,7 +236,10 @@ def lookup(cfg: DCNConfig, shape: tuple[int, int, int], root: Path | None = None
     for path in _candidate_files(cfg.target, root):
         try:
             data = _cached_file(str(path), path.stat().st_mtime)
-        except (OSError, DCNGenError):
+        except OSError:  # gone since it was listed
+            continue
+        except DCNGenError as e:
+            warnings.warn(f"ignoring its records: {e}", RuntimeWarning, stacklevel=2)
             continue
         for key, rec in sorted(data["records"].items()):
             if not key.startswith(prefix) or not _usable(rec, key, path):
@@ -275,7 +278,8 @@ def all_records(root: Path | None = None) -> list[tuple[str, dict]]:
     for path in [path for folder in folders(root) for path in sorted(folder.glob("*.json"))]:
         try:
             data = load(path)
-        except DCNGenError:
+        except DCNGenError as e:
+            warnings.warn(f"ignoring its records: {e}", RuntimeWarning, stacklevel=2)
             continue
         out += [(data.get("fingerprint", path.stem), rec) for key, rec in sorted(data["records"].items()) if _usable(rec, key, path)]
     return out

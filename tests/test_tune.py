@@ -413,12 +413,15 @@ def test_malformed_records_are_skipped_with_a_warning(root):
 
 def test_unreadable_record_files_are_skipped_by_lookups_and_refused_by_updates(root):
     """A record file that is not JSON, or whose 'records' is no object, costs the ops and the listing
-    only its records; a tune does not overwrite it."""
+    only its records, with a warning naming it; a tune does not overwrite it."""
     path = records.path_for("cpu", root)
     key = records.record_key(CFG, (1, 64))
     for text in ("{not json", '{"records": []}'):
         path.write_text(text)
-        assert records.lookup(CFG, SHAPE) is None and records.all_records() == []
+        with pytest.warns(RuntimeWarning, match=f"ignoring its records: tuning record file {path}"):
+            assert records.lookup(CFG, SHAPE) is None
+        with pytest.warns(RuntimeWarning, match=f"ignoring its records: tuning record file {path}"):
+            assert records.all_records() == []
         with pytest.raises(DCNGenError, match="tuning record file"):
             records.update(path, "cpu", key, _record(CFG, (1, 64), {"pixel_chunk": 4}))
         assert path.read_text() == text

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import DCNConfig
-from .shapes import check_tensors
 from .reference import live_samples, split_dcnv3, split_offset_mask
+from .shapes import check_tensors
 
 
 def dcn_core(cfg: DCNConfig, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

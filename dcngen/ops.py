@@ -19,9 +19,9 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from .config import DTYPES, SPATIAL_MAX, DCNConfig, as_bool, as_int, as_number, as_pair
 from .errors import InputError, NoKernelError
-from .shapes import check_metas, check_shapes, format_shape, tensor_names
 from .generators import backward_zeroes_padding
 from .kernels import kernel_for, target_of
+from .shapes import check_metas, check_shapes, format_shape, tensor_metas
 
 _TORCH_DTYPES = {getattr(torch, name): name for name in DTYPES}  # the config's dtype names are torch's
 
@@ -45,10 +45,7 @@ def check_inputs(op: str, args: Sequence, input: torch.Tensor, offset: torch.Ten
     tensors = (input, offset) if op == "dcnv4" else (input, offset, mask)
     if type(input) is torch.Tensor and type(offset) is torch.Tensor and type(mask) is torch.Tensor:
         return _check_remembered(op, tuple(args), *[(t.shape, t.dtype, t.device, t.layout) for t in tensors])
-    for name, t in zip(tensor_names(op), tensors):
-        if not isinstance(t, torch.Tensor):
-            raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    return _check(op, tuple(args), *((t.shape, t.dtype, t.device, t.layout) for t in tensors))
+    return _check(op, tuple(args), *tensor_metas(op, tensors))
 
 
 def _check(op: str, args: tuple, *metas: tuple) -> DCNConfig:

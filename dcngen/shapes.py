@@ -55,11 +55,15 @@ def check_shapes(op: str, cfg: DCNConfig, input_shape: Sequence[int], point_shap
     return ho, wo
 
 
-def check_tensors(op: str, cfg: DCNConfig, input: torch.Tensor, *point_tensors: torch.Tensor) -> None:
-    """check_metas and check_shapes on tensors: input, then offset_mask (DCNv4) or offset and mask (DCNv3)."""
-    tensors = (input, *point_tensors)
+def tensor_metas(op: str, tensors: Sequence) -> list[tuple]:
+    """Each tensor's (shape, dtype, device, layout), input first; InputError naming one that is no tensor."""
     for name, t in zip(tensor_names(op), tensors):
         if not isinstance(t, torch.Tensor):
             raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    check_metas(op, [(t.shape, t.dtype, t.device, t.layout) for t in tensors])
+    return [(t.shape, t.dtype, t.device, t.layout) for t in tensors]
+
+
+def check_tensors(op: str, cfg: DCNConfig, input: torch.Tensor, *point_tensors: torch.Tensor) -> None:
+    """check_metas and check_shapes on tensors: input, then offset_mask (DCNv4) or offset and mask (DCNv3)."""
+    check_metas(op, tensor_metas(op, (input, *point_tensors)))
     check_shapes(op, cfg, input.shape, [t.shape for t in point_tensors])

@@ -20,7 +20,6 @@ import shutil
 import tempfile
 import time
 import uuid
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from filelock import FileLock, Timeout
 from . import settings
 from .compilers import LIBRARY, compiler_for
 from .cpu_isas import require_runnable
-from .errors import BuildError, CacheError
+from .errors import BuildError, CacheError, warn
 from .source import KernelSource
 
 GENERATOR_VERSION = "5"
@@ -92,7 +91,7 @@ def _fallback_root() -> Path:
 
 def _warn_fallback(root: Path, fallback: Path, reason: str) -> None:
     if str(root) not in _fallback_warned:
-        warnings.warn(f"dcngen cache {root} is not usable ({reason}); using {fallback}", RuntimeWarning, stacklevel=4)
+        warn(f"dcngen cache {root} is not usable ({reason}); using {fallback}")
         _fallback_warned.add(str(root))
 
 

@@ -1,4 +1,22 @@
-"""Typed errors: each one says what was wrong and where."""
+"""Typed errors: each one says what was wrong and where; and warnings that point at the caller's line."""
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+_PACKAGE_FOLDER = str(Path(__file__).parent) + os.sep
+
+
+def warn(message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """warnings.warn, attributed to the first caller outside dcngen and torch: the user's line, not
+    dcngen's, nor torch's between them (a module's __call__, a custom op's dispatcher)."""
+    torch = sys.modules.get("torch")
+    folders = (_PACKAGE_FOLDER,) + ((str(Path(torch.__file__).parent) + os.sep,) if torch is not None else ())
+    frame, level = sys._getframe(1), 2  # level 2: warn's caller
+    while frame is not None and frame.f_code.co_filename.startswith(folders):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 class DCNGenError(Exception):

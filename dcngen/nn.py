@@ -8,7 +8,6 @@ be built for the input's device and dtype, the module warns once and runs `dcnge
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +16,7 @@ from torch.nn.init import constant_, xavier_uniform_
 
 from . import ops, reference
 from .config import DCNConfig, as_int, as_pair
-from .errors import BuildError, ConfigError, InputError, NoKernelError
+from .errors import BuildError, ConfigError, InputError, NoKernelError, warn
 
 __all__ = ["DCNv4", "DCNv3"]
 
@@ -43,12 +42,8 @@ def _run(cfg: DCNConfig, kernel, fallback, *tensors: torch.Tensor) -> torch.Tens
         key = (cfg.op, tensors[0].device.type, tensors[0].dtype, type(err).__name__)
         if key not in _warned:
             _warned.add(key)
-            warnings.warn(
-                f"dcngen: no {cfg.op} kernel for {tensors[0].dtype} on {tensors[0].device} "
-                f"({type(err).__name__}: {str(err).splitlines()[0]}); using the slower PyTorch reference",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            warn(f"dcngen: no {cfg.op} kernel for {tensors[0].dtype} on {tensors[0].device} "
+                 f"({type(err).__name__}: {str(err).splitlines()[0]}); using the slower PyTorch reference")
         return out
 
 

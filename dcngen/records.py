@@ -26,12 +26,11 @@ import os
 import platform
 import re
 import uuid
-import warnings
 from pathlib import Path
 
 from .config import DCNConfig
 from .cpu_isas import cpuinfo
-from .errors import DCNGenError
+from .errors import DCNGenError, warn
 from .settings import probe_writable, records_dirs
 
 FORMAT = 1
@@ -208,7 +207,7 @@ def _usable(rec, key: str, path: Path) -> bool:
     if not isinstance(rec, dict) or "best" not in rec:
         return False
     if not _finished(rec):
-        warnings.warn(f"ignoring the malformed tuning record {key!r} in {path}", RuntimeWarning, stacklevel=3)
+        warn(f"ignoring the malformed tuning record {key!r} in {path}")
         return False
     return True
 
@@ -239,7 +238,7 @@ def lookup(cfg: DCNConfig, shape: tuple[int, int, int], root: Path | None = None
         except OSError:  # gone since it was listed
             continue
         except DCNGenError as e:
-            warnings.warn(f"ignoring its records: {e}", RuntimeWarning, stacklevel=2)
+            warn(f"ignoring its records: {e}")
             continue
         for key, rec in sorted(data["records"].items()):
             if not key.startswith(prefix) or not _usable(rec, key, path):
@@ -267,7 +266,7 @@ def tuned_config(cfg: DCNConfig, bkt: tuple[int, int]) -> DCNConfig:
         tuned = cfg.replace(params=tuple(rec["best"]["params"].items()))
         generate(tuned)
     except DCNGenError as e:
-        warnings.warn(f"ignoring the tuning record of {cfg.key}: {e}", RuntimeWarning, stacklevel=2)
+        warn(f"ignoring the tuning record of {cfg.key}: {e}")
         return cfg
     return tuned
 
@@ -279,7 +278,7 @@ def all_records(root: Path | None = None) -> list[tuple[str, dict]]:
         try:
             data = load(path)
         except DCNGenError as e:
-            warnings.warn(f"ignoring its records: {e}", RuntimeWarning, stacklevel=2)
+            warn(f"ignoring its records: {e}")
             continue
         out += [(data.get("fingerprint", path.stem), rec) for key, rec in sorted(data["records"].items()) if _usable(rec, key, path)]
     return out

@@ -106,6 +106,23 @@ def test_jit_path_uses_record_and_falls_back(root):
             assert records.tuned_config(CFG, (1, 64)).params == ()
 
 
+
+def test_record_warnings_name_the_callers_line(root):
+    """A warning about a record names the line that called dcngen (here, this test's op call), not
+    dcngen's or torch's dispatcher's: warnings filters and the message's location point at user code."""
+    import dcngen.ops
+
+    path = records.path_for("cpu", root)
+    records.update(path, "cpu", records.record_key(CFG, (1, 64)), _record(CFG, (1, 64), {"pixel_chunk": 99999}))
+    x, offset_mask = torch.randn(1, 8, 8, 16), torch.randn(1, 8, 8, 54)
+    with pytest.warns(RuntimeWarning, match="ignoring the tuning record") as caught:
+        dcngen.ops.dcnv4(x, offset_mask, group=2, group_channels=8); line = sys._getframe().f_lineno  # noqa: E702
+    assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)]
+    path.write_text("{not json")
+    with pytest.warns(RuntimeWarning, match="ignoring its records") as caught:
+        records.all_records(); line = sys._getframe().f_lineno  # noqa: E702
+    assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)]
+
 def test_search_space_and_candidate_order():
     space = tune.space_for(CFG)
     default = tune.default_params(CFG)

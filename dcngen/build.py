@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -33,6 +34,7 @@ from .source import KernelSource
 
 GENERATOR_VERSION = "5"
 META = "meta.json"
+_ARTIFACT_KEY = re.compile(r"[A-Za-z0-9_.-]+_[0-9a-f]{20}")  # artifact_key()'s shape: <source name>_<hash>
 log = logging.getLogger(__name__)  # INFO: each compile, with its time (the first use of a config builds it)
 
 
@@ -287,6 +289,8 @@ def clean(root: Path | None = None) -> tuple[int, int]:
         elif path.is_dir() and not path.is_symlink() and (path / META).is_file():
             key = path.name
         else:
+            continue
+        if not _ARTIFACT_KEY.fullmatch(key):  # a folder of the user's that happens to hold a meta.json
             continue
         lock = FileLock(str(root / ".locks" / f"{key}.lock"))
         try:

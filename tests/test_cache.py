@@ -198,6 +198,7 @@ def test_clean_removes_only_what_dcngen_wrote_and_not_what_is_being_built(cache)
     root = cache_dir()
     (root / "notes.txt").write_text("mine")
     (root / "myproject").mkdir()
+    (root / "myproject" / "meta.json").write_text("{}")  # a meta.json does not make a folder an artifact
     stage = root / f".stage-{removed_art.path.name}-abc_12"  # left by a killed builder
     stage.mkdir()
     (root / ".failed").mkdir()

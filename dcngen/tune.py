@@ -16,6 +16,7 @@ import itertools
 import math
 import os
 import random
+import socket
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -211,15 +212,30 @@ class RPCExecutor:
     """Runs artifacts on a TVM RPC server requested from a tracker: the library is uploaded and
     loaded there, checked there, and timed there with TVM's time_evaluator."""
 
-    def __init__(self, cfg: DCNConfig, tracker: str, key: str, session_timeout: int = 0):
+    def __init__(self, cfg: DCNConfig, tracker: str, key: str, session_timeout: int = 0, connect_timeout: float = 10.0):
+        """A session from `tracker` (HOST:PORT) for a server registered under `key`; waits for one of
+        them to be free. DCNGenError at once where the tracker cannot be reached within
+        connect_timeout seconds (TVM's client would retry for a minute) or has no server under key
+        (the request would wait for ever)."""
         from tvm import rpc
 
         host, _, port = tracker.rpartition(":")
         if not host or not port.isdigit():
             raise DCNGenError(f"--rpc-tracker must be HOST:PORT, got {tracker!r}")
         try:
-            self.session = rpc.connect_tracker(host, int(port)).request(key, priority=1, session_timeout=session_timeout)
-        except Exception as e:  # tracker unreachable, no server under that key
+            socket.create_connection((host, int(port)), timeout=connect_timeout).close()
+        except OSError as e:
+            raise DCNGenError(f"cannot reach the RPC tracker {tracker}: {e.strerror or e}") from None
+        try:
+            tracker_session = rpc.connect_tracker(host, int(port))
+            servers = sorted({info["key"].split(":", 1)[1] for info in tracker_session.summary()["server_info"]})
+            if key not in servers:
+                raise DCNGenError(f"the RPC tracker {tracker} has no server under the key {key!r} "
+                                  f"(its servers' keys: {', '.join(servers) or 'none'})")
+            self.session = tracker_session.request(key, priority=1, session_timeout=session_timeout)
+        except DCNGenError:
+            raise
+        except Exception as e:  # not a tracker, the server went away
             raise DCNGenError(f"no RPC session for key {key!r} from tracker {tracker}: {e}") from None
         self.dev = self.session.cuda(0) if cfg.is_cuda else self.session.cpu(0)
         self.where = f"rpc {key}@{tracker}"

@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -377,6 +378,13 @@ def test_rpc_loopback_measures_on_the_server(root, monkeypatch):
             except Exception:
                 time.sleep(0.2)
         assert executor is not None, "the RPC server never registered with the tracker"
+        # a key no server registered under, a port with no tracker: errors at once, not a wait
+        with pytest.raises(DCNGenError, match="no server under the key 'other' .its servers' keys: dcngen-test"):
+            tune.RPCExecutor(CFG, f"127.0.0.1:{tracker.port}", "other")
+        with socket.socket() as unused:
+            unused.bind(("127.0.0.1", 0))
+            with pytest.raises(DCNGenError, match="cannot reach the RPC tracker"):
+                tune.RPCExecutor(CFG, f"127.0.0.1:{unused.getsockname()[1]}", "dcngen-test")
         _sign_error_generator(monkeypatch, bad_chunk=2)
         space = tune.Space({"pixel_chunk": (2,), "unroll_points": (tune.default_params(CFG)["unroll_points"],)}, passes=("forward", "backward"))
         result = tune.tune(CFG, SHAPE, trials=3, time_budget=120, rounds=3, space=space, executor=executor)

@@ -217,6 +217,18 @@ def _cached_file(path: str, mtime: float) -> dict:
     return load(Path(path))
 
 
+def _readable(path: Path, cached: bool = False) -> dict | None:
+    """The record file's contents; None, with a warning naming it, where it cannot be read (and
+    silently where it is gone since it was listed). `cached`: through the per-mtime cache."""
+    try:
+        return _cached_file(str(path), path.stat().st_mtime) if cached else load(path)
+    except DCNGenError as e:
+        warn(f"ignoring its records: {e}")
+    except OSError:
+        pass
+    return None
+
+
 def _candidate_files(target: str, root: Path | None) -> list[Path]:
     """This machine's record files, in folder order; for a CUDA target with no such GPU here, every
     file of its architecture."""
@@ -233,12 +245,7 @@ def lookup(cfg: DCNConfig, shape: tuple[int, int, int], root: Path | None = None
     prefix = f"{config_key(cfg)}|v{generator_version()}|"
     best, best_dist = None, math.inf
     for path in _candidate_files(cfg.target, root):
-        try:
-            data = _cached_file(str(path), path.stat().st_mtime)
-        except OSError:  # gone since it was listed
-            continue
-        except DCNGenError as e:
-            warn(f"ignoring its records: {e}")
+        if (data := _readable(path, cached=True)) is None:
             continue
         for key, rec in sorted(data["records"].items()):
             if not key.startswith(prefix) or not _usable(rec, key, path):
@@ -275,10 +282,7 @@ def all_records(root: Path | None = None) -> list[tuple[str, dict]]:
     """(fingerprint, record) for every record file in the record folders."""
     out = []
     for path in [path for folder in folders(root) for path in sorted(folder.glob("*.json"))]:
-        try:
-            data = load(path)
-        except DCNGenError as e:
-            warn(f"ignoring its records: {e}")
+        if (data := _readable(path)) is None:
             continue
         out += [(data.get("fingerprint", path.stem), rec) for key, rec in sorted(data["records"].items()) if _usable(rec, key, path)]
     return out

@@ -538,7 +538,8 @@ def test_verify_inputs_avoid_pixel_lines_at_any_offset_scale(offset_scale):
 
 def test_results_do_not_depend_on_the_thread_count():
     """The CPU kernels follow torch.set_num_threads(); forward (per pixel) and backward (per
-    (image, group) task, no atomics) give bitwise the same results on 1 and 2 threads."""
+    (image, group) task or band of its rows, no atomics) give bitwise the same results on 1 and 2
+    threads."""
     cfg = DCNConfig(group=3, group_channels=8, dtype="float32")
     n, h, w = 3, 24, 24
     # enough sampling points that the kernels use both threads (one thread below 8192 per thread)
@@ -560,6 +561,32 @@ def test_results_do_not_depend_on_the_thread_count():
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
+
+
+@pytest.mark.parametrize("stride, dilation, offset_scale", [(1, 1, 1.0), (2, 2, -0.7)])
+def test_backward_in_row_bands_reaching_anywhere(stride, dilation, offset_scale):
+    """One (image, group) task is too few for the cores, so the backward splits its output rows into
+    bands (at least two here on any machine: 8 rows or more each), each scattering into its own window
+    of the input gradient, then sums the windows. A fifth of the samples reach 10-30 px up or down,
+    far past a band's first window, which grows to hold them. Float64, against the reference."""
+    cfg = DCNConfig(group=1, group_channels=8, stride=stride, dilation=dilation, padding=dilation, offset_scale=offset_scale,
+                    dtype="float64")
+    gen = torch.Generator().manual_seed(11)
+    n, h, w = 1, 40, 13
+    assert cfg.output_size(h, w)[0] >= 16
+    x, offset, mask = random_inputs(cfg, n, h, w, generator=gen)
+    far = torch.rand(offset.shape[:-1], generator=gen, dtype=torch.float64) < 0.2
+    reach = (10 + 20 * torch.rand(far.shape, generator=gen, dtype=torch.float64)) * torch.randn(far.shape, generator=gen).sign()
+    offset[..., 1] += torch.where(far, reach / abs(offset_scale), 0.0)
+    om = dcnv4_packed(cfg, offset, mask)
+    grad_out = torch.randn(n, *cfg.output_size(h, w), cfg.channels, generator=gen, dtype=torch.float64)
+    results = []
+    for fn in (lambda a, b: ops.dcnv4(a, b, **cfg.op_kwargs), lambda a, b: reference.dcnv4(cfg, a, b)):
+        leaves = [x.clone().requires_grad_(), om.clone().requires_grad_()]
+        fn(*leaves).backward(grad_out)
+        results.append([t.grad for t in leaves])
+    for got, want in zip(*results):
+        assert rel_err(got, want) < 1e-12
 
 TSAN_DRIVER = r"""
 // One dcn_forward or dcn_backward call (argv[1]: f or b) of the included kernel, DCNv3 layout, on the 4

@@ -51,6 +51,7 @@ CONFIGS = [
     DCNConfig(op="dcnv4", group=4, group_channels=16, kernel_size=(5, 3), padding=(2, 0), dilation=(1, 2), offset_scale=2.0, dtype="bfloat16"),
     DCNConfig(op="dcnv3", group=1, group_channels=3, kernel_size=(1, 5), stride=(1, 3), padding=(0, 2), dtype="float32"),
     DCNConfig(op="dcnv4", group=3, group_channels=7, kernel_size=3, stride=2, offset_scale=1.5, dtype="float16"),
+    DCNConfig(op="dcnv4", group=1, group_channels=12, offset_scale=-1.5, dtype="bfloat16"),
 ]
 IDS = [c.key for c in CONFIGS]
 HOSTILE = (float("nan"), float("inf"), float("-inf"), 1e30, -1e30, 3e9, -3e9)
@@ -97,10 +98,11 @@ def assert_matches(cfg, case, results, ref, live=None):
             assert (gmask.double()[dead] == 0).all(), f"[{tag}] nonzero weight gradient on a dead point"
 
 
-def hostile_case(cfg: DCNConfig, seed: int, fraction: float = 0.3) -> tuple[Case, torch.Tensor]:
-    """A random case where `fraction` of the points have a NaN / inf / 1e30 / 3e9 offset coordinate."""
+def hostile_case(cfg: DCNConfig, seed: int, fraction: float = 0.3, size: tuple[int, int, int] | None = None) -> tuple[Case, torch.Tensor]:
+    """A random case (of `size` (N, H, W) if given) where `fraction` of the points have a NaN / inf /
+    1e30 / 3e9 offset coordinate."""
     rng = random.Random(seed)
-    case = random_case(cfg, rng)
+    case = random_case(cfg, rng, size)
     gen = torch.Generator().manual_seed(seed)
     shape = case.offset.shape
     pick = torch.randint(0, len(HOSTILE), shape, generator=gen)
@@ -212,6 +214,16 @@ def test_hostile_offsets_contribute_nothing(cfg, seed):
     case, hit = hostile_case(cfg, seed)
     live, ref = expected(cfg, case)
     assert not (live & hit).any(), "every hostile offset must put its point outside the window"
+    assert_matches(cfg, case, run_both(cfg, case), ref, live)
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c.group == 1], ids=[c.key for c in CONFIGS if c.group == 1])
+def test_hostile_offsets_in_row_bands(cfg):
+    """One image of one group, 40 output rows: the CPU backward splits its rows into bands, each
+    scattering into its own window of the input gradient. Hostile offsets there too."""
+    case, hit = hostile_case(cfg, 3, size=(1, 40, 17))
+    live, ref = expected(cfg, case)
+    assert cfg.output_size(case.h, case.w)[0] >= 16 and not (live & hit).any()
     assert_matches(cfg, case, run_both(cfg, case), ref, live)
 
 

@@ -8,7 +8,6 @@ be built for the input's device and dtype, the module warns once and runs `dcnge
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -55,7 +55,8 @@ def test_golden_vectors(name, case, op, dtype):
     assert rel_err(grads["grad_offset_mask"], expected["grad_offset_mask"]) < tol
 
 
-@pytest.mark.parametrize("channels", [16, 8])  # 8: rows converted 8 at a time before they are summed
+# 8: rows converted 8 at a time before they are summed; 12 and 17: a vector's tail (AVX-512: 16 lanes)
+@pytest.mark.parametrize("channels", [16, 8, 12, 17])
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)], ids=["bfloat16", "float16"])
 def test_16_bit_outputs_and_gradients(dtype, tol, channels):
     """16-bit output and gradients against the float64 reference on offsets exact in the dtype and clear of pixel lines."""
@@ -684,6 +685,17 @@ def test_outputs_past_the_caches(op):
     streaming stores: NaN-poisoned kernel outputs and the op against the float64 reference."""
     cfg = DCNConfig(op=op, group=4, group_channels=16, dtype="float32")
     case = random_case(cfg, random.Random(11), size=(1, 128, 128))
+    assert case.grad_out.numel() * 4 >= 4 << 20
+    assert check_case(cfg, case) == []
+
+
+@pytest.mark.parametrize("op", ["dcnv4", "dcnv3"])
+def test_streamed_outputs_of_groups_narrower_than_a_vector(op):
+    """Outputs past the caches whose group rows (8 float32 values) are narrower than a streaming
+    store (16): written with plain stores, each group's row and no more, NaN-poisoned kernel
+    outputs against the float64 reference."""
+    cfg = DCNConfig(op=op, group=3, group_channels=8, dtype="float32")
+    case = random_case(cfg, random.Random(12), size=(1, 128, 352))
     assert case.grad_out.numel() * 4 >= 4 << 20
     assert check_case(cfg, case) == []
 

@@ -45,18 +45,22 @@ def required_features(isa: str) -> tuple[str, ...]:
     return tuple(f for name in names[: names.index(isa) + 1] for f in ISAS[name].features)
 
 
+def parse_cpuinfo(text: str) -> dict[str, str]:
+    """The fields of /proc/cpuinfo's text, each as its first CPU gives it."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
 @functools.lru_cache(maxsize=1)
 def cpuinfo() -> dict[str, str]:
     """This machine's /proc/cpuinfo fields (of its first CPU); empty where there is none."""
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return parse_cpuinfo(Path("/proc/cpuinfo").read_text())
     except OSError:
         return {}
-    fields: dict[str, str] = {}
-    for line in lines:
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    return fields
 
 
 def host_features() -> frozenset[str]:
@@ -75,14 +79,19 @@ def missing_features(isa: str) -> tuple[str, ...]:
     return tuple(f for f in required_features(isa) if f not in host_features())
 
 
+def best_level(features: frozenset[str]) -> str:
+    """The highest level whose features are all among `features` (the lowest where none is)."""
+    runnable = [name for name in ISAS if set(required_features(name)) <= features]
+    return runnable[-1] if runnable else "x86-64"
+
+
 def register_bytes(isa: str | None) -> int:
     """The vector register file of code built for `isa`, or for this machine's CPU (None): its
-    best level on x86-64 (the lowest where it has none), NEON's elsewhere."""
+    best level on x86-64, NEON's elsewhere."""
     if isa is None:
         if not is_x86_64():
             return NEON_REGISTER_BYTES
-        runnable = [name for name in ISAS if not missing_features(name)]
-        isa = runnable[-1] if runnable else "x86-64"
+        isa = best_level(host_features())
     return ISAS[isa].register_bytes
 
 

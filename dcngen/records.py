@@ -46,7 +46,8 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """This machine's CPU model name (what its records are filed under)."""
     return cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
@@ -61,7 +62,7 @@ def _cores() -> int:
 def machine(target: str) -> dict:
     """What the fingerprint of `target` is made of: CPU model and cores, or GPU name and architecture."""
     if not target.startswith("cuda"):  # this CPU, whichever instruction set the kernels use
-        return {"cpu": _cpu_model(), "cores": _cores()}
+        return {"cpu": cpu_model(), "cores": _cores()}
     import torch
 
     arch = target.split(":", 1)[1]

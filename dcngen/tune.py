@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from . import records
+from . import records, remote_cpu
 from .config import DCNConfig
 from .errors import DCNGenError
 
@@ -242,11 +242,13 @@ class RPCExecutor:
         self._put: dict[int, tuple[torch.Tensor, object]] = {}
 
     def machine(self, target: str) -> dict:
-        """What the timings are filed under: for a CUDA target the server's GPU, by name and
-        architecture (so the GPU machine finds them); for a CPU target this machine, whose CPU the
-        servers must have (README)."""
+        """What the timings are filed under: the server's GPU, by name and architecture, for a CUDA
+        target; the server's CPU model and cores for a CPU target (remote_cpu.py). DCNGenError where
+        the server cannot run the kernels built here for `target`."""
         if not target.startswith("cuda"):
-            return records.machine(target)
+            server = remote_cpu.server_cpu(self.session)
+            remote_cpu.require_runs(target, server)
+            return server.machine
         major, _, minor = str(self.dev.compute_version).partition(".")
         arch = f"sm_{major}{minor}"
         if arch != target.split(":", 1)[1]:

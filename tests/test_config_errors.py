@@ -258,3 +258,129 @@ def test_cuda_group_channels_beyond_one_warp_name_the_field(dtype, widest):
     with pytest.raises(ConfigError) as info:
         generate(DCNConfig(group=1, group_channels=widest + 1, dtype=dtype, target="cuda:sm_90"))
     assert info.value.field == "group_channels" and f"at most {widest}" in str(info.value)
+
+
+# ---- the limits, exactly at and one past each --------------------------------------------------
+
+LIMIT = (1 << 31) - 1
+
+
+@pytest.mark.parametrize("field, at_limit, past_limit", [
+    ("kernel_size", dict(kernel_size=(1, 65536)), dict(kernel_size=(1, 65537))),  # MAX_POINTS sampling points
+    ("kernel_size", dict(kernel_size=(256, 256)), dict(kernel_size=(256, 257))),
+    ("dilation", dict(kernel_size=2, dilation=LIMIT - 1), dict(kernel_size=2, dilation=LIMIT)),  # a window of 2^31 - 1, then 2^31
+    ("stride", dict(stride=LIMIT), dict(stride=LIMIT + 1)),
+    ("padding", dict(padding=(1 << 30) - 1), dict(padding=1 << 30)),  # 2 x padding is even: 2^31 - 2 is the largest below
+    ("offset_scale", dict(offset_scale=3.4028234663852886e38), dict(offset_scale=3.402823466385289e38)),  # float32's max, the next float64
+    ("offset_scale", dict(offset_scale=-3.4028234663852886e38, dtype="float16"), dict(offset_scale=-3.402823466385289e38, dtype="float16")),
+], ids=["points-1xN", "points-square", "dilation", "stride", "padding", "offset_scale", "offset_scale-negative-fp16"])
+def test_limits_are_inclusive(field, at_limit, past_limit):
+    """Each documented limit is the largest accepted value: exactly at it builds a config, one past
+    it is a ConfigError naming the field."""
+    DCNConfig(**at_limit)
+    with pytest.raises(ConfigError) as info:
+        DCNConfig(**past_limit)
+    assert info.value.field == field
+
+
+def test_float64_kernels_take_offset_scales_beyond_float32():
+    """Only the kernels that compute locations in float32 are limited to its range: float64 takes
+    any finite offset_scale."""
+    assert DCNConfig(offset_scale=1e39, dtype="float64").offset_scale == 1e39
+    assert DCNConfig(offset_scale=-1.7e308, dtype="float64").offset_scale == -1.7e308
+
+
+def test_offset_scale_of_other_number_types_is_a_plain_float():
+    """A NumPy float64, a float32 or the number's text give the config of the Python float: same
+    key, same hash (tuning records are looked up by the key)."""
+    np = pytest.importorskip("numpy")
+    plain = DCNConfig(offset_scale=0.5)
+    for value in (np.float64(0.5), np.float32(0.5), "0.5", 1 / 2):
+        cfg = DCNConfig(offset_scale=value)
+        assert type(cfg.offset_scale) is float and cfg == plain and cfg.key == plain.key and hash(cfg) == hash(plain), value
+
+
+@pytest.mark.parametrize("text, pair", [("3x5", (3, 5)), ("3,5", (3, 5)), (" 3 , 5 ", (3, 5)), ("7", (7, 7))])
+def test_spatial_text_takes_x_or_comma(text, pair):
+    """Spatial fields given as text: `HxW`, `H,W` or one int."""
+    assert DCNConfig(kernel_size=text, padding=0).kernel_size == pair
+
+
+@pytest.mark.parametrize("text", ["3;5", "3*5", "3 5", "3x5x7", "3,5,7", "x5", "3,"])
+def test_spatial_text_rejects_other_separators(text):
+    with pytest.raises(ConfigError) as info:
+        DCNConfig(kernel_size=text)
+    assert info.value.field == "kernel_size"
+
+
+def test_cli_shape_takes_commas():
+    """`--shape 1,4,5` is `1x4x5` (here: too small for the kernel, which the message says by its size)."""
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(_cli(), ["verify", "--kernel-size", "5", "--padding", "0", "--shape", "1,4,5"])
+    assert result.exit_code == 2 and "leaves no output pixel on a 4x5 input" in " ".join(result.output.split()), result.output
+
+
+def test_cli_memory_bound_counts_every_float64_tensor():
+    """The bound of verify/bench's --shape: input, output and the G*P*3 offset channels, 8 bytes
+    each. 1x100000x100000, default config (C 64, G 4, P 9): 1e10 x (64 + 64 + 108) x 8 bytes."""
+    from typer.testing import CliRunner
+
+    need = 10**10 * (64 + 64 + 108) * 8
+    result = CliRunner().invoke(_cli(), ["verify", "--shape", "1x100000x100000"])
+    assert result.exit_code == 2 and f"take {need / 2**30:.3g} GiB in float64" in " ".join(result.output.split()), result.output
+
+
+# ---- tensor checks (dcngen.shapes, dcngen.ops) on meta tensors: no allocation ---------------------
+
+def _meta_dcnv4(n, h, w, **kwargs):
+    import torch
+
+    from dcngen import ops
+
+    cfg = DCNConfig(op="dcnv4", **kwargs)
+    ho, wo = cfg.output_size(h, w)
+    x = torch.empty(n, h, w, cfg.channels, device="meta")
+    return ops.dcnv4(x, torch.empty(n, max(ho, 0), max(wo, 0), cfg.min_offset_mask_channels, device="meta"), **cfg.op_kwargs)
+
+
+def test_tensors_on_two_devices_name_both():
+    import torch
+
+    from dcngen import ops
+    from dcngen.errors import InputError
+
+    with pytest.raises(InputError, match=r"^offset_mask is on meta but input is on cpu; all tensors must share one device$"):
+        ops.dcnv4(torch.zeros(1, 3, 3, 64), torch.empty(1, 3, 3, 108, device="meta"))
+    with pytest.raises(InputError, match=r"^mask is on meta but input is on cpu"):
+        ops.dcnv3(torch.zeros(1, 3, 3, 64), torch.zeros(1, 3, 3, 72), torch.empty(1, 3, 3, 36, device="meta"))
+
+
+@pytest.mark.parametrize("h, w", [(2, 5), (5, 2), (2, 2)])
+def test_a_kernel_larger_than_the_input_is_refused_on_either_axis(h, w):
+    """A 3x3 kernel without padding on an input 2 high or 2 wide leaves 0 output rows or columns:
+    the error says the kernel does not fit (not that offset_mask has the wrong shape)."""
+    from dcngen.errors import InputError
+
+    with pytest.raises(InputError, match=rf"^a 3x3 kernel \(dilation 1x1, padding 0x0\) does not fit an input of {h}x{w}$"):
+        _meta_dcnv4(1, h, w, padding=0)
+    assert _meta_dcnv4(1, 3, 3, padding=0).shape == (1, 1, 1, 64)  # one output pixel fits
+
+
+@pytest.mark.parametrize("shape, kwargs", [
+    ((1, LIMIT + 1, 1), dict(stride=(2, 1))),  # input height only (the output is 2^30 high)
+    ((1, 1, LIMIT + 1), dict(stride=(1, 2))),  # input width only
+    ((1, LIMIT, 1), dict(padding=(1, 0))),  # output height only (2^31 + 1)
+    ((1, 1, LIMIT), dict(padding=(0, 1))),  # output width only
+], ids=["h", "w", "ho", "wo"])
+def test_heights_and_widths_past_2_31_are_refused(shape, kwargs):
+    """The kernels index rows and columns in 32 bits: any of H, W, Ho, Wo past 2^31 - 1 is an
+    InputError; exactly 2^31 - 1 is accepted (meta tensors: shapes only)."""
+    from dcngen.errors import InputError
+
+    geometry = {"kernel_size": 1, "padding": 0, **kwargs}
+    with pytest.raises(InputError, match="must be below 2"):
+        _meta_dcnv4(*shape, **geometry)
+    n, h, w = shape
+    at_limit = (n, min(h, LIMIT), min(w, LIMIT)) if "stride" in kwargs else (n, min(h, LIMIT - 2), min(w, LIMIT - 2))
+    assert LIMIT in (*at_limit, *_meta_dcnv4(*at_limit, **geometry).shape[1:3])

@@ -394,3 +394,34 @@ def test_modules_take_device_and_dtype_like_torch_nn(make):
     meta = make(device="meta")
     assert {t.device.type for t in meta.parameters()} == {"meta"}
     assert meta(torch.empty(shape, device="meta")).shape == shape
+
+
+def test_dcnv3_depthwise_kernel_defaults_to_the_kernel_size_and_keeps_the_image_size():
+    """dw_kernel_size=None takes kernel_size (as the official module); the depthwise convolution is
+    padded (kh // 2, kw // 2) so a rectangular one keeps H and W."""
+    m = dcngen.nn.DCNv3(16, kernel_size=(5, 3), pad=(2, 1), group=2, device="meta")
+    assert m.dw_kernel_size == (5, 3) and m.dw_conv[0].kernel_size == (5, 3) and m.dw_conv[0].padding == (2, 1)
+    m = dcngen.nn.DCNv3(16, kernel_size=5, pad=2, group=2, device="meta")
+    assert m.dw_kernel_size == 5 and m.dw_conv[0].kernel_size == (5, 5) and m.dw_conv[0].padding == (2, 2)
+    m = dcngen.nn.DCNv3(16, kernel_size=3, dw_kernel_size=(3, 5), group=2)
+    assert m.dw_conv[0].kernel_size == (3, 5) and m.dw_conv[0].padding == (1, 2)
+    assert m.dw_conv(torch.zeros(2, 16, 6, 7)).shape == (2, 6, 7, 16)  # channels-first in, channels-last out
+
+
+@pytest.mark.parametrize("kernel_size", [(3, 4), (4, 3), 4])
+def test_dcnv3_remove_center_needs_an_odd_kernel_on_both_axes(kernel_size):
+    """The official module's own message, for an even height or width."""
+    with pytest.raises(ValueError, match=r"^remove_center is only compatible with odd kernel size\.$"):
+        dcngen.nn.DCNv3(16, kernel_size=kernel_size, group=2, remove_center=True)
+
+
+@pytest.mark.parametrize("kernel_size, remove_center, points", [(5, False, 25), (5, True, 24), ((3, 5), False, 15), (1, False, 1), (7, True, 48)])
+def test_modules_size_their_point_layers_by_the_kernel(kernel_size, remove_center, points):
+    """K = group x points, and the offset/mask layers, for kernels other than 3x3 (meta: no init cost)."""
+    pad = tuple(k // 2 for k in (kernel_size if isinstance(kernel_size, tuple) else (kernel_size,) * 2))
+    v4 = dcngen.nn.DCNv4(16, kernel_size=kernel_size, pad=pad, group=2, remove_center=remove_center, device="meta")
+    assert v4.K == 2 * points and v4.offset_mask.out_features == math.ceil(3 * 2 * points / 8) * 8
+    if remove_center or kernel_size == 1 or isinstance(kernel_size, tuple):
+        return
+    v3 = dcngen.nn.DCNv3(16, kernel_size=kernel_size, pad=pad, group=2, remove_center=remove_center, device="meta")
+    assert v3.offset.out_features == 2 * 2 * points and v3.mask.out_features == 2 * points

@@ -84,7 +84,7 @@ def test_op_stride_dilation_non_square_kernel_matches_reference():
     x = torch.randn(1, 9, 7, G * C)
     ho, wo = cfg.output_size(9, 7)
     om = torch.randn(1, ho, wo, cfg.padded_offset_mask_channels) * 1.5
-    prog = torch.onnx.export(_Op("dcnv4", **kw), (x, om), dynamo=True, opset_version=19, custom_translation_table=dcngen.onnx.translation_table())
+    prog = torch.onnx.export(_Op("dcnv4", **kw).eval(), (x, om), dynamo=True, opset_version=19, custom_translation_table=dcngen.onnx.translation_table())
     _check_graph(prog.model_proto)
     assert _rel(_run_onnx(prog.model_proto.SerializeToString(), (x, om)), reference.dcnv4(cfg, x, om)) < 1e-5
 
@@ -97,7 +97,7 @@ def test_op_offset_scale_with_unequal_half_windows_matches_reference():
     assert cfg.half_window == (1, 2)
     x = torch.randn(1, 6, 7, G * C)
     off, mask = torch.randn(1, 6, 7, 2 * G * cfg.num_points) * 1.5, torch.rand(1, 6, 7, G * cfg.num_points)
-    prog = torch.onnx.export(_Op("dcnv3", **kw), (x, off, mask), dynamo=True, opset_version=19, custom_translation_table=dcngen.onnx.translation_table())
+    prog = torch.onnx.export(_Op("dcnv3", **kw).eval(), (x, off, mask), dynamo=True, opset_version=19, custom_translation_table=dcngen.onnx.translation_table())
     _check_graph(prog.model_proto)
     assert _rel(_run_onnx(prog.model_proto.SerializeToString(), (x, off, mask)), reference.dcnv3(cfg, x, off, mask)) < 1e-5
 
@@ -118,3 +118,23 @@ def test_torchscript_exporter(tmp_path):
 def test_export_rejects_old_opset():
     with pytest.raises(ValueError, match="opset"):
         dcngen.onnx.export(torch.nn.Identity(), (torch.zeros(1),), opset_version=18)
+
+
+def test_export_keeps_a_users_translations_beside_dcngens():
+    """custom_translation_table= adds to dcngen's table: the user's translation of another op
+    (here aten.relu as ONNX Abs) and dcngen's DeformConv are both in the graph."""
+    from onnxscript import opset19
+
+    def relu_as_abs(x):
+        return opset19.Abs(x)
+
+    class Model(torch.nn.Module):
+        def forward(self, x, offset_mask):
+            return torch.relu(ops.dcnv4(x, offset_mask, group=G, group_channels=C))
+
+    x, offset_mask = torch.randn(1, 4, 4, G * C), torch.randn(1, 4, 4, G * 9 * 3)
+    prog = dcngen.onnx.export(Model().eval(), (x, offset_mask), custom_translation_table={torch.ops.aten.relu.default: relu_as_abs})
+    _check_graph(prog.model_proto)
+    assert "Abs" in [n.op_type for n in prog.model_proto.graph.node] and "Relu" not in [n.op_type for n in prog.model_proto.graph.node]
+    out = _run_onnx(prog.model_proto.SerializeToString(), (x, offset_mask))
+    assert _rel(out, ops.dcnv4(x, offset_mask, group=G, group_channels=C).abs()) < 1e-5

@@ -528,3 +528,21 @@ def test_lookup_ties_go_to_the_earlier_folder(tmp_path, monkeypatch):
     records.update(records.path_for("cpu", first), "cpu", records.record_key(CFG, (1, 256)), _record(CFG, (1, 256), a))
     assert records.lookup(CFG, (1, 8, 16))["best"]["params"] == a
     records.tuned_config.cache_clear()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--time-budget", "nan"], "--time-budget must be a positive number of seconds (inf: no limit), got nan"),
+    (["--time-budget", "0"], "--time-budget must be a positive number of seconds"),
+    (["--time-budget", "-1"], "--time-budget must be a positive number of seconds"),
+    (["--rpc-tracker", "127.0.0.1:9190"], "--rpc-tracker and --rpc-key go together"),
+    (["--rpc-key", "dcngen-test"], "--rpc-tracker and --rpc-key go together"),
+], ids=["nan", "zero", "negative", "tracker-alone", "key-alone"])
+def test_cli_tune_refuses_bad_budgets_and_half_an_rpc_address(root, args, message):
+    """Refused before any work, with one line (the shape here leaves no output pixel: were the flag
+    let through, that check would fail instead, so nothing is tuned either way)."""
+    from typer.testing import CliRunner
+
+    from dcngen.cli import app
+
+    result = CliRunner().invoke(app, ["tune", "--kernel-size", "5", "--padding", "0", "--shape", "1x4x4", *args])
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output

@@ -145,7 +145,7 @@ def _bwd_tile_shape(cfg: DCNConfig, vec: int) -> dict[str, int]:
 def default_params(cfg: DCNConfig) -> dict[str, int]:
     vec = _default_vec(cfg)
     per_pixel = cfg.group * lanes(cfg, vec)
-    pixels = max(1, TARGET_THREADS // per_pixel) if per_pixel <= MAX_THREADS else 1
+    pixels = max(1, TARGET_THREADS // per_pixel)
     return {
         "vec": vec,
         "pixels": pixels,

@@ -10,8 +10,19 @@ out="${OUT:-device-out}"
 mkdir -p "$out/records"
 pip install -q --no-deps --target /tmp/site .whl/*.whl > /dev/null 2>&1
 export PYTHONPATH="/tmp/site:$PWD" TVM_FFI_DISABLE_TORCH_C_DLPACK=1 DCNGEN_CACHE=/tmp/dcache DCNGEN_RECORDS="$out/records"
+# the Python API rather than the CLI: the machine need not have typer and rich
 for dtype in float16 float32 bfloat16; do
-  timeout 95 python -m dcngen.cli tune --target cuda --dtype "$dtype" --group 4 --group-channels 32 \
-    --shape 64x56x56 --trials 64 --time-budget 85 --jobs 16 > "$out/tune-$dtype.log" 2>&1
+  timeout 95 python - "$dtype" > "$out/tune-$dtype.log" 2>&1 <<'EOF'
+import sys
+from dcngen import records
+from dcngen.config import DCNConfig
+from dcngen.tune import process_age, tune
+
+cfg = DCNConfig(op="dcnv4", group=4, group_channels=32, kernel_size=3, padding=1, dtype=sys.argv[1], target="cuda")
+result = tune(cfg, (64, 56, 56), trials=64, time_budget=85 - process_age(), jobs=16)
+r = result.record
+print(f"64x56x56: best {records.params_name(r['best']['params'])} {r['best']['ms']:.3f} ms, "
+      f"default {r['default']['ms']:.3f} ms, {len(result.trials)} new candidates ({r['failed']} failed) -> {result.path}")
+EOF
   echo "tune $dtype: exit $? ($(grep -m1 -E '^64x56x56:' "$out/tune-$dtype.log"))"
 done

@@ -13,7 +13,7 @@ from pathlib import Path
 from . import records
 from .cpu_isas import best_level, host_features, is_x86_64, parse_cpuinfo, required_features
 from .errors import BuildError, DCNGenError
-from .settings import TEMPLATE_DIR, cache_root
+from .settings import TEMPLATE_DIR
 
 PROBE_SOURCE = TEMPLATE_DIR / "cpu" / "machine_probe.cc"
 X86_64 = ("x86_64", "amd64")
@@ -33,12 +33,11 @@ class ServerCpu:
 
 
 def probe_library() -> Path:
-    """The probe, built once into the cache (tvm-ffi's builder rebuilds it only when its source changes)."""
+    """The probe, built once into tvm-ffi's cache (keyed by its source and flags)."""
     import tvm_ffi.cpp
 
     try:
-        return Path(tvm_ffi.cpp.build_inline("machine_probe", cpp_sources=PROBE_SOURCE.read_text(), extra_cflags=["-O1"],
-                                             build_directory=str(cache_root() / "machine_probe")))
+        return Path(tvm_ffi.cpp.build_inline("dcngen_machine_probe", cpp_sources=PROBE_SOURCE.read_text(), extra_cflags=["-O1"]))
     except Exception as e:  # tvm-ffi raises RuntimeError with ninja's output
         raise BuildError("the RPC server's CPU probe did not build", source_path=str(PROBE_SOURCE), log=str(e)) from None
 

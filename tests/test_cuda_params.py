@@ -60,6 +60,30 @@ def test_default_block_aims_at_256_threads(dtype, c, g, pixels):
     assert params["pixels"] == params["bwd_pixels"] == pixels
 
 
+@pytest.mark.parametrize("params, pixels, bwd_pixels", [
+    ({"vec": 1, "bwd_vec": 1}, 1, 1),  # 32 lanes x 5 groups = 160 threads a pixel (with 16-byte vectors' 12 pixels: 1920)
+    ({"vec": 2}, 3, 12),  # 16 lanes x 5 groups: 3 pixels; the backward keeps its default width and block
+    ({"vec": 1, "pixels": 3}, 3, 12),  # a block set with the width is kept
+])
+def test_blocks_follow_a_vector_width_that_is_set(params, pixels, bwd_pixels):
+    """A vector width set without its block gets the block the default rule gives that width
+    (about 256 threads), not the default width's, which could pass 1024 threads."""
+    launch, geometry = launch_params(cfg("float16", 32, g=5, params=params))
+    assert (launch["pixels"], launch["bwd_pixels"]) == (pixels, bwd_pixels)
+    assert geometry["fwd_threads"] <= 1024 and geometry["bwd_threads"] <= 1024
+
+
+def test_tiled_backward_tile_shrinks_to_fit_shared_memory():
+    """A tile of stride-3, dilated samples whose default 8x16 region does not fit even without a halo
+    is halved until it does (then the halo is the largest that fits); a tile that is set is refused."""
+    spread = dict(k=(6, 4), stride=3, dilation=(3, 1), offset_scale=1.3)
+    params, geometry = launch_params(cfg("bfloat16", 32, g=1, params={"bwd_tile": 1}, **spread))
+    assert (params["bwd_tile_h"], params["bwd_tile_w"], params["bwd_tile_threads"]) == (8, 8, 256)
+    assert geometry["bwd_tile"]["smem_bytes"] <= LIMITS["sm_90"].smem_per_block
+    with pytest.raises(ConfigError, match="bwd_tile 8x16 with bwd_halo 0 needs .* KB of shared memory per block"):
+        launch_params(cfg("bfloat16", 32, g=1, params={"bwd_tile": 1, "bwd_tile_w": 16}, **spread))
+
+
 @pytest.mark.parametrize("config, unroll, bwd_unroll", [
     (cfg("float16"), 3, 2),  # 16-byte vectors: 12 // 4 = 3 points per batch; backward 2
     (cfg("float32"), 3, 2),

@@ -4,7 +4,8 @@ kernels' layouts come from cuda_tiles).
 Parameters (cfg.params; defaults from `default_params`):
   vec / bwd_vec        channels per thread, forward / backward (power of two)
   pixels / bwd_pixels  output pixels per block; threads per block = pixels * G * lanes, where
-                       lanes = next_pow2(ceil(C / vec)) threads share one (pixel, group)
+                       lanes = next_pow2(ceil(C / vec)) threads share one (pixel, group); default:
+                       about 256 threads for the vec in use (the default one or the one set)
   unroll / bwd_unroll  sampling points per batch, forward / backward: the 4 corner loads of every
                        point of a batch are issued before the first is used
   stage / bwd_stage    1: a block copies its pixels' offset/mask rows into shared memory once
@@ -22,8 +23,9 @@ Parameters (cfg.params; defaults from `default_params`):
                        32-bit fixed point scaled to the tile's max|grad_out| x max|mask|, before one
                        atomic add per position; contributions beyond the region go to global memory
   bwd_tile_h / bwd_tile_w / bwd_tile_threads / bwd_halo  its tile, threads per block and margin
-                       (bwd_halo, fwd_halo default: 2 |offset_scale|, at least 1, lowered where
-                       the layout would not fit the target's shared memory)
+                       (tile default: 8x16, halved where float32's fixed-point sums or the target's
+                       shared memory need it; bwd_halo, fwd_halo default: 2 |offset_scale|, at
+                       least 1, lowered where the layout would not fit the target's shared memory)
   mma                  1: tensor-core forward (fp16/bf16, group_channels % 8 == 0, sm_80+): a warp
                        stages the corner rows of 8 pixels per point in shared memory (cp.async) and
                        multiplies them by the block-diagonal coefficient matrix with m16n8k16 mma,
@@ -61,7 +63,7 @@ from ..config import DCNConfig
 from ..cuda_archs import LIMITS
 from ..errors import ConfigError
 from ..source import KernelSource
-from .cuda_tiles import FP32_TILE_SAMPLES, bwd_mma_geometry, bwd_tile_geometry, fits_twice, fitting_halo, fwd_mma_geometry, mma_geometry
+from .cuda_tiles import FP32_TILE_SAMPLES, LayoutTooLarge, bwd_mma_geometry, bwd_tile_geometry, fits_twice, fitting_halo, fwd_mma_geometry, mma_geometry
 from .jinja import render, resolve_params
 
 BACKWARD_ZEROES_PADDING = True  # the backward writes DCNv4's padding gradient channels (zeros)
@@ -131,21 +133,33 @@ def _default_vec(cfg: DCNConfig) -> int:
     return vec
 
 
+def _block_pixels(cfg: DCNConfig, vec: int) -> int:
+    """Output pixels per block of the per-point kernels: about TARGET_THREADS threads, at least one pixel."""
+    return max(1, TARGET_THREADS // (cfg.group * lanes(cfg, vec)))
+
+
+def _halved(h: int, w: int) -> tuple[int, int]:
+    """A tile with its longer side (its height where equal) halved."""
+    return (h // 2, w) if h >= w and h > 1 else (h, w // 2)
+
+
+def _tile_threads(cfg: DCNConfig, h: int, w: int, vec: int) -> int:
+    """The tiled backward's block: a thread per pixel and lane (`vec` channels each), whole warps, up to TARGET_THREADS."""
+    return min(TARGET_THREADS, -(-h * w * lanes(cfg, vec) // 32) * 32)
+
+
 def _bwd_tile_shape(cfg: DCNConfig, vec: int) -> dict[str, int]:
     """The tiled backward's default tile and block: 8x16, or for float32 the largest of 8x16, 8x8,
-    4x8, ... whose pixels x points leave its fixed-point sums the bits float32 needs; a thread per
-    pixel and lane (`vec` channels each) up to 256 threads."""
+    4x8, ... whose pixels x points leave its fixed-point sums the bits float32 needs."""
     h, w = 8, 16
     while cfg.dtype == "float32" and h * w * cfg.num_points > FP32_TILE_SAMPLES and h * w > 1:
-        h, w = (h // 2, w) if h >= w and h > 1 else (h, w // 2)
-    threads = min(TARGET_THREADS, -(-h * w * lanes(cfg, vec) // 32) * 32)
-    return {"bwd_tile_h": h, "bwd_tile_w": w, "bwd_tile_threads": threads}
+        h, w = _halved(h, w)
+    return {"bwd_tile_h": h, "bwd_tile_w": w, "bwd_tile_threads": _tile_threads(cfg, h, w, vec)}
 
 
 def default_params(cfg: DCNConfig) -> dict[str, int]:
     vec = _default_vec(cfg)
-    per_pixel = cfg.group * lanes(cfg, vec)
-    pixels = max(1, TARGET_THREADS // per_pixel)
+    pixels = _block_pixels(cfg, vec)
     return {
         "vec": vec,
         "pixels": pixels,
@@ -181,6 +195,38 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
         "fwd_mma_tiles": 0,  # 0: automatic, see launch_params
         "fwd_halo": max(1, math.ceil(2 * abs(cfg.offset_scale))),
     }
+
+
+def _follow_set_vectors(cfg: DCNConfig, params: dict[str, int]) -> None:
+    """Where cfg.params set a vector width but not the block sized by it, size the block for the
+    width set, as default_params does for the default width."""
+    given = cfg.param_dict
+    for prefix in ("", "bwd_"):
+        if f"{prefix}vec" in given and f"{prefix}pixels" not in given:
+            params[f"{prefix}pixels"] = _block_pixels(cfg, params[f"{prefix}vec"])
+    if "bwd_vec" in given and "bwd_tile_threads" not in given:
+        params["bwd_tile_threads"] = _tile_threads(cfg, params["bwd_tile_h"], params["bwd_tile_w"], params["bwd_vec"])
+
+
+def _fitting_bwd_tile(cfg: DCNConfig, params: dict[str, int]) -> None:
+    """The tiled backward's default tile, halved until its input region fits the target's shared
+    memory with no halo at least (large strides and dilated kernels spread a tile's samples); a tile
+    set in cfg.params is kept, and refused where it does not fit."""
+    given = cfg.param_dict
+    if "bwd_tile_h" in given or "bwd_tile_w" in given:
+        return
+
+    def fits() -> bool:
+        try:
+            bwd_tile_geometry(cfg, {**params, "bwd_halo": 0})
+            return True
+        except LayoutTooLarge:
+            return False
+
+    while params["bwd_tile_h"] * params["bwd_tile_w"] > 1 and not fits():
+        params["bwd_tile_h"], params["bwd_tile_w"] = _halved(params["bwd_tile_h"], params["bwd_tile_w"])
+        if "bwd_tile_threads" not in given:
+            params["bwd_tile_threads"] = _tile_threads(cfg, params["bwd_tile_h"], params["bwd_tile_w"], params["bwd_vec"])
 
 
 def _auto_batches(cfg: DCNConfig, params: dict[str, int]) -> None:
@@ -262,6 +308,7 @@ def launch_params(cfg: DCNConfig) -> tuple[dict[str, int], dict]:
     """cfg.params over the defaults, with the automatic ones filled in, and the launch geometry;
     raises ConfigError for a combination the kernels cannot run."""
     params = resolve_params(cfg, default_params(cfg), PARAM_BOUNDS)
+    _follow_set_vectors(cfg, params)
     geometry = _check(cfg, params)
     if params["mma"]:
         geometry["mma"] = mma_geometry(cfg, params)
@@ -275,6 +322,7 @@ def launch_params(cfg: DCNConfig) -> tuple[dict[str, int], dict]:
         params["min_blocks"] = _auto_min_blocks(cfg, params)
     _check_register_caps(cfg, params, geometry)
     if params["bwd_tile"]:
+        _fitting_bwd_tile(cfg, params)
         params["bwd_halo"] = fitting_halo(cfg, params, "bwd_halo", bwd_tile_geometry)
         geometry["bwd_tile"] = bwd_tile_geometry(cfg, params)
     if params["bwd_mma"]:

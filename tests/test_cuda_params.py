@@ -75,11 +75,14 @@ def test_blocks_follow_a_vector_width_that_is_set(params, pixels, bwd_pixels):
 
 def test_tiled_backward_tile_shrinks_to_fit_shared_memory():
     """A tile of stride-3, dilated samples whose default 8x16 region does not fit even without a halo
-    is halved until it does (then the halo is the largest that fits); a tile that is set is refused."""
+    is halved until it does (with the halo set, if any; then the halo is the largest that fits); a tile
+    that is set is refused."""
     spread = dict(k=(6, 4), stride=3, dilation=(3, 1), offset_scale=1.3)
     params, geometry = launch_params(cfg("bfloat16", 32, g=1, params={"bwd_tile": 1}, **spread))
     assert (params["bwd_tile_h"], params["bwd_tile_w"], params["bwd_tile_threads"]) == (8, 8, 256)
     assert geometry["bwd_tile"]["smem_bytes"] <= LIMITS["sm_90"].smem_per_block
+    params = launch_params(cfg("bfloat16", 32, g=1, params={"bwd_tile": 1, "bwd_halo": 4}, **spread))[0]
+    assert (params["bwd_tile_h"], params["bwd_tile_w"], params["bwd_halo"]) == (4, 8, 4)  # fits the halo that is set
     with pytest.raises(ConfigError, match="bwd_tile 8x16 with bwd_halo 0 needs .* KB of shared memory per block"):
         launch_params(cfg("bfloat16", 32, g=1, params={"bwd_tile": 1, "bwd_tile_w": 16}, **spread))
 

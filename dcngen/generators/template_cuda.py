@@ -210,15 +210,16 @@ def _follow_set_vectors(cfg: DCNConfig, params: dict[str, int]) -> None:
 
 def _fitting_bwd_tile(cfg: DCNConfig, params: dict[str, int]) -> None:
     """The tiled backward's default tile, halved until its input region fits the target's shared
-    memory with no halo at least (large strides and dilated kernels spread a tile's samples); a tile
-    set in cfg.params is kept, and refused where it does not fit."""
+    memory with the halo set in cfg.params, else with no halo at least (large strides and dilated
+    kernels spread a tile's samples); a tile set in cfg.params is kept, and refused where it does not fit."""
     given = cfg.param_dict
     if "bwd_tile_h" in given or "bwd_tile_w" in given:
         return
+    halo = params["bwd_halo"] if "bwd_halo" in given else 0
 
     def fits() -> bool:
         try:
-            bwd_tile_geometry(cfg, {**params, "bwd_halo": 0})
+            bwd_tile_geometry(cfg, {**params, "bwd_halo": halo})
             return True
         except LayoutTooLarge:
             return False

@@ -6,7 +6,10 @@ backward), without pytest, with a running count and a JSON summary of every fail
     python benchmarks/long_fuzz.py --cases 10000 --configs 120 --seed 1 --out /tmp/long_fuzz.json
 
 (equivalently, through pytest: DCNGEN_FUZZ_CONFIGS=120 DCNGEN_FUZZ_CASES=10000 DCNGEN_FUZZ_SEED=1
-pytest tests/test_fuzz.py -q). `--cases` counts per backend. Exit status 1 if any case failed.
+pytest tests/test_fuzz.py -q). `--cases` counts per backend. `--emulated N` adds N configs of the
+CUDA per-point kernels and N of the tensor-core kernels with random launch parameters, run on the
+SIMT emulator (`--emulated-cases` each; needs the CUDA toolkit's headers, no GPU). Exit status 1
+if any case failed.
 """
 
 from __future__ import annotations
@@ -21,7 +24,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from fuzzkit import available_backends, check_case, config_pool, describe, per_config, random_case  # noqa: E402
+from fuzzkit import (  # noqa: E402
+    available_backends, check_case, config_pool, describe, per_config, random_case, simt_pool, tensor_core_pool,
+)
+
+
+def emulated_runs(count: int, seed: int):
+    """(cfg, check) for `count` per-point and `count` tensor-core CUDA configs on the SIMT emulator;
+    check(case) runs the emulated kernel, its warps in an order of the case's own."""
+    import os
+
+    from dcngen.kernels import emulated_kernel
+
+    def checker(cfg, magnitudes: bool):
+        kernel = None
+
+        def check(case, rng: random.Random):
+            nonlocal kernel
+            kernel = kernel or emulated_kernel(cfg)
+            os.environ["DCN_EMULATE_SEED"] = str(rng.randrange(2**62))
+            return check_case(cfg, case, via_ops=False, kernel=kernel, magnitudes=magnitudes)
+
+        return check
+
+    return [(cfg, checker(cfg, False)) for cfg in simt_pool(count, seed)] + [(cfg, checker(cfg, True)) for cfg in tensor_core_pool(count, seed)]
 
 
 def main() -> int:
@@ -30,31 +56,35 @@ def main() -> int:
     ap.add_argument("--configs", type=int, default=120, help="configs per backend (each one is a kernel build)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--backends", default=",".join(available_backends()))
+    ap.add_argument("--emulated", type=int, default=0, help="CUDA configs of each kind (per-point, tensor-core) on the SIMT emulator")
+    ap.add_argument("--emulated-cases", type=int, default=10, help="random cases per emulated config")
     ap.add_argument("--out", type=Path, default=Path("long_fuzz.json"))
     args = ap.parse_args()
 
     backends = [b for b in args.backends.split(",") if b]
-    pool = config_pool(args.configs, args.seed, backends)
     each = per_config(args.cases, args.configs)
+    runs = [(cfg, each, lambda case, rng, cfg=cfg: check_case(cfg, case)) for cfg in config_pool(args.configs, args.seed, backends)]
+    runs += [(cfg, args.emulated_cases, check) for cfg, check in emulated_runs(args.emulated, args.seed)]
     started = time.time()
     done, failures = 0, []
-    for i, cfg in enumerate(pool):
+    for i, (cfg, cases, check) in enumerate(runs):
         rng = random.Random(f"{args.seed}-{cfg.key}")
-        for _ in range(each):
+        for _ in range(cases):
             case = random_case(cfg, rng)
             try:
-                problems = check_case(cfg, case)
+                problems = check(case, rng)
             except Exception:  # a crash of the op is a failure too (a segfault ends the run: rerun with the seed)
                 problems = [traceback.format_exc(limit=3)]
             done += 1
             if problems:
                 failures.append({"config": cfg.key, "case": case.label, "problems": problems})
                 print(f"FAIL {describe(cfg, case)}: {problems[0]}", flush=True)
-        print(f"[{i + 1}/{len(pool)}] {cfg.key}: {done} cases, {len(failures)} failures, {time.time() - started:.0f} s", flush=True)
-    summary = {"cases": done, "configs": len(pool), "backends": backends, "seed": args.seed, "failures": failures,
+        print(f"[{i + 1}/{len(runs)}] {cfg.key}: {done} cases, {len(failures)} failures, {time.time() - started:.0f} s", flush=True)
+    kinds = backends + (["cuda emulated"] if args.emulated else [])
+    summary = {"cases": done, "configs": len(runs), "backends": kinds, "seed": args.seed, "failures": failures,
                "seconds": round(time.time() - started, 1)}
     args.out.write_text(json.dumps(summary, indent=2))
-    print(f"{done} cases over {len(pool)} configs ({', '.join(backends)}): {len(failures)} failures in {summary['seconds']} s -> {args.out}")
+    print(f"{done} cases over {len(runs)} configs ({', '.join(kinds)}): {len(failures)} failures in {summary['seconds']} s -> {args.out}")
     return 1 if failures else 0
 
 

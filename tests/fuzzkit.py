@@ -99,29 +99,56 @@ def config_pool(count: int, seed: int = 0, backends: list[str] | None = None) ->
     return pool
 
 
-def tensor_core_pool(count: int, seed: int = 0) -> list[DCNConfig]:
-    """`count` seeded random bf16 CUDA configs that run the tensor-core kernels: a tensor-core forward
-    (fwd_mma, or mma), bwd_mma or not, random tiles, warps, halos and tiles per block; for the SIMT
-    emulator. Draws the generator rejects are drawn again."""
+def _cuda_pool(count: int, rng: random.Random, draw) -> list[DCNConfig]:
+    """`count` CUDA template configs from draw(rng, i) (the i-th config of the pool); draws the
+    generator rejects are drawn again."""
     from dcngen.errors import ConfigError
     from dcngen.generators.template_cuda import launch_params
 
-    rng = random.Random(f"{seed}-tensor-cores")
     pool = []
     while len(pool) < count:
-        base = random_config(rng, dtype="bfloat16", op=("dcnv4", "dcnv3")[len(pool) % 2])
-        forward = {"fwd_mma": 1, "fwd_mma_h": rng.choice((2, 4, 8)), "fwd_mma_w": rng.choice((4, 8, 16)), "fwd_mma_warps": rng.choice((1, 2, 4)),
-                   "fwd_halo": rng.choice((0, 1, 2)), "fwd_mma_tiles": rng.choice((0, 1, 3))} if rng.random() < 0.75 else {"mma": 1}
-        backward = {"bwd_mma": 1, "bwd_mma_h": rng.choice((2, 4, 8)), "bwd_mma_w": rng.choice((4, 8, 16)), "bwd_mma_warps": rng.choice((1, 2, 4)),
-                    "bwd_halo": rng.choice((0, 1, 2)), "atomic_dtype": rng.choice((0, 1))} if rng.random() < 0.75 else {}
-        cfg = base.replace(group=min(base.group, 3), group_channels=rng.choice((16, 32, 48)), target=rng.choice(("cuda:sm_80", "cuda:sm_90")),
-                           params={**forward, **backward})
+        cfg = draw(rng, len(pool))
         try:
             launch_params(cfg)
         except ConfigError:
             continue
         pool.append(cfg)
     return pool
+
+
+def tensor_core_pool(count: int, seed: int = 0) -> list[DCNConfig]:
+    """`count` seeded random bf16 CUDA configs that run the tensor-core kernels: a tensor-core forward
+    (fwd_mma, or mma), bwd_mma or not, random tiles, warps, halos and tiles per block; for the SIMT
+    emulator."""
+    def draw(rng: random.Random, i: int) -> DCNConfig:
+        base = random_config(rng, dtype="bfloat16", op=("dcnv4", "dcnv3")[i % 2])
+        forward = {"fwd_mma": 1, "fwd_mma_h": rng.choice((2, 4, 8)), "fwd_mma_w": rng.choice((4, 8, 16)), "fwd_mma_warps": rng.choice((1, 2, 4)),
+                   "fwd_halo": rng.choice((0, 1, 2)), "fwd_mma_tiles": rng.choice((0, 1, 3))} if rng.random() < 0.75 else {"mma": 1}
+        backward = {"bwd_mma": 1, "bwd_mma_h": rng.choice((2, 4, 8)), "bwd_mma_w": rng.choice((4, 8, 16)), "bwd_mma_warps": rng.choice((1, 2, 4)),
+                    "bwd_halo": rng.choice((0, 1, 2)), "atomic_dtype": rng.choice((0, 1))} if rng.random() < 0.75 else {}
+        return base.replace(group=min(base.group, 3), group_channels=rng.choice((16, 32, 48)), target=rng.choice(("cuda:sm_80", "cuda:sm_90")),
+                            params={**forward, **backward})
+
+    return _cuda_pool(count, random.Random(f"{seed}-tensor-cores"), draw)
+
+
+def simt_pool(count: int, seed: int = 0) -> list[DCNConfig]:
+    """`count` seeded random CUDA configs of the per-point (SIMT) kernels, every dtype, each launch
+    parameter drawn with probability 1/5 (vector widths, blocks, point batches, offset staging,
+    atomics, register caps, the deterministic mode, the tiled backward and its tile and halo); for
+    the SIMT emulator."""
+    def draw(rng: random.Random, i: int) -> DCNConfig:
+        base = random_config(rng, dtype=DTYPES[i % len(DTYPES)], op=("dcnv4", "dcnv3")[(i // 4) % 2])
+        params: dict[str, int] = {}
+        for choice in ({"deterministic": 1}, {"bwd_tile": 1}, {"vec": rng.choice((1, 2, 4, 8))}, {"bwd_vec": rng.choice((1, 2, 4, 8))},
+                       {"pixels": rng.randint(1, 9)}, {"bwd_pixels": rng.randint(1, 9)}, {"unroll": rng.randint(1, 5)},
+                       {"bwd_unroll": rng.randint(1, 4)}, {"stage": 1}, {"bwd_stage": 0}, {"atomic_dtype": rng.choice((0, 1))},
+                       {"bwd_tile": 1, "bwd_tile_h": rng.choice((2, 4, 8, 16))}, {"bwd_halo": rng.randint(0, 4)}, {"min_blocks": rng.randint(1, 3)}):
+            if rng.random() < 0.2:
+                params.update(choice)
+        return base.replace(target=rng.choice(("cuda:sm_80", "cuda:sm_90")), params=params)
+
+    return _cuda_pool(count, random.Random(f"{seed}-simt"), draw)
 
 
 # ---- inputs ---------------------------------------------------------------------------------------

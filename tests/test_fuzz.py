@@ -14,9 +14,11 @@ Long run (documented in benchmarks/long_fuzz.py, which also writes a JSON summar
 
 DCNGEN_FUZZ_RANDOM=1 draws fresh examples each run instead of the derandomized ones.
 
-The CUDA tensor-core kernels (fwd_mma, mma, bwd_mma: random tiles, warps, halos, tiles per block)
-run the same way on the SIMT emulator, DCNGEN_FUZZ_TC_CONFIGS=6 bf16 configs of
-DCNGEN_FUZZ_TC_CASES=6 cases each (skipped without the CUDA toolkit's headers).
+The CUDA kernels run the same way on the SIMT emulator (skipped without the CUDA toolkit's
+headers): the tensor-core ones (fwd_mma, mma, bwd_mma: random tiles, warps, halos, tiles per
+block), DCNGEN_FUZZ_TC_CONFIGS=6 bf16 configs of DCNGEN_FUZZ_TC_CASES=6 cases each, and the
+per-point ones with random launch parameters (tests/fuzzkit.py simt_pool),
+DCNGEN_FUZZ_SIMT_CONFIGS=4 configs of DCNGEN_FUZZ_SIMT_CASES=6 cases each.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import random
 
 import pytest
 from helpers import needs_cuda_toolkit
-from fuzzkit import available_backends, check_case, config_pool, describe, fuzz_cases_total, per_config, random_case, tensor_core_pool
+from fuzzkit import available_backends, check_case, config_pool, describe, fuzz_cases_total, per_config, random_case, simt_pool, tensor_core_pool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -62,23 +64,36 @@ def test_fuzz_against_reference(cfg):
 
 TC_POOL = tensor_core_pool(int(os.environ.get("DCNGEN_FUZZ_TC_CONFIGS", 6)), SEED)
 TC_CASES = int(os.environ.get("DCNGEN_FUZZ_TC_CASES", 6))
+SIMT_POOL = simt_pool(int(os.environ.get("DCNGEN_FUZZ_SIMT_CONFIGS", 4)), SEED)
+SIMT_CASES = int(os.environ.get("DCNGEN_FUZZ_SIMT_CASES", 6))
 
 
-@needs_cuda_toolkit
-@pytest.mark.parametrize("cfg", TC_POOL, ids=[c.key for c in TC_POOL])
-def test_fuzz_tensor_core_kernels_on_the_emulator(cfg, monkeypatch):
-    """Each case also runs the blocks' warps in an order of its own (DCN_EMULATE_SEED)."""
+def _fuzz_on_the_emulator(cfg, cases: int, monkeypatch, magnitudes: bool) -> None:
+    """`cases` random cases of cfg's emulated kernel; each also runs the blocks' warps in an order of
+    its own (DCN_EMULATE_SEED)."""
     from dcngen.kernels import emulated_kernel
 
     kernel = emulated_kernel(cfg)
 
-    @settings(max_examples=TC_CASES, deadline=None, derandomize=not RANDOM, database=None,
+    @settings(max_examples=cases, deadline=None, derandomize=not RANDOM, database=None,
               suppress_health_check=list(HealthCheck), print_blob=True)
     @given(seed=st.integers(0, 2**62))
     def run(seed):
         case = random_case(cfg, random.Random(seed))
         monkeypatch.setenv("DCN_EMULATE_SEED", str(seed))
-        problems = check_case(cfg, case, via_ops=False, kernel=kernel, magnitudes=True)
+        problems = check_case(cfg, case, via_ops=False, kernel=kernel, magnitudes=magnitudes)
         assert not problems, describe(cfg, case) + "\n" + "\n".join(problems)
 
     run()
+
+
+@needs_cuda_toolkit
+@pytest.mark.parametrize("cfg", TC_POOL, ids=[c.key for c in TC_POOL])
+def test_fuzz_tensor_core_kernels_on_the_emulator(cfg, monkeypatch):
+    _fuzz_on_the_emulator(cfg, TC_CASES, monkeypatch, magnitudes=True)
+
+
+@needs_cuda_toolkit
+@pytest.mark.parametrize("cfg", SIMT_POOL, ids=[c.key for c in SIMT_POOL])
+def test_fuzz_simt_kernels_on_the_emulator(cfg, monkeypatch):
+    _fuzz_on_the_emulator(cfg, SIMT_CASES, monkeypatch, magnitudes=False)

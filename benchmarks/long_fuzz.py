@@ -55,7 +55,7 @@ def main() -> int:
     ap.add_argument("--cases", type=int, default=10000, help="random cases per backend")
     ap.add_argument("--configs", type=int, default=120, help="configs per backend (each one is a kernel build)")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--backends", default=",".join(available_backends()))
+    ap.add_argument("--backends", default=",".join(available_backends()), help="CPU backends, comma-separated ('' for none)")
     ap.add_argument("--emulated", type=int, default=0, help="CUDA configs of each kind (per-point, tensor-core) on the SIMT emulator")
     ap.add_argument("--emulated-cases", type=int, default=10, help="random cases per emulated config")
     ap.add_argument("--out", type=Path, default=Path("long_fuzz.json"))
@@ -63,7 +63,7 @@ def main() -> int:
 
     backends = [b for b in args.backends.split(",") if b]
     each = per_config(args.cases, args.configs)
-    runs = [(cfg, each, lambda case, rng, cfg=cfg: check_case(cfg, case)) for cfg in config_pool(args.configs, args.seed, backends)]
+    runs = [(cfg, each, lambda case, rng, cfg=cfg: check_case(cfg, case)) for cfg in (config_pool(args.configs, args.seed, backends) if backends else [])]
     runs += [(cfg, args.emulated_cases, check) for cfg, check in emulated_runs(args.emulated, args.seed)]
     started = time.time()
     done, failures = 0, []

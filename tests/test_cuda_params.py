@@ -228,10 +228,15 @@ def test_default_halo_is_the_largest_that_fits(kernel, target, scale):
     geometry(config, one_buffer)
     with pytest.raises(LayoutTooLarge):
         geometry(config, {**one_buffer, halo: params[halo] + 1})
-    # a halo the config sets is kept, or refused where it does not fit
+    # a halo the config sets is kept, or refused where it does not fit the tile (the tiled backward's
+    # default tile shrinks to fit it: one that is set does not)
     assert launch_params(config.replace(params={kernel: 1, halo: params[halo]}))[0][halo] == params[halo]
+    tile = {"bwd_tile_h": params["bwd_tile_h"], "bwd_tile_w": params["bwd_tile_w"]} if kernel == "bwd_tile" else {}
     with pytest.raises(LayoutTooLarge, match=f"with {halo} {params[halo] + 1}"):
-        launch_params(config.replace(params={kernel: 1, halo: params[halo] + 1}))
+        launch_params(config.replace(params={kernel: 1, halo: params[halo] + 1, **tile}))
+    if tile:
+        smaller = launch_params(config.replace(params={kernel: 1, halo: params[halo] + 1}))[0]
+        assert smaller[halo] == params[halo] + 1 and smaller["bwd_tile_h"] * smaller["bwd_tile_w"] < params["bwd_tile_h"] * params["bwd_tile_w"]
 
 
 @pytest.mark.parametrize("kernel, halo", [("bwd_mma", "bwd_halo"), ("bwd_tile", "bwd_halo"), ("fwd_mma", "fwd_halo")])

@@ -68,20 +68,26 @@ def host_features() -> frozenset[str]:
     return frozenset(cpuinfo().get("flags", "").split())
 
 
-def is_x86_64() -> bool:
-    return platform.machine().lower() in ("x86_64", "amd64")
+def is_x86_64(hardware: str | None = None) -> bool:
+    """Whether `hardware` (a uname -m name; this machine's where None) is x86-64."""
+    return (platform.machine() if hardware is None else hardware).lower() in ("x86_64", "amd64")
+
+
+def lacking(isa: str, features: frozenset[str]) -> tuple[str, ...]:
+    """The features `isa` needs that are not among `features` (an x86-64 CPU's flags)."""
+    return tuple(f for f in required_features(isa) if f not in features)
 
 
 def missing_features(isa: str) -> tuple[str, ...]:
     """The features `isa` needs that this CPU lacks (all of them on a CPU that is not x86-64)."""
     if not is_x86_64():
         return required_features(isa)
-    return tuple(f for f in required_features(isa) if f not in host_features())
+    return lacking(isa, host_features())
 
 
 def best_level(features: frozenset[str]) -> str:
     """The highest level whose features are all among `features` (the lowest where none is)."""
-    runnable = [name for name in ISAS if set(required_features(name)) <= features]
+    runnable = [name for name in ISAS if not lacking(name, features)]
     return runnable[-1] if runnable else "x86-64"
 
 

@@ -11,12 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import records
-from .cpu_isas import best_level, host_features, is_x86_64, parse_cpuinfo, required_features
+from .cpu_isas import best_level, host_features, is_x86_64, lacking, parse_cpuinfo
 from .errors import BuildError, DCNGenError
 from .settings import TEMPLATE_DIR
 
 PROBE_SOURCE = TEMPLATE_DIR / "cpu" / "machine_probe.cc"
-X86_64 = ("x86_64", "amd64")
 
 
 @dataclass(frozen=True)
@@ -57,16 +56,17 @@ def require_runs(target: str, server: ServerCpu) -> None:
     level (a virtual machine may hide some); for 'cpu:<level>' an x86-64 server with the level's features."""
     level = target.partition(":")[2]
     if not level:
-        if server.model != records.cpu_model():
+        here = records.cpu_model()
+        if server.model != here:
             raise DCNGenError(f"the RPC server's CPU is {server.model!r}, but target cpu builds for this machine's "
-                              f"{records.cpu_model()!r} (-march=native): tune on servers of this CPU model, or name an "
+                              f"{here!r} (-march=native): tune on servers of this CPU model, or name an "
                               "x86-64 level the servers have (--target cpu:x86-64-v3)")
         if not is_x86_64():
             return
         level = best_level(host_features())
-    elif server.hardware.lower() not in X86_64:
+    elif not is_x86_64(server.hardware):
         raise DCNGenError(f"a kernel built for cpu:{level} runs on x86-64 CPUs only, and the RPC server's is {server.hardware or 'unknown'}")
-    missing = [f for f in required_features(level) if f not in server.features]
+    missing = lacking(level, server.features)
     if missing:
         built = f"this machine's level, {level}, which -march=native uses" if target == "cpu" else target
         raise DCNGenError(f"the RPC server's CPU ({server.model}) lacks {', '.join(missing)} of {built}: "

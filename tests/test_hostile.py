@@ -280,6 +280,21 @@ def test_nan_input_pixel(cfg):
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
+def test_nan_input_pixel_next_to_every_sample(cfg):
+    """Offsets within 0.375 px: every point samples beside its own grid position, so many points
+    have corners beside the NaN pixel without reading it. Kernels that read a pixel's last, partial
+    vector of channels whole must drop the lanes that belong to the next pixel."""
+    case = random_case(cfg, random.Random(15), (1, 9, 11))
+    case.x = case.x.clone()
+    case.x[0, 4, 5, :] = float("nan")
+    gen = torch.Generator().manual_seed(15)
+    steps = torch.tensor([-0.375, -0.125, 0.125, 0.375], dtype=torch.float64)  # off the grid lines at every offset_scale here
+    case.offset = steps[torch.randint(0, 4, case.offset.shape, generator=gen)]
+    live, ref = expected(cfg, case)
+    assert_matches(cfg, case, run_both(cfg, case), ref, live)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
 def test_empty_batch(cfg):
     case = random_case(cfg, random.Random(3))
     case = Case(0, case.h, case.w, case.x[:0], case.offset[:0], case.mask[:0], case.grad_out[:0], case.extra_channels)

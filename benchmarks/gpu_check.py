@@ -413,7 +413,7 @@ def bench_one(name, label, cfg, mod, n, h, w, peak, official, reach: int = 2) ->
             t_ref_fwd = cuda_time(lambda: baseline.dcnv4(cfg, x, om), warmup=1, reps=5)
         yr = baseline.dcnv4(cfg, xr, omr)
         t_ref_bwd = cuda_time(lambda: torch.autograd.grad(yr, (xr, omr), go, retain_graph=True), warmup=1, reps=5)
-        del yr
+        yr = None  # its graph is freed before empty_cache
     except torch.cuda.OutOfMemoryError:
         t_ref_fwd = t_ref_bwd = float("nan")
     torch.cuda.empty_cache()

@@ -187,7 +187,6 @@ def measure_copy_bandwidth() -> float:
     a = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     t = cuda_time(lambda i: b.copy_(a), warmup=3, reps=20)
-    del a, b
     return 2 * 512 * 2**20 / (t * 1e-6)
 
 

@@ -565,10 +565,13 @@ def _backward_cpu(cfg: DCNConfig, params: dict, s: Shapes, ins, outs):
     zero = tirx.const(0, acc)
     chan = T.vectorized if params["vector"] else T.serial
     size = (s.H + 3) * (s.W + 2) * C
+    itemsize = tvm.runtime.DataType(cfg.dtype).bits // 8
     with IRBuilder() as ib:
         with T.parallel(0, s.N * G) as task:
             n = tirx.truncdiv(task, G)
             g = tirx.truncmod(task, G)
+            reads = [*_group_rows(cfg, g, *_offset_and_mask(cfg, offs)), (gout, g * C, C)]
+            writes = _group_rows(cfg, g, goff, gmsk)
             xr = T.buffer_proxy(T.alloc_buffer((size,), acc, scope="global"))
             gr = T.buffer_proxy(T.alloc_buffer((size,), acc, scope="global"))
             plan, fill_plan = _planner(cfg, acc, s, offs, g, 1, params["plan_lanes"], grads=True)
@@ -589,6 +592,10 @@ def _backward_cpu(cfg: DCNConfig, params: dict, s: Shapes, ins, outs):
                 with T.serial(0, s.Wo) as wo:
                     with chan(0, C) as c:
                         go[c] = tirx.Cast(acc, gout[n, ho, wo, g * C + c])
+                    last = (s.N - n) * s.Ho * s.Wo - ho * s.Wo - 1  # the buffers' last pixel, from (n, ho, 0)
+                    for rows, ahead, write in ((reads, READ_AHEAD, 0), (writes, WRITE_AHEAD, 1)):
+                        for buf, first, length in rows:
+                            _prefetch(buf, n, ho, tirx.min(wo + ahead, last), first, length, itemsize, write)
                     fill_plan(n, ho, wo)
                     with T.serial(0, P) as k:  # rolled: the unrolled body overflows the uop cache
                         m = plan.m[k]
@@ -601,6 +608,30 @@ def _backward_cpu(cfg: DCNConfig, params: dict, s: Shapes, ins, outs):
                                 gr[at + c] = gr[at + c] + go[c] * mw
             _ringed(s, C, chan, copy_out)
     return ib.get()
+
+
+# The backward prefetches each pixel's rows this many output pixels ahead: without, it took
+# 1.10-1.56x the time (fp32, 3x3, G4 C16-C32); 8 or 32 pixels ahead instead of 16 were no faster.
+READ_AHEAD, WRITE_AHEAD = 16, 8
+
+
+def _group_rows(cfg: DCNConfig, g, offset, mask) -> list:
+    """[(buffer, first, length)]: group g's part of a pixel's offset and weight rows (or of their
+    gradients'): DCNv4's one packed run, DCNv3's two."""
+    P, lay = cfg.num_points, offset_layout(cfg)
+    first = g * lay.offset_group_stride + lay.offset_base
+    if cfg.op == "dcnv4":
+        return [(offset, first, 3 * P)]
+    return [(offset, first, 2 * P), (mask, g * lay.mask_group_stride + lay.mask_base, P)]
+
+
+def _prefetch(buf, n, ho, wo, first, length: int, itemsize: int, write: int):
+    """Hint the cache lines of buf[n, ho, wo, first : first + length] (CPU; write: 1 where they are
+    to be written): one prefetch every 64 bytes and one at the end. wo may pass the row's end: the
+    flat index reaches the next pixels'."""
+    for i in sorted({*range(0, length, max(1, 64 // itemsize)), length - 1}):
+        address = tirx.address_of(buf[n, ho, wo, first + i])
+        T.evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", address, *(tirx.const(v, "int32") for v in (write, 3, 1))))
 
 
 def _ringed(s: Shapes, C: int, chan, body):

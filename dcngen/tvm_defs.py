@@ -565,7 +565,6 @@ def _backward_cpu(cfg: DCNConfig, params: dict, s: Shapes, ins, outs):
     zero = tirx.const(0, acc)
     chan = T.vectorized if params["vector"] else T.serial
     size = (s.H + 3) * (s.W + 2) * C
-    itemsize = tvm.runtime.DataType(cfg.dtype).bits // 8
     with IRBuilder() as ib:
         with T.parallel(0, s.N * G) as task:
             n = tirx.truncdiv(task, G)
@@ -595,7 +594,7 @@ def _backward_cpu(cfg: DCNConfig, params: dict, s: Shapes, ins, outs):
                     last = (s.N - n) * s.Ho * s.Wo - ho * s.Wo - 1  # the buffers' last pixel, from (n, ho, 0)
                     for rows, ahead, write in ((reads, READ_AHEAD, 0), (writes, WRITE_AHEAD, 1)):
                         for buf, first, length in rows:
-                            _prefetch(buf, n, ho, tirx.min(wo + ahead, last), first, length, itemsize, write)
+                            _prefetch(buf, n, ho, tirx.min(wo + ahead, last), first, length, cfg.itemsize, write)
                     fill_plan(n, ho, wo)
                     with T.serial(0, P) as k:  # rolled: the unrolled body overflows the uop cache
                         m = plan.m[k]
@@ -618,11 +617,11 @@ READ_AHEAD, WRITE_AHEAD = 16, 8
 def _group_rows(cfg: DCNConfig, g, offset, mask) -> list:
     """[(buffer, first, length)]: group g's part of a pixel's offset and weight rows (or of their
     gradients'): DCNv4's one packed run, DCNv3's two."""
-    P, lay = cfg.num_points, offset_layout(cfg)
-    first = g * lay.offset_group_stride + lay.offset_base
+    P = cfg.num_points
+    first_offset, first_weight = _point_index(cfg, g, 0)
     if cfg.op == "dcnv4":
-        return [(offset, first, 3 * P)]
-    return [(offset, first, 2 * P), (mask, g * lay.mask_group_stride + lay.mask_base, P)]
+        return [(offset, first_offset, 3 * P)]
+    return [(offset, first_offset, 2 * P), (mask, first_weight, P)]
 
 
 def _prefetch(buf, n, ho, wo, first, length: int, itemsize: int, write: int):

@@ -1,4 +1,4 @@
-"""CUDA schedule of the DCN kernels in dcngen/tvm_defs.py (thread mapping and vector width).
+"""CUDA schedule of the DCN kernels in dcngen/tvm_defs/cuda.py (thread mapping and vector width).
 
 Forward: one thread per (output pixel, group, `vec` contiguous channels), 1-D blocks of
 `threads`; each thread loads its own offsets/weights, reads every corner as one vector of

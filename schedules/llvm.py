@@ -1,10 +1,10 @@
-"""CPU (TVM llvm) schedule of the DCN kernels in dcngen/tvm_defs.py.
+"""CPU (TVM llvm) schedule of the DCN kernels in dcngen/tvm_defs/cpu.py.
 
 Forward: parallel over runs of output pixels of one row; per pixel all G*P points planned in
 vectorised steps (window test, corner index, mask-weighted corner weights), then per group a
 local accumulator of the group's C channels, one vectorised channel loop per point.
 Backward: one parallel task per (image, group) (the race-free input-gradient scatter, see
-tvm_defs._backward_cpu) on zero-ringed private copies; the group's points planned per pixel,
+tvm_defs.cpu.backward) on zero-ringed private copies; the group's points planned per pixel,
 channel loops vectorised.
 
 Parameters (ints within PARAM_BOUNDS; `dcngen tune` searches pixels_per_task, unroll_points and

@@ -1,4 +1,4 @@
-"""TVM backend, CUDA: TVM compiles the definitions of dcngen/tvm_defs.py for the CUDA target;
+"""TVM backend, CUDA: TVM compiles the definitions of dcngen/tvm_defs/ for the CUDA target;
 its kernel source plus our launcher (the template backend's tvm-ffi ABI) is a KernelSource
 of language "cuda", built by dcngen/compilers/cuda.py and run without TVM.
 

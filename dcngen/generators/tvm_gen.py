@@ -1,6 +1,6 @@
 """TVM backend: DCNConfig -> KernelSource (text only; TVM is used as a library, nothing touches disk).
 
-CPU: the TVMScript of the IRModule {forward, backward} built by dcngen/tvm_defs.py with the
+CPU: the TVMScript of the IRModule {forward, backward} built by dcngen/tvm_defs/ with the
 llvm schedule parameters (language "tvm"; dcngen/compilers/tvm.py parses it back and compiles
 it for llvm). CUDA: TVM compiles the same definitions for the CUDA target and we take its
 CUDA source plus a launcher of our own with the template backend's tvm-ffi ABI (language

@@ -36,18 +36,18 @@ def emulated_runs(count: int, seed: int):
 
     from dcngen.kernels import emulated_kernel
 
-    def checker(cfg, magnitudes: bool):
+    def checker(cfg):
         kernel = None
 
         def check(case, rng: random.Random):
             nonlocal kernel
             kernel = kernel or emulated_kernel(cfg)
             os.environ["DCN_EMULATE_SEED"] = str(rng.randrange(2**62))
-            return check_case(cfg, case, via_ops=False, kernel=kernel, magnitudes=magnitudes)
+            return check_case(cfg, case, via_ops=False, kernel=kernel)
 
         return check
 
-    return [(cfg, checker(cfg, False)) for cfg in simt_pool(count, seed)] + [(cfg, checker(cfg, True)) for cfg in tensor_core_pool(count, seed)]
+    return [(cfg, checker(cfg)) for cfg in (*simt_pool(count, seed), *tensor_core_pool(count, seed))]
 
 
 def main() -> int:

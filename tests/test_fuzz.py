@@ -68,7 +68,7 @@ SIMT_POOL = simt_pool(int(os.environ.get("DCNGEN_FUZZ_SIMT_CONFIGS", 4)), SEED)
 SIMT_CASES = int(os.environ.get("DCNGEN_FUZZ_SIMT_CASES", 6))
 
 
-def _fuzz_on_the_emulator(cfg, cases: int, monkeypatch, magnitudes: bool) -> None:
+def _fuzz_on_the_emulator(cfg, cases: int, monkeypatch) -> None:
     """`cases` random cases of cfg's emulated kernel; each also runs the blocks' warps in an order of
     its own (DCN_EMULATE_SEED)."""
     from dcngen.kernels import emulated_kernel
@@ -81,7 +81,7 @@ def _fuzz_on_the_emulator(cfg, cases: int, monkeypatch, magnitudes: bool) -> Non
     def run(seed):
         case = random_case(cfg, random.Random(seed))
         monkeypatch.setenv("DCN_EMULATE_SEED", str(seed))
-        problems = check_case(cfg, case, via_ops=False, kernel=kernel, magnitudes=magnitudes)
+        problems = check_case(cfg, case, via_ops=False, kernel=kernel)
         assert not problems, describe(cfg, case) + "\n" + "\n".join(problems)
 
     run()
@@ -90,10 +90,10 @@ def _fuzz_on_the_emulator(cfg, cases: int, monkeypatch, magnitudes: bool) -> Non
 @needs_cuda_toolkit
 @pytest.mark.parametrize("cfg", TC_POOL, ids=[c.key for c in TC_POOL])
 def test_fuzz_tensor_core_kernels_on_the_emulator(cfg, monkeypatch):
-    _fuzz_on_the_emulator(cfg, TC_CASES, monkeypatch, magnitudes=True)
+    _fuzz_on_the_emulator(cfg, TC_CASES, monkeypatch)
 
 
 @needs_cuda_toolkit
 @pytest.mark.parametrize("cfg", SIMT_POOL, ids=[c.key for c in SIMT_POOL])
 def test_fuzz_simt_kernels_on_the_emulator(cfg, monkeypatch):
-    _fuzz_on_the_emulator(cfg, SIMT_CASES, monkeypatch, magnitudes=False)
+    _fuzz_on_the_emulator(cfg, SIMT_CASES, monkeypatch)

@@ -88,6 +88,19 @@ def test_emulated_kernel_matches_reference(kernels, name):
         assert all(e < TOLERANCE[cfg.dtype] for e in errors.values()), f"{name} {(n, h, w)}: {errors}"
 
 
+@pytest.mark.parametrize("name", ["v4-fp32", "v4-fp16-native-atomics", "v3-fp32-stride-dilation-rc", "v3-bf16-deterministic-3x5",
+                                  "v4-fp32-tail-staged"])
+def test_per_point_kernels_in_the_smaller_blocks_of_a_large_device(kernels, name, monkeypatch):
+    """On a device with many multiprocessors the per-point launchers shrink their blocks for a small
+    output (down to a warp's worth of threads, the last warp partial where a pixel's threads do not
+    divide 32): staging, shuffles and the grid still cover every output and gradient."""
+    monkeypatch.setenv("DCN_EMULATE_SMS", "4096")
+    cfg = CASES[name]
+    for seed, (n, h, w) in enumerate(((2, 9, 11), (1, 5, 4))):
+        errors = verify_kernel(cfg, kernels[name], n, h, w, seed=seed)
+        assert all(e < TOLERANCE[cfg.dtype] for e in errors.values()), f"{name} {(n, h, w)}: {errors}"
+
+
 @pytest.mark.parametrize("name", ["tiled-fp16", "mma-tiled-fp16"])
 def test_tiled_backward_matches_the_per_point_one_on_hostile_values(kernels, name):
     """Tiles whose bound is not finite (inf grad_out, NaN weight) take the per-point fallback, and

@@ -44,6 +44,26 @@ def test_every_output_element_once(tmp_path, group, channels, vec, pixels):
     # pixels per image not a multiple of the pixels per block; stride-2 style odd sizes; 1x1.
     for n, ho, wo in [(3, 7, 9), (2, 28, 28), (5, 1, 1), (1, 13, 5)]:
         run(exe, "full", n, ho, wo)
+        # the smaller blocks of a device with more multiprocessors than the output's blocks
+        for sms in (7, 132, 4096):
+            run(exe, "full", n, ho, wo, sms)
+
+
+def block_pixels(exe: Path, n: int, ho: int, wo: int, sms: int) -> int:
+    return int(run(exe, "blocks", n, ho, wo, sms).split("block_pixels ")[1])
+
+
+def test_small_outputs_spread_over_every_multiprocessor(tmp_path):
+    """G4 C32 at 16-byte fp16 vectors (4 lanes a pixel-group, 16 pixels a block) on 132
+    multiprocessors: the benchmark shapes keep 16 pixels a block; the small ones halve it until
+    the blocks load the multiprocessors evenly."""
+    exe = harness(tmp_path, DCNConfig(group=4, group_channels=32), 8, 16)
+    sizes = {(64, 56, 56): 16, (64, 28, 28): 16, (1, 200, 320): 16, (1, 100, 160): 16, (1, 50, 80): 16,
+             (64, 7, 7): 8,  # 196 blocks of 16: 2 on some multiprocessors, 1 on the others
+             (1, 25, 40): 8,  # 63 blocks of 16 would leave 69 of 132 idle
+             (1, 8, 8): 2, (1, 1, 1): 2}  # down to one warp (2 pixels of 16 threads)
+    assert {shape: block_pixels(exe, *shape, 132) for shape in sizes} == sizes
+    assert block_pixels(exe, 1, 25, 40, 0) == 16  # a device that does not say: PIXELS
 
 
 def test_stride_two_output_size(tmp_path):

@@ -177,6 +177,9 @@ BENCH = [
     ("N1 200x320 G4 C32", dict(group=4, group_channels=32, offset_scale=2.0), (1, 200, 320)),
     ("N1 200x320 G8 C16", dict(group=8, group_channels=16, offset_scale=2.0), (1, 200, 320)),
     ("N64 28x28 G8 C32", dict(group=8, group_channels=32, offset_scale=2.0), (64, 28, 28)),
+    # small outputs, where the per-point launchers halve their blocks to reach every multiprocessor
+    ("N64 7x7 G4 C32", dict(group=4, group_channels=32, offset_scale=2.0), (64, 7, 7)),
+    ("N1 25x40 G4 C32", dict(group=4, group_channels=32, offset_scale=2.0), (1, 25, 40)),
 ]
 BENCH_DTYPES = ("float16", "float32")
 # the first shape again with small offsets, within +-1 at offset_scale 1 (every sample within 1 px of

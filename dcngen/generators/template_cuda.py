@@ -230,12 +230,19 @@ def _fitting_bwd_tile(cfg: DCNConfig, params: dict[str, int]) -> None:
             params["bwd_tile_threads"] = _tile_threads(cfg, params["bwd_tile_h"], params["bwd_tile_w"], params["bwd_vec"])
 
 
+def _batch(points: int, most: int) -> int:
+    """The smallest batch that takes no more batches than batches of `most` points: as many batches,
+    fewer idle slots in the last (P = 9, at most 4: 3 batches of 3, not 3 of 4 with 3 idle)."""
+    batches = -(-points // most)
+    return -(-points // batches)
+
+
 def _auto_batches(cfg: DCNConfig, params: dict[str, int]) -> None:
-    """unroll / bwd_unroll 0 -> ~48 registers of raw corners (forward), 2 points (backward) at
-    16-byte vectors; one point per batch for wider vectors."""
+    """unroll / bwd_unroll 0 -> up to ~48 registers of raw corners (forward; see _batch), 2 points
+    (backward) at 16-byte vectors; one point per batch for wider vectors."""
     size = cfg.itemsize
     if params["unroll"] == 0:
-        params["unroll"] = max(1, min(cfg.num_points, 4, 12 // max(1, params["vec"] * size // 4)))
+        params["unroll"] = _batch(cfg.num_points, max(1, min(4, 12 // max(1, params["vec"] * size // 4))))
     if params["bwd_unroll"] == 0:
         params["bwd_unroll"] = 2 if params["bwd_vec"] * size <= 16 else 1
 

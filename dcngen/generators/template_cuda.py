@@ -5,7 +5,9 @@ Parameters (cfg.params; defaults from `default_params`):
   vec / bwd_vec        channels per thread, forward / backward (power of two)
   pixels / bwd_pixels  output pixels per block; threads per block = pixels * G * lanes, where
                        lanes = next_pow2(ceil(C / vec)) threads share one (pixel, group); default:
-                       about 256 threads for the vec in use (the default one or the one set)
+                       about 256 threads for the vec in use (the default one or the one set). The
+                       launchers halve it for an output too small to load every SM evenly
+                       (Mapping::block_pixels in cuda/mapping.h.j2), down to a warp's worth
   unroll / bwd_unroll  sampling points per batch, forward / backward: the 4 corner loads of every
                        point of a batch are issued before the first is used
   stage / bwd_stage    1: a block copies its pixels' offset/mask rows into shared memory once

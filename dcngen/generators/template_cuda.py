@@ -294,7 +294,7 @@ def _check(cfg: DCNConfig, params: dict[str, int]) -> dict:
                 "params" if cfg.params else "group",
                 f"{prefix}pixels={pixels} x group={cfg.group} x {n_lanes} lanes = {threads} threads per block; at most {MAX_THREADS}",
             )
-        geometry[f"{prefix or 'fwd_'}threads"] = threads
+        geometry[f"{prefix or 'fwd_'}threads"] = threads  # at most: the launchers halve it for small outputs
         geometry[f"{prefix or 'fwd_'}lanes"] = n_lanes
     return geometry
 

@@ -8,8 +8,9 @@ backward), without pytest, with a running count and a JSON summary of every fail
 (equivalently, through pytest: DCNGEN_FUZZ_CONFIGS=120 DCNGEN_FUZZ_CASES=10000 DCNGEN_FUZZ_SEED=1
 pytest tests/test_fuzz.py -q). `--cases` counts per backend. `--emulated N` adds N configs of the
 CUDA per-point kernels and N of the tensor-core kernels with random launch parameters, run on the
-SIMT emulator (`--emulated-cases` each; needs the CUDA toolkit's headers, no GPU). Exit status 1
-if any case failed.
+SIMT emulator (`--emulated-cases` each; needs the CUDA toolkit's headers, no GPU), each case on an
+emulated device of 1, 132 or 4096 SMs unless DCN_EMULATE_SMS sets one. Exit status 1 if any case
+failed.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def emulated_runs(count: int, seed: int):
 
     from dcngen.kernels import emulated_kernel
 
+    fixed_sms = os.environ.get("DCN_EMULATE_SMS")  # else each case draws the emulated device's size
+
     def checker(cfg):
         kernel = None
 
@@ -43,6 +46,7 @@ def emulated_runs(count: int, seed: int):
             nonlocal kernel
             kernel = kernel or emulated_kernel(cfg)
             os.environ["DCN_EMULATE_SEED"] = str(rng.randrange(2**62))
+            os.environ["DCN_EMULATE_SMS"] = fixed_sms or str(rng.choice((1, 132, 4096)))
             return check_case(cfg, case, via_ops=False, kernel=kernel)
 
         return check

@@ -90,7 +90,7 @@ def test_tiled_backward_tile_shrinks_to_fit_shared_memory():
 @pytest.mark.parametrize("config, unroll, bwd_unroll", [
     (cfg("float16"), 3, 2),  # 16-byte vectors: 12 // 4 = 3 points per batch; backward 2
     (cfg("float32"), 3, 2),
-    (cfg("float16", params={"vec": 2, "bwd_vec": 2}), 3, 2),  # narrow vectors: 4 points at most, but 3 x 3 fill 3 batches
+    (cfg("float16", params={"vec": 2, "bwd_vec": 2}), 3, 2),  # narrow vectors: up to 4 points, but 9 take 3 batches either way
     (cfg("float16", k=(3, 3), remove_center=True, params={"vec": 2, "bwd_vec": 2}), 4, 2),  # 8 points: 2 x 4
     (cfg("float16", k=5, params={"vec": 2, "bwd_vec": 2}), 4, 2),  # 25 points: 7 batches either way
     (cfg("float16", k=(1, 5), params={"vec": 2, "bwd_vec": 2}), 3, 2),  # 5 points: 2 batches of 3, not 4 + 1

@@ -66,11 +66,13 @@ TC_POOL = tensor_core_pool(int(os.environ.get("DCNGEN_FUZZ_TC_CONFIGS", 6)), SEE
 TC_CASES = int(os.environ.get("DCNGEN_FUZZ_TC_CASES", 6))
 SIMT_POOL = simt_pool(int(os.environ.get("DCNGEN_FUZZ_SIMT_CONFIGS", 4)), SEED)
 SIMT_CASES = int(os.environ.get("DCNGEN_FUZZ_SIMT_CASES", 6))
+EMULATED_SMS = (1, 132, 4096)
 
 
 def _fuzz_on_the_emulator(cfg, cases: int, monkeypatch) -> None:
     """`cases` random cases of cfg's emulated kernel; each also runs the blocks' warps in an order of
-    its own (DCN_EMULATE_SEED)."""
+    its own (DCN_EMULATE_SEED) on a device of 1, 132 or 4096 multiprocessors (DCN_EMULATE_SMS: the
+    launchers size some grids and blocks by it)."""
     from dcngen.kernels import emulated_kernel
 
     kernel = emulated_kernel(cfg)
@@ -81,6 +83,7 @@ def _fuzz_on_the_emulator(cfg, cases: int, monkeypatch) -> None:
     def run(seed):
         case = random_case(cfg, random.Random(seed))
         monkeypatch.setenv("DCN_EMULATE_SEED", str(seed))
+        monkeypatch.setenv("DCN_EMULATE_SMS", str(random.Random(seed).choice(EMULATED_SMS)))
         problems = check_case(cfg, case, via_ops=False, kernel=kernel)
         assert not problems, describe(cfg, case) + "\n" + "\n".join(problems)
 

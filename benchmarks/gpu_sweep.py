@@ -61,7 +61,7 @@ SHAPES = [("N64 56x56", (64, 56, 56)), ("N1 200x320", (1, 200, 320))]
 DTYPES = ("float16", "float32")
 CHECK_SHAPE = (2, 13, 17)  # 221 pixels: a partial last block for every pixels-per-block value
 
-FWD_KEYS = ("vec", "pixels", "unroll", "stage", "min_blocks", "mma", "mma_warps", "fwd_mma", "fwd_mma_h", "fwd_mma_w", "fwd_mma_warps", "fwd_halo",
+FWD_KEYS = ("vec", "pixels", "unroll", "stage", "share", "share_round", "min_blocks", "mma", "mma_warps", "fwd_mma", "fwd_mma_h", "fwd_mma_w", "fwd_mma_warps", "fwd_halo",
             "fwd_mma_tiles")
 BWD_KEYS = ("bwd_vec", "bwd_pixels", "bwd_unroll", "bwd_stage", "bwd_min_blocks", "atomic_dtype", "bwd_tile", "bwd_tile_h", "bwd_tile_w",
             "bwd_tile_threads", "bwd_halo", "bwd_mma", "bwd_mma_h", "bwd_mma_w", "bwd_mma_warps")
@@ -82,6 +82,8 @@ def fwd_candidates(dtype: str) -> list[dict]:
                 c.append(dict(vec=v16, pixels=scaled(dtype, pixels), unroll=unroll, stage=stage, min_blocks=mb))
     for pixels, unroll, mb in ((8, 3, 4), (16, 2, 2), (8, 9, 1)):
         c.append(dict(vec=v8, pixels=scaled(dtype, pixels // 2), unroll=unroll, stage=1, min_blocks=mb))
+    for pixels, mb, rounds in ((16, 4, 0), (8, 8, 0), (16, 4, 9)):  # points located once per (pixel, group)
+        c.append(dict(vec=v16, pixels=scaled(dtype, pixels), unroll=3, stage=0, share=1, share_round=rounds, min_blocks=mb))
     if dtype == "float16":
         c.append(dict(vec=16, pixels=16, unroll=1, stage=1, min_blocks=1))
         c += [dict(mma=1, mma_warps=w) for w in (4, 1, 2, 8)]  # the tensor-core forward

@@ -64,7 +64,7 @@ def space_for(cfg: DCNConfig) -> Space:
         # the knobs the H100 sweeps found to matter (benchmarks/RESULTS.md), around the defaults
         vec = _pow2_upto(1, 16)
         values = {
-            "vec": vec, "pixels": _pow2_upto(1, 64), "unroll": tuple(sorted({1, 2, 3, p})), "min_blocks": (1, 2, 4), "stage": (0, 1),
+            "vec": vec, "pixels": _pow2_upto(1, 64), "unroll": tuple(sorted({1, 2, 3, p})), "min_blocks": (1, 2, 4), "stage": (0, 1), "share": (0, 1),
             "bwd_vec": vec, "bwd_pixels": _pow2_upto(1, 64), "bwd_unroll": (1, 2, 3, 4), "bwd_min_blocks": (1, 2), "bwd_stage": (0, 1),
         }
         if cfg.dtype in ("float16", "bfloat16"):

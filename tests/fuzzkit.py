@@ -135,15 +135,16 @@ def tensor_core_pool(count: int, seed: int = 0) -> list[DCNConfig]:
 def simt_pool(count: int, seed: int = 0) -> list[DCNConfig]:
     """`count` seeded random CUDA configs of the per-point (SIMT) kernels, every dtype, each launch
     parameter drawn with probability 1/5 (vector widths, blocks, point batches, offset staging,
-    atomics, register caps, the deterministic mode, the tiled backward and its tile and halo); for
-    the SIMT emulator."""
+    shared point locations, atomics, register caps, the deterministic mode, the tiled backward and
+    its tile and halo); for the SIMT emulator."""
     def draw(rng: random.Random, i: int) -> DCNConfig:
         base = random_config(rng, dtype=DTYPES[i % len(DTYPES)], op=("dcnv4", "dcnv3")[(i // 4) % 2])
         params: dict[str, int] = {}
         for choice in ({"deterministic": 1}, {"bwd_tile": 1}, {"vec": rng.choice((1, 2, 4, 8))}, {"bwd_vec": rng.choice((1, 2, 4, 8))},
                        {"pixels": rng.randint(1, 9)}, {"bwd_pixels": rng.randint(1, 9)}, {"unroll": rng.randint(1, 5)},
                        {"bwd_unroll": rng.randint(1, 4)}, {"stage": 1}, {"bwd_stage": 0}, {"atomic_dtype": rng.choice((0, 1))},
-                       {"bwd_tile": 1, "bwd_tile_h": rng.choice((2, 4, 8, 16))}, {"bwd_halo": rng.randint(0, 4)}, {"min_blocks": rng.randint(1, 3)}):
+                       {"bwd_tile": 1, "bwd_tile_h": rng.choice((2, 4, 8, 16))}, {"bwd_halo": rng.randint(0, 4)}, {"min_blocks": rng.randint(1, 3)},
+                       {"share": 1}):
             if rng.random() < 0.2:
                 params.update(choice)
         return base.replace(target=rng.choice(("cuda:sm_80", "cuda:sm_90")), params=params)

@@ -1,9 +1,10 @@
 """The CUDA template's kernels and launchers, run on the SIMT emulator (templates/cuda/emulator.h.j2)
 on the CPU against the float64 reference, outputs NaN-poisoned: thread mapping, channel tails,
-point batches, shared-memory staging, the warp-shuffle reductions, every input-gradient
-accumulation mode (fp32 workspace, native fp16/bf16 atomics, int64 fixed point) with the sm_90
-vector reductions and the sm_80 atomics (the target's code paths run), DCNv4's padding gradient,
-the tiled backward, the tensor-core forwards and backward and the launch sizes, without a GPU."""
+point batches, shared-memory staging, points located once per (pixel, group), the warp-shuffle
+reductions, every input-gradient accumulation mode (fp32 workspace, native fp16/bf16 atomics,
+int64 fixed point) with the sm_90 vector reductions and the sm_80 atomics (the target's code paths
+run), DCNv4's padding gradient, the tiled backward, the tensor-core forwards and backward and the
+launch sizes, without a GPU."""
 
 from __future__ import annotations
 
@@ -38,6 +39,15 @@ CASES = {
     "v3-fp16-ragged-batches": cuda(op="dcnv3", group=4, group_channels=12, dtype="float16", params={"unroll": 2, "bwd_unroll": 4}),
     "v3-fp64-7x7": cuda(op="dcnv3", group=1, group_channels=16, dtype="float64", kernel_size=7, padding=3),
     "v4-fp32-129-groups": cuda(group=129, group_channels=32),  # default vec widened to 8: 516 threads per pixel
+    # the forward with points located once per (pixel, group) (share=1): rounds of taps in shared
+    # memory, idle lanes, channel tails, whole-warp groups, rounds shorter than the last
+    "shared-fp16": cuda(group=4, group_channels=32, dtype="float16", params={"share": 1}),
+    "shared-v3-bf16-5x5-idle-lane-staged": cuda(op="dcnv3", group=2, group_channels=24, dtype="bfloat16", kernel_size=5, padding=2,
+                                                params={"share": 1, "stage": 1}),
+    "shared-v3-fp32-32-lanes-stride-dilation-rc": cuda(op="dcnv3", group=3, group_channels=32, stride=2, dilation=2, padding=2, remove_center=True,
+                                                       offset_scale=0.5, params={"share": 1, "vec": 1}),
+    "shared-fp32-tail-short-rounds": cuda(group=2, group_channels=20, params={"share": 1, "vec": 8, "unroll": 2, "share_round": 4}),
+    "shared-fp64-7x7": cuda(group=1, group_channels=16, dtype="float64", kernel_size=7, padding=3, params={"share": 1}),
     # the tiled backward (bwd_tile=1): fixed-point sums in shared memory, global fallbacks
     "tiled-fp16": cuda(group=4, group_channels=32, dtype="float16", params={"bwd_tile": 1}),
     "tiled-fp32-4x4-tiles": cuda(group=2, group_channels=16, params={"bwd_tile": 1, "bwd_tile_h": 4, "bwd_tile_w": 4, "bwd_tile_threads": 64}),
@@ -192,10 +202,11 @@ def test_tiled_backward_tiny_grad_out_beside_large_weights(kernels):
     assert expected.abs().max() > 0 and torch.allclose(tiled_gx, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
-@pytest.mark.parametrize("name", ["mma-fp16", "mma-tiled-fp16"])
-def test_mma_forward_matches_the_per_point_one_on_hostile_values(kernels, name):
-    """NaN / inf / huge offsets and NaN / huge weights: the tensor-core forwards put NaN where the
-    per-point forward does, never read off the image, and agree elsewhere."""
+@pytest.mark.parametrize("name", ["mma-fp16", "mma-tiled-fp16", "shared-fp16", "shared-fp32-tail-short-rounds"])
+def test_other_forwards_match_the_per_point_one_on_hostile_values(kernels, name):
+    """NaN / inf / huge offsets and NaN / huge weights: the tensor-core forwards and the one with
+    shared point locations put NaN where the per-point forward does, never read off the image,
+    and agree elsewhere (the shared one bitwise: the same sums in the same order)."""
     import torch
 
     from dcngen.verify import TORCH_DTYPE, random_problem
@@ -208,6 +219,7 @@ def test_mma_forward_matches_the_per_point_one_on_hostile_values(kernels, name):
     om[0, 5, 9, 7] = float("inf")
     om[0, 7, 7, 3] = -6e4
     om[0, 12, 2, 2 * p + 1] = float("nan")  # a weight
+    om[0, 3, 8, 2 * p:3 * p] = float("nan")  # all of group 0's weights at a pixel
     om[0, 9, 16, 3 * p + 4] = 6e4
     outs = []
     for k in (kernels[name], per_point):
@@ -218,6 +230,8 @@ def test_mma_forward_matches_the_per_point_one_on_hostile_values(kernels, name):
     assert a.isnan().any() and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
     finite = a.isfinite()
     assert torch.allclose(a[finite], b[finite], rtol=4e-3, atol=4e-3 * b[finite].abs().max().item())
+    if "share" in mma.param_dict:
+        assert torch.equal(a[finite], b[finite])
 
 
 def test_emulated_kernel_checks_its_tensors(kernels):

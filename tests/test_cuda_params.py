@@ -123,6 +123,30 @@ def test_automatic_forward_register_cap(config, min_blocks):
     assert launch_params(config)[0]["min_blocks"] == min_blocks
 
 
+@pytest.mark.parametrize("config, share_round", [
+    (cfg("float16"), 3),  # 4 lanes, 9 points in batches of 3: rounds of 3 (3 locations a lane, as rounds of 9)
+    (cfg("float32"), 9),  # 8 lanes: one round, 2 locations a lane (as rounds of 6 and 3; rounds of 3: 3)
+    (cfg("float32", params={"vec": 1}), 9),  # 32 lanes: one location each
+    (cfg("float16", k=7), 3),  # 64 (pixel, group)s of 48-byte taps: 16 KB holds 5 points, so one batch of 3
+    (cfg("float16", k=7, params={"pixels": 64}), 3),  # not even a batch within 16 KB: one batch (36 KB)
+    (cfg("float16", params={"share": 0}), 0),
+    (cfg("float16", params={"mma": 1, "share": 1}), 0),  # the per-point forward's only
+])
+def test_automatic_share_round(config, share_round):
+    config = config if "share" in config.param_dict else config.replace(params={**config.param_dict, "share": 1})
+    assert launch_params(config)[0]["share_round"] == share_round
+
+
+@pytest.mark.parametrize("params, match", [
+    ({"share": 1, "share_round": 4}, "multiple of the batch of 3"),
+    ({"share": 1, "unroll": 1, "share_round": 64, "pixels": 64}, "shared memory"),
+])
+def test_invalid_share_rounds_rejected(params, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        launch_params(cfg("float16", k=9, params=params))
+    assert e.value.field == "params"
+
+
 @pytest.mark.parametrize("config, tile, threads", [
     (cfg("float16", k=7), (8, 16), 256),  # 16-bit dtypes keep 8x16
     (cfg("float32", 16, k=3), (4, 8), 128),  # 8x16 x 9 points passes 512 pixel-points: 8x8, then 4x8

@@ -10,6 +10,11 @@ Parameters (cfg.params; defaults from `default_params`):
                        (Mapping::block_pixels in cuda/mapping.h.j2), down to a warp's worth
   unroll / bwd_unroll  sampling points per batch, forward / backward: the 4 corner loads of every
                        point of a batch are issued before the first is used
+  share                1: the lanes of a (pixel, group) locate the forward's points together, each lane
+                       a different point, and read each other's sampling taps (corner weights and
+                       pointers) from shared memory: a point is located once, not once per lane
+  share_round          points per round of `share` (a multiple of the batch); 0: automatic, the
+                       fewest locations per lane in at most SHARE_BYTES of shared memory
   stage / bwd_stage    1: a block copies its pixels' offset/mask rows into shared memory once
                        (coalesced) instead of each thread loading its 3P values (ignored where the
                        rows would not fit in 40 KB)
@@ -64,6 +69,7 @@ import math
 from ..config import DCNConfig
 from ..cuda_archs import LIMITS
 from ..errors import ConfigError
+from ..layout import offset_layout
 from ..source import KernelSource
 from .cuda_tiles import FP32_TILE_SAMPLES, LayoutTooLarge, bwd_mma_geometry, bwd_tile_geometry, fits_twice, fitting_halo, fwd_mma_geometry, mma_geometry
 from .jinja import render, resolve_params
@@ -82,6 +88,8 @@ PARAM_BOUNDS = {
     "min_blocks": (0, 32),
     "bwd_min_blocks": (1, 32),
     "deterministic": (0, 1),
+    "share": (0, 1),
+    "share_round": (0, 64),
     "stage": (0, 1),
     "bwd_stage": (0, 1),
     "atomic_dtype": (0, 1),
@@ -107,6 +115,9 @@ MAX_THREADS = 1024
 MAX_LANES = 32  # threads per (pixel, group): one warp, so its reductions are shuffles
 MAX_VEC_BYTES = 128  # registers: 4 corners x vec values per thread
 TARGET_THREADS = 256  # default block size to aim for
+SHARE_BYTES = 16 * 1024  # shared-memory taps of a block's rounds (share), automatic round at most
+STAGE_BYTES = 40 * 1024  # staged offset rows at most (cuda/point_staging.h.j2)
+STATIC_SHARED_BYTES = 48 * 1024  # a kernel's static shared memory at most
 
 FLAGS = ("-O3", "-std=c++17", "-lineinfo")
 # host build of the emulated kernels: -O0 compiles fastest and runs the small test shapes quickly
@@ -178,6 +189,8 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
         # H100, benchmarks/RESULTS.md); backward: staging kept
         "stage": 0,
         "bwd_stage": 1,
+        "share": 0,
+        "share_round": 0,  # 0: automatic, see _share_round
         # fp16: half2 vector atomics into grad_x; bf16 keeps the fp32 accumulator (8-bit mantissa)
         "atomic_dtype": 1 if cfg.dtype == "float16" else 0,
         "bwd_tile": 0,
@@ -247,6 +260,36 @@ def _auto_batches(cfg: DCNConfig, params: dict[str, int]) -> None:
         params["unroll"] = _batch(cfg.num_points, max(1, min(4, 12 // max(1, params["vec"] * size // 4))))
     if params["bwd_unroll"] == 0:
         params["bwd_unroll"] = 2 if params["bwd_vec"] * size <= 16 else 1
+
+
+def _shared_taps_bytes(cfg: DCNConfig) -> int:
+    """Bytes of one point's taps in a shared round: 4 weights (fp32, fp64 for fp64) and 4 pointers, 16-byte aligned."""
+    return -(-(4 * (8 if cfg.dtype == "float64" else 4) + 4 * 8) // 16) * 16
+
+
+def _share_round(cfg: DCNConfig, params: dict[str, int]) -> None:
+    """share_round 0 -> the round of whole batches that takes the fewest locations per lane
+    (ceil(round / lanes) a round), of equals the one of fewest rounds, within SHARE_BYTES (else one
+    batch); a round set is checked."""
+    if not params["share"] or params["mma"] or params["fwd_mma"]:  # the per-point forward's only
+        params["share_round"] = 0
+        return
+    points, batch, n_lanes = cfg.num_points, min(params["unroll"], cfg.num_points), lanes(cfg, params["vec"])
+    per_round = params["pixels"] * cfg.group * _shared_taps_bytes(cfg)
+    rows = offset_layout(cfg)
+    row = max(rows.offset_row_channels, rows.mask_row_channels)
+    staged = 2 * params["pixels"] * row * (8 if cfg.dtype == "float64" else 4) if params["stage"] else 0
+    room = STATIC_SHARED_BYTES - (staged if staged <= STAGE_BYTES else 0)
+    if params["share_round"] == 0:
+        rounds = range(batch, -(-points // batch) * batch + 1, batch)
+        fitting = [r for r in rounds if r * per_round <= min(room, SHARE_BYTES)] or [batch]
+        params["share_round"] = min(fitting, key=lambda r: (-(-r // n_lanes) * -(-points // r), -r))
+    r = params["share_round"]
+    if r % batch:
+        raise ConfigError("params", f"share_round={r} must be a multiple of the batch of {batch} points (unroll)")
+    if r * per_round > room:
+        raise ConfigError("params", f"share_round={r} takes {r * per_round} bytes of shared memory for {params['pixels']} pixels a block; "
+                                    f"at most {room} (lower share_round, unroll or pixels)")
 
 
 def _auto_min_blocks(cfg: DCNConfig, params: dict[str, int]) -> int:
@@ -328,6 +371,7 @@ def launch_params(cfg: DCNConfig) -> tuple[dict[str, int], dict]:
             params["fwd_mma_tiles"] = 4 if fits_twice(lambda: fwd_mma_geometry(cfg, {**params, "fwd_mma_tiles": 4})) else 1
         geometry["fwd_mma"] = fwd_mma_geometry(cfg, params)
     _auto_batches(cfg, params)
+    _share_round(cfg, params)
     if params["min_blocks"] == 0:
         params["min_blocks"] = _auto_min_blocks(cfg, params)
     _check_register_caps(cfg, params, geometry)

@@ -141,6 +141,9 @@ CHECKS = [
     ("v4 vec4 px7", dict(group=4, group_channels=32, params={"vec": 4, "pixels": 7, "bwd_pixels": 5}), (3, 7, 9)),
     ("v4 G80 C16", dict(group=80, group_channels=16), (1, 6, 7)),
     ("v4 deterministic", dict(group=4, group_channels=32, params={"deterministic": 1}), (2, 13, 17)),
+    # points located once per (pixel, group): rounds of taps in shared memory, an idle lane (C24)
+    ("v4 share bench-like", dict(group=4, group_channels=32, offset_scale=2.0, params={"share": 1}), (2, 13, 17)),
+    ("v3 share 5x5 C24 staged", dict(op="dcnv3", group=3, group_channels=24, kernel_size=5, padding=2, params={"share": 1, "stage": 1}), (1, 11, 10)),
     ("v3 deterministic", dict(op="dcnv3", group=4, group_channels=16, kernel_size=5, padding=2, params={"deterministic": 1}), (2, 9, 8)),
     # tiled backward: region sums, partial tiles, and (halo 0) the global-memory fallback
     ("v4 bwd-tile bench-like", dict(group=4, group_channels=32, offset_scale=2.0, params={"bwd_tile": 1}), (2, 13, 17)),
@@ -166,7 +169,7 @@ CHECK_DTYPES = ("float32", "float16", "bfloat16")
 # parameter candidates timed against the defaults on the first two benchmark shapes, per pass
 SWEEP = {
     "fwd": [{"fwd_mma": 1}, {"fwd_mma": 1, "fwd_mma_warps": 4}, {"fwd_mma": 1, "fwd_halo": 2}, {"fwd_mma": 1, "fwd_mma_tiles": 4}, {"mma": 1},
-            {"stage": 1}, {"unroll": 2}, {"pixels": 16}, {"share": 1}, {"share": 1, "pixels": 16}, {"share": 1, "share_round": 9}],
+            {"share": 1}, {"share": 1, "pixels": 16}, {"share": 1, "share_round": 9}, {"pixels": 16}],
     "bwd": [{"bwd_mma": 1}, {"bwd_mma": 1, "bwd_mma_warps": 8}, {"bwd_mma": 1, "bwd_mma_w": 16}, {"bwd_mma": 1, "bwd_mma_h": 4, "bwd_mma_w": 8},
             {"bwd_tile": 1}, {"bwd_tile": 1, "bwd_tile_h": 16, "bwd_tile_w": 16, "bwd_tile_threads": 512}, {"bwd_stage": 0, "bwd_unroll": 3, "bwd_min_blocks": 2}],
 }

@@ -1,7 +1,8 @@
 """CUDA template kernels compile (no GPU needed): the full DCNv4/DCNv3 x dtype x kernel size x
-group-channels sweep for sm_80 and sm_90 with zero register spills, parameter variants, every other
-supported architecture, the real builder's artifact and metadata, register caps relaxed where they
-spill, and build-time rejection of impossible parameters and of layouts the target cannot hold."""
+group-channels sweep for sm_80 and sm_90 without a compiler warning and with zero register spills,
+parameter variants, every other supported architecture, the real builder's artifact and metadata,
+register caps relaxed where they spill, and build-time rejection of impossible parameters and of
+layouts the target cannot hold."""
 
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def reports() -> dict[str, list[dict] | Exception]:
 
     def one(cfg):
         try:
-            return cuda.ptxas_report(generate(cfg), ARCHS)
+            return cuda.ptxas_report(generate(cfg), ARCHS, warnings_fail=True)
         except Exception as e:  # reported per test
             return e
 
@@ -355,7 +356,7 @@ def test_other_architectures_compile(name):
     cfg, spill_free = ARCH_CASES[name]
     tensor_cores = any(cfg.param_dict.get(p) for p in ("mma", "fwd_mma", "bwd_mma"))
     archs = tuple(a for a in OTHER_ARCHS if not tensor_cores or int(a[3:]) >= 80)
-    check_report(cuda.ptxas_report(generate(cfg.replace(target=f"cuda:{archs[0]}")), archs), cfg, archs, spill_free)
+    check_report(cuda.ptxas_report(generate(cfg.replace(target=f"cuda:{archs[0]}")), archs, warnings_fail=True), cfg, archs, spill_free)
 
 
 def test_float32_tiled_backward_keeps_enough_fixed_point_bits():

@@ -149,15 +149,17 @@ def compile(source: KernelSource, out_dir: Path) -> dict:
         shutil.rmtree(build, ignore_errors=True)
 
 
-def ptxas_report(source: KernelSource, archs: tuple[str, ...] | None = None) -> list[dict]:
+def ptxas_report(source: KernelSource, archs: tuple[str, ...] | None = None, warnings_fail: bool = False) -> list[dict]:
     """Device-only compile of the kernels for `archs` (default: the source's own -arch), with the
-    same device code and flags as `compile`; returns parse_ptxas's list."""
+    same device code and flags as `compile` (warnings_fail: any compiler warning is a BuildError);
+    returns parse_ptxas's list."""
     flags = [f for f in source.flags if not f.startswith("-arch=")]
     arch_flags = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in archs] if archs else [f for f in source.flags if f.startswith("-arch=")]
     with tempfile.TemporaryDirectory(prefix="dcngen-ptxas-") as tmp:
         src = Path(tmp) / "kernel.cu"
         src.write_text(source.text)
-        cmd = [nvcc(), *flags, *arch_flags, *REPORT_FLAGS, *QUIET_FLAGS, "-fatbin", str(src), "-o", str(Path(tmp) / "kernel.fatbin")]
+        strict = ("-Werror", "all-warnings") if warnings_fail else ()
+        cmd = [nvcc(), *flags, *arch_flags, *REPORT_FLAGS, *QUIET_FLAGS, *strict, "-fatbin", str(src), "-o", str(Path(tmp) / "kernel.fatbin")]
         return parse_ptxas(_run(cmd, src, "nvcc (device only)"))
 
 

@@ -79,7 +79,8 @@ _USED = re.compile(r"Used (\d+) registers")
 _SMEM = re.compile(r"(\d+) bytes smem")
 
 
-def _demangle(names: list[str]) -> dict[str, str]:
+def demangle(names: list[str]) -> dict[str, str]:
+    """{symbol: its demangled C++ name} (by c++filt; the symbols themselves where it is missing)."""
     filt = shutil.which("c++filt")
     if not filt or not names:
         return {n: n for n in names}
@@ -105,7 +106,7 @@ def parse_ptxas(log: str) -> list[dict]:
             current["registers"] = int(m.group(1))
             if s := _SMEM.search(line):
                 current["shared"] = int(s.group(1))
-    names = _demangle([k["symbol"] for k in kernels])
+    names = demangle([k["symbol"] for k in kernels])
     for k in kernels:
         name, _, template_args = names[k["symbol"]].split("(")[0].partition("<")  # "void dcn::f", "false>"
         k["kernel"] = name.rsplit("::", 1)[-1]

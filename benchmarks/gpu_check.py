@@ -7,7 +7,7 @@ Run on a machine with an NVIDIA GPU, torch (CUDA), nvcc and apache-tvm-ffi (TVM 
    inputs whose sampling points cross the image borders, with outputs pre-filled with NaN
    (unwritten elements show up), for many configurations (fp32/fp16/bf16/fp64, DCNv3/DCNv4,
    strides, dilation, remove_center, channel tails, deterministic mode, side streams).
-3. Checks the forward's 64-bit index path on an image whose element offsets pass 2^31.
+3. Checks the forward's 64-bit index path (default and share=1) on an image whose element offsets pass 2^31.
 4. Times forward and backward (CUDA events, warm-up, medians) on the shapes of docs/SPEC.md section 4
    against the PyTorch baseline (dcngen.baseline, grid_sample; and the official DCNv4 package if
    importable), and reports the achieved memory bandwidth against the card's peak.
@@ -252,10 +252,12 @@ def verify(mods: dict) -> None:
 
 
 def wide_index(mods: dict) -> None:
-    """An image whose element offsets pass 2^31 (the forward's 64-bit index path): spot pixels,
-    including the last, against the reference on crops around them."""
+    """An image whose element offsets pass 2^31 (the forward's 64-bit index path, by default and
+    with shared point locations): spot pixels, including the last, against the reference on crops
+    around them."""
     cfg = cuda_cfg(dtype="float16", group=4, group_channels=32, offset_scale=2.0)
     h, w = 4096, 4100  # (h + 4) * (w + 4) * 128 > 2^31
+    log("## 64-bit index path\n")
     try:
         g = torch.Generator(device="cuda").manual_seed(11)
         x = torch.randn(1, h, w, cfg.channels, generator=g, device="cuda", dtype=torch.float16)
@@ -263,23 +265,31 @@ def wide_index(mods: dict) -> None:
         mask = torch.randn(1, h, w, cfg.group * cfg.num_points, generator=g, device="cuda", dtype=torch.float16)
         om = reference.pack_offset_mask(cfg, off, mask)
         del off, mask
-        out = torch.full_like(x, float("nan"))
-        mods[cfg].forward(x, om, om, out)
-        torch.cuda.synchronize()
-        worst = 0.0
-        for y, xx in [(h - 1, w - 1), (h - 3, 17), (2000, 2100), (0, w - 1)]:
-            y0, x0 = max(0, y - 12), max(0, xx - 12)
-            crop = (slice(None), slice(y0, min(h, y + 13)), slice(x0, min(w, xx + 13)))
-            ref = reference.dcnv4(cfg, x[crop].double(), om[crop].double())[0, y - y0, xx - x0]
-            worst = max(worst, rel_err(out[0, y, xx], ref))
+        out = torch.empty_like(x)
+        for variant in (cfg, cfg.replace(params={"share": 1})):
+            mod = mods.get(variant)
+            if mod is None or isinstance(mod, Exception):
+                log(f"- {variant.param_dict or 'defaults'}: not built")
+                continue
+            out.fill_(float("nan"))
+            mod.forward(x, om, om, out)
+            torch.cuda.synchronize()
+            worst = 0.0
+            for y, xx in [(h - 1, w - 1), (h - 3, 17), (2000, 2100), (0, w - 1)]:
+                y0, x0 = max(0, y - 12), max(0, xx - 12)
+                crop = (slice(None), slice(y0, min(h, y + 13)), slice(x0, min(w, xx + 13)))
+                ref = reference.dcnv4(cfg, x[crop].double(), om[crop].double())[0, y - y0, xx - x0]
+                worst = max(worst, rel_err(out[0, y, xx], ref))
+            ok = worst <= TOL[torch.float16]
+            log(f"- {variant.param_dict or 'defaults'}: 1x{h}x{w}x128 fp16 forward, 4 spot pixels (incl. the last): max rel err {worst:.2e}, "
+                f"{'ok' if ok else 'FAIL'}")
+            if not ok:
+                FAILURES.append(f"wide index {variant.param_dict}: error {worst:.2e}")
         del x, om, out
         torch.cuda.empty_cache()
-        ok = worst <= TOL[torch.float16]
-        log(f"## 64-bit index path\n\n- 1x{h}x{w}x128 fp16 forward, 4 spot pixels (incl. the last): max rel err {worst:.2e}, {'ok' if ok else 'FAIL'}\n")
-        if not ok:
-            FAILURES.append(f"wide index: error {worst:.2e}")
     except Exception as e:  # noqa: BLE001
-        failed("wide index", e, f"## 64-bit index path\n\n- error {e!r}\n")
+        failed("wide index", e, f"- error {e!r}")
+    log("")
 
 
 def parameter_sweep(mods: dict) -> None:

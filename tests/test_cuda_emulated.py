@@ -3,8 +3,8 @@ on the CPU against the float64 reference, outputs NaN-poisoned: thread mapping, 
 point batches, shared-memory staging, points located once per (pixel, group), the warp-shuffle
 reductions, every input-gradient accumulation mode (fp32 workspace, native fp16/bf16 atomics,
 int64 fixed point) with the sm_90 vector reductions and the sm_80 atomics (the target's code paths
-run), DCNv4's padding gradient, the tiled backward, the tensor-core forwards and backward and the
-launch sizes, without a GPU."""
+run), DCNv4's padding gradient, the tiled backward, the tensor-core forwards and backward, the
+forward's 64-bit index path and the launch sizes, without a GPU."""
 
 from __future__ import annotations
 
@@ -109,6 +109,30 @@ def test_per_point_kernels_in_the_smaller_blocks_of_a_large_device(kernels, name
     for seed, (n, h, w) in enumerate(((2, 9, 11), (1, 5, 4))):
         errors = verify_kernel(cfg, kernels[name], n, h, w, seed=seed)
         assert all(e < TOLERANCE[cfg.dtype] for e in errors.values()), f"{name} {(n, h, w)}: {errors}"
+
+
+@pytest.mark.parametrize("name", ["v4-fp32", "v4-fp16-native-atomics", "v3-fp16-ragged-batches", "v3-fp64-7x7", "shared-fp16",
+                                  "shared-fp32-tail-short-rounds"])
+def test_forward_64_bit_index_path(kernels, name, monkeypatch):
+    """The per-point forward's 64-bit index instance (images past 2^31 elements on a GPU), run on
+    small images with DCN_EMULATE_WIDE: the reference's results, and the 32-bit instance's bit for bit."""
+    import torch
+
+    from dcngen.verify import TORCH_DTYPE, random_problem
+
+    cfg = CASES[name]
+    tensors = random_problem(cfg, 2, 9, 11, seed=4).op_inputs(TORCH_DTYPE[cfg.dtype])
+    args = (*tensors, tensors[1]) if cfg.op == "dcnv4" else tensors  # DCNv4: offsets and weights in one tensor
+    outs = []
+    for wide in (False, True):
+        if wide:
+            monkeypatch.setenv("DCN_EMULATE_WIDE", "1")
+        out = torch.full((2, *cfg.output_size(9, 11), cfg.channels), float("nan"), dtype=tensors[0].dtype)
+        kernels[name].forward(*args, out)
+        outs.append(out)
+    assert not outs[1].isnan().any() and torch.equal(outs[0], outs[1])
+    errors = verify_kernel(cfg, kernels[name], 1, 5, 4, seed=1)
+    assert all(e < TOLERANCE[cfg.dtype] for e in errors.values()), errors
 
 
 @pytest.mark.parametrize("name", ["tiled-fp16", "mma-tiled-fp16"])

@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fuzzkit import (  # noqa: E402
-    available_backends, check_case, config_pool, describe, per_config, random_case, simt_pool, tensor_core_pool,
+    EMULATED_SMS, available_backends, check_case, config_pool, describe, per_config, random_case, simt_pool, tensor_core_pool,
 )
 
 
@@ -46,7 +46,7 @@ def emulated_runs(count: int, seed: int):
             nonlocal kernel
             kernel = kernel or emulated_kernel(cfg)
             os.environ["DCN_EMULATE_SEED"] = str(rng.randrange(2**62))
-            os.environ["DCN_EMULATE_SMS"] = fixed_sms or str(rng.choice((1, 132, 4096)))
+            os.environ["DCN_EMULATE_SMS"] = fixed_sms or str(rng.choice(EMULATED_SMS))
             return check_case(cfg, case, via_ops=False, kernel=kernel)
 
         return check

@@ -99,6 +99,9 @@ def config_pool(count: int, seed: int = 0, backends: list[str] | None = None) ->
     return pool
 
 
+EMULATED_SMS = (1, 132, 4096)  # emulated device sizes a fuzz case draws from (DCN_EMULATE_SMS)
+
+
 def _cuda_pool(count: int, rng: random.Random, draw) -> list[DCNConfig]:
     """`count` CUDA template configs from draw(rng, i) (the i-th config of the pool); draws the
     generator rejects are drawn again."""

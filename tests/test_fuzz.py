@@ -28,7 +28,7 @@ import random
 
 import pytest
 from helpers import needs_cuda_toolkit
-from fuzzkit import available_backends, check_case, config_pool, describe, fuzz_cases_total, per_config, random_case, simt_pool, tensor_core_pool
+from fuzzkit import EMULATED_SMS, available_backends, check_case, config_pool, describe, fuzz_cases_total, per_config, random_case, simt_pool, tensor_core_pool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -66,7 +66,6 @@ TC_POOL = tensor_core_pool(int(os.environ.get("DCNGEN_FUZZ_TC_CONFIGS", 6)), SEE
 TC_CASES = int(os.environ.get("DCNGEN_FUZZ_TC_CASES", 6))
 SIMT_POOL = simt_pool(int(os.environ.get("DCNGEN_FUZZ_SIMT_CONFIGS", 4)), SEED)
 SIMT_CASES = int(os.environ.get("DCNGEN_FUZZ_SIMT_CASES", 6))
-EMULATED_SMS = (1, 132, 4096)
 
 
 def _fuzz_on_the_emulator(cfg, cases: int, monkeypatch) -> None:

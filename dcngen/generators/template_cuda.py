@@ -71,7 +71,7 @@ from ..cuda_archs import LIMITS
 from ..errors import ConfigError
 from ..layout import offset_layout
 from ..source import KernelSource
-from .cuda_tiles import FP32_TILE_SAMPLES, LayoutTooLarge, bwd_mma_geometry, bwd_tile_geometry, fits_twice, fitting_halo, fwd_mma_geometry, mma_geometry
+from .cuda_tiles import FP32_TILE_SAMPLES, MAX_STATIC_SMEM, LayoutTooLarge, bwd_mma_geometry, bwd_tile_geometry, fits_twice, fitting_halo, fwd_mma_geometry, mma_geometry
 from .jinja import render, resolve_params
 
 BACKWARD_ZEROES_PADDING = True  # the backward writes DCNv4's padding gradient channels (zeros)
@@ -117,7 +117,6 @@ MAX_VEC_BYTES = 128  # registers: 4 corners x vec values per thread
 TARGET_THREADS = 256  # default block size to aim for
 SHARE_BYTES = 16 * 1024  # shared-memory taps of a block's rounds (share), automatic round at most
 STAGE_BYTES = 40 * 1024  # staged offset rows at most (cuda/point_staging.h.j2)
-STATIC_SHARED_BYTES = 48 * 1024  # a kernel's static shared memory at most
 
 FLAGS = ("-O3", "-std=c++17", "-lineinfo")
 # host build of the emulated kernels: -O0 compiles fastest and runs the small test shapes quickly
@@ -262,9 +261,14 @@ def _auto_batches(cfg: DCNConfig, params: dict[str, int]) -> None:
         params["bwd_unroll"] = 2 if params["bwd_vec"] * size <= 16 else 1
 
 
+def _acc_bytes(cfg: DCNConfig) -> int:
+    """Bytes of the kernels' accumulation type: fp64 for fp64, else fp32."""
+    return 8 if cfg.dtype == "float64" else 4
+
+
 def _shared_taps_bytes(cfg: DCNConfig) -> int:
-    """Bytes of one point's taps in a shared round: 4 weights (fp32, fp64 for fp64) and 4 pointers, 16-byte aligned."""
-    return -(-(4 * (8 if cfg.dtype == "float64" else 4) + 4 * 8) // 16) * 16
+    """Bytes of one point's taps in a shared round: 4 weights (acc_t) and 4 pointers, 16-byte aligned."""
+    return -(-(4 * _acc_bytes(cfg) + 4 * 8) // 16) * 16
 
 
 def _share_round(cfg: DCNConfig, params: dict[str, int]) -> None:
@@ -278,8 +282,8 @@ def _share_round(cfg: DCNConfig, params: dict[str, int]) -> None:
     per_round = params["pixels"] * cfg.group * _shared_taps_bytes(cfg)
     rows = offset_layout(cfg)
     row = max(rows.offset_row_channels, rows.mask_row_channels)
-    staged = 2 * params["pixels"] * row * (8 if cfg.dtype == "float64" else 4) if params["stage"] else 0
-    room = STATIC_SHARED_BYTES - (staged if staged <= STAGE_BYTES else 0)
+    staged = 2 * params["pixels"] * row * _acc_bytes(cfg) if params["stage"] else 0
+    room = MAX_STATIC_SMEM - (staged if staged <= STAGE_BYTES else 0)
     if params["share_round"] == 0:
         rounds = range(batch, -(-points // batch) * batch + 1, batch)
         fitting = [r for r in rounds if r * per_round <= min(room, SHARE_BYTES)] or [batch]

@@ -235,10 +235,10 @@ def test_other_forwards_match_the_per_point_one_on_hostile_values(kernels, name)
 
     from dcngen.verify import TORCH_DTYPE, random_problem
 
-    mma = CASES[name]
-    per_point = emulated_kernel(mma.replace(params=()))
-    x, om = random_problem(mma, 1, 13, 17, seed=7).op_inputs(TORCH_DTYPE[mma.dtype])
-    p = mma.num_points
+    other = CASES[name]
+    per_point = emulated_kernel(other.replace(params=()))
+    x, om = random_problem(other, 1, 13, 17, seed=7).op_inputs(TORCH_DTYPE[other.dtype])
+    p = other.num_points
     om[0, 2, 3, 0] = float("nan")
     om[0, 5, 9, 7] = float("inf")
     om[0, 7, 7, 3] = -6e4
@@ -247,14 +247,14 @@ def test_other_forwards_match_the_per_point_one_on_hostile_values(kernels, name)
     om[0, 9, 16, 3 * p + 4] = 6e4
     outs = []
     for k in (kernels[name], per_point):
-        out = torch.full((1, 13, 17, mma.channels), float("nan"), dtype=x.dtype)
+        out = torch.full((1, 13, 17, other.channels), float("nan"), dtype=x.dtype)
         k.forward(x, om, om, out)
         outs.append(out.double())
     a, b = outs
     assert a.isnan().any() and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
     finite = a.isfinite()
     assert torch.allclose(a[finite], b[finite], rtol=4e-3, atol=4e-3 * b[finite].abs().max().item())
-    if "share" in mma.param_dict:
+    if "share" in other.param_dict:
         assert torch.equal(a[finite], b[finite])
 
 

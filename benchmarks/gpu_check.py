@@ -69,12 +69,12 @@ def peak_bandwidth(name: str) -> float | None:
 
 # ---------------------------------------------------------------------------------------------
 # inputs
-def make_inputs(cfg: DCNConfig, n: int, h: int, w: int, dtype: torch.dtype, seed: int = 0, reach: int = 2):
+def make_inputs(cfg: DCNConfig, n: int, h: int, w: int, dtype: torch.dtype, seed: int = 0, reach: int = 2, device: str = "cuda"):
     """x (N, H, W, G*C); DCNv4: (offset_mask,), DCNv3: (offset, mask). Offsets are multiples of
     1/64 plus 1/128 within [-reach, reach): every sampling point lies >= 1/256 px away from
     pixel-grid lines (no floor() ties between precisions) and many cross the borders."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    dev = "cuda"
+    g = torch.Generator(device=device).manual_seed(seed)
+    dev = device
     ho, wo = cfg.output_size(h, w)
     gp = cfg.group * cfg.num_points
     x = torch.randn(n, h, w, cfg.channels, generator=g, device=dev).to(dtype)

@@ -1,10 +1,11 @@
 """The SIMT emulator's own semantics, on small kernels written for the test: segmented butterfly
 shuffles, __syncthreads() with exited threads and block-local shared memory, several blocks, the
-launch errors for collectives that can never complete, and the shuffled, seeded schedule under
-which a read that no barrier orders after a write sees it early."""
+launch errors for collectives that can never complete, the shuffled, seeded schedule under which a
+read that no barrier orders after a write sees it early, and the memory traffic trace."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -63,6 +64,19 @@ __global__ void unordered_flag(int* out) {
   }
 }
 
+// traced accesses only (nothing is read or written): lane i's 16 bytes at line-aligned `base` +
+// i * stride in global memory and its 4-byte word i * words_apart of shared memory; lanes 0-7 pass
+// a loop twice, the others once
+__global__ void traced(int* out, int stride, int words_apart) {
+  __shared__ int s[32 * 32 + 1];
+  const int lane = int(threadIdx.x & 31u);
+  const char* base = reinterpret_cast<const char*>((reinterpret_cast<uintptr_t>(out) + 127) & ~uintptr_t(127));
+  DCN_TRACE("global", false, base + lane * stride, 16, true);
+  DCN_TRACE("half off", false, base + lane * stride, 16, lane < 16);
+  DCN_TRACE("shared", true, s + lane * words_apart, 4, true);
+  for (int i = 0; i < (lane < 8 ? 2 : 1); ++i) DCN_TRACE("loop", false, base + 4096 * i + 16 * lane, 16, true);
+}
+
 tvm::ffi::String run(tvm::ffi::TensorView out, int which, int blocks, int threads, int arg) {
   int* p = static_cast<int*>(out.data_ptr());
   if (which == 0) DCN_LAUNCH(butterfly, blocks, threads, 0, nullptr)(p, arg);
@@ -70,6 +84,7 @@ tvm::ffi::String run(tvm::ffi::TensorView out, int which, int blocks, int thread
   if (which == 2) DCN_LAUNCH(exited_lane, blocks, threads, 0, nullptr)(p);
   if (which == 3) DCN_LAUNCH(split_warp, blocks, threads, 0, nullptr)(p);
   if (which == 4) DCN_LAUNCH(unordered_flag, blocks, threads, 0, nullptr)(p);
+  if (which == 5) DCN_LAUNCH(traced, blocks, threads, 0, nullptr)(p, arg & 0xffff, arg >> 16);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? "" : cudaGetErrorString(e);
 }
@@ -142,3 +157,33 @@ def test_schedule_is_shuffled_by_the_seed_and_reproducible(run, monkeypatch):
     values = torch.stack(seen)
     assert (values == 0).any(), "no schedule let warp 0 read the flag before thread 32 set it"
     assert (values == 1).any(), "every schedule ran all of warp 0 before thread 32"
+
+
+@pytest.mark.parametrize("stride, lines, sectors", [(16, 4, 16), (64, 16, 32), (128, 32, 32), (0, 1, 1)])
+@pytest.mark.parametrize("words_apart, wavefronts", [(1, 1), (0, 1), (32, 32), (2, 2), (33, 1)])
+def test_trace_counts_lines_sectors_and_bank_wavefronts(run, monkeypatch, tmp_path, stride, lines, sectors, words_apart, wavefronts):
+    """Two warps: per warp instruction, distinct 128-byte lines and 32-byte sectors of the active
+    lanes' global accesses, and the most distinct words one shared-memory bank serves; a lane
+    predicated off adds nothing, and a lane's n-th pass of a site is the warp's n-th instruction
+    there (lanes 0-7 pass the loop twice: 2 instructions a warp, 40 lanes)."""
+    path = tmp_path / "trace.jsonl"
+    monkeypatch.setenv("DCN_EMULATE_TRACE", str(path))
+    err, _ = run(5, 1, 64, stride | words_apart << 16)
+    assert err == ""
+    (launch,) = [json.loads(line) for line in path.read_text().splitlines()]
+    assert (launch["kernel"], launch["blocks"], launch["threads"]) == ("kernel", 1, 64)
+    traffic = {t["label"]: t for t in launch["traffic"]}
+    assert traffic["global"] == {"label": "global", "space": "global", "instructions": 2, "lanes": 64, "bytes": 1024,
+                                 "lines": 2 * lines, "sectors": 2 * sectors, "wavefronts": 2 * lines}
+    half = traffic["half off"]
+    assert (half["instructions"], half["lanes"], half["bytes"]) == (2, 32, 512)
+    assert half["lines"] == 2 * -(-lines * 16 // 32) if stride else half["lines"] == 2
+    assert traffic["shared"]["wavefronts"] == 2 * wavefronts and traffic["shared"]["space"] == "shared"
+    loop = traffic["loop"]
+    assert (loop["instructions"], loop["lanes"], loop["lines"]) == (4, 80, 2 * (4 + 1))
+
+
+def test_untraced_launch_writes_nothing(run, monkeypatch, tmp_path):
+    monkeypatch.delenv("DCN_EMULATE_TRACE", raising=False)
+    err, _ = run(5, 1, 32, 16 | 1 << 16)
+    assert err == "" and not list(tmp_path.iterdir())

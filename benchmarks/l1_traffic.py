@@ -35,7 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_check import make_inputs  # noqa: E402
+from gpu_check import make_inputs  # noqa: E402  (puts the checkout on the path, as for config_flags)
+from config_flags import add_config_flags, config_from_flags  # noqa: E402
 
 from dcngen.config import DCNConfig  # noqa: E402
 from dcngen.verify import TORCH_DTYPE  # noqa: E402
@@ -75,14 +76,7 @@ def traced_launches(cfg: DCNConfig, n: int, h: int, w: int, reach: int, backward
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--op", default="dcnv4")
-    ap.add_argument("--group", type=int, default=4)
-    ap.add_argument("--group-channels", type=int, default=32)
-    ap.add_argument("--kernel-size", type=int, default=3)
-    ap.add_argument("--offset-scale", type=float, default=2.0)
-    ap.add_argument("--dtype", default="float16")
-    ap.add_argument("--arch", default="sm_90")
-    ap.add_argument("--param", action="append", default=[], help="generator parameter NAME=INT (repeatable)")
+    add_config_flags(ap)
     ap.add_argument("--shape", default="1x48x48", help="NxHxW emulated (the figures are per sampling point)")
     ap.add_argument("--reach", type=int, default=2, help="offsets drawn within [-reach, reach)")
     ap.add_argument("--backward", action="store_true")
@@ -91,9 +85,7 @@ def main() -> int:
     ap.add_argument("--clock", type=float, default=1.98, help="SM clock in GHz (default: the H100/H200 SXM maximum)")
     args = ap.parse_args()
 
-    params = {k: int(v) for k, v in (p.split("=", 1) for p in args.param)}
-    cfg = DCNConfig(op=args.op, group=args.group, group_channels=args.group_channels, kernel_size=args.kernel_size, padding=args.kernel_size // 2,
-                    offset_scale=args.offset_scale, dtype=args.dtype, target=f"cuda:{args.arch}", params=params)
+    cfg = config_from_flags(args)
     n, h, w = (int(v) for v in args.shape.split("x"))
     ho, wo = cfg.output_size(h, w)
     points = n * ho * wo * cfg.group * cfg.num_points

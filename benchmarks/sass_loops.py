@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dcngen.build import build  # noqa: E402
 from dcngen.compilers import LIBRARY  # noqa: E402
 from dcngen.compilers.cuda import demangle  # noqa: E402
-from dcngen.config import DCNConfig  # noqa: E402
 from dcngen.generators import generate  # noqa: E402
+
+from config_flags import add_config_flags, config_from_flags  # noqa: E402
 
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 BACKWARD = re.compile(r"\bBRA\s+(?:\S+,\s*)?(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))")
@@ -69,21 +70,12 @@ def loops(instructions: list[tuple[int, str]]) -> list[tuple[int, int, list[str]
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--op", default="dcnv4")
-    ap.add_argument("--group", type=int, default=4)
-    ap.add_argument("--group-channels", type=int, default=32)
-    ap.add_argument("--kernel-size", type=int, default=3)
-    ap.add_argument("--offset-scale", type=float, default=2.0)
-    ap.add_argument("--dtype", default="float16")
-    ap.add_argument("--arch", default="sm_90")
-    ap.add_argument("--param", action="append", default=[], help="generator parameter NAME=INT (repeatable)")
+    add_config_flags(ap)
     ap.add_argument("--kernel", default="dcn_forward_kernel", help="kernels whose demangled name contains this")
     ap.add_argument("--min-body", type=int, default=8, help="loops of fewer instructions are not listed")
     args = ap.parse_args()
 
-    params = dict(p.split("=", 1) for p in args.param)
-    cfg = DCNConfig(op=args.op, group=args.group, group_channels=args.group_channels, kernel_size=args.kernel_size, padding=args.kernel_size // 2,
-                    offset_scale=args.offset_scale, dtype=args.dtype, target=f"cuda:{args.arch}", params=params)
+    cfg = config_from_flags(args)
     artifact = build(generate(cfg))
     env = {**os.environ, "PATH": f"{Path(tool('nvdisasm')).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # cuobjdump runs nvdisasm
     sass = subprocess.run([tool("cuobjdump"), "-sass", str(Path(artifact.path) / LIBRARY)], capture_output=True, text=True, check=True, env=env).stdout

@@ -4,7 +4,7 @@ point batches, shared-memory staging, points located once per (pixel, group), th
 reductions, every input-gradient accumulation mode (fp32 workspace, native fp16/bf16 atomics,
 int64 fixed point) with the sm_90 vector reductions and the sm_80 atomics (the target's code paths
 run), DCNv4's padding gradient, the tiled backward, the tensor-core forwards and backward, the
-forward's 64-bit index path and the launch sizes, without a GPU."""
+forward's 64-bit index path, the launch sizes and the memory trace, without a GPU."""
 
 from __future__ import annotations
 
@@ -412,3 +412,38 @@ def test_offset_views_are_served(cfg):
     """The entry points require 16-byte aligned x, out, grad_out and grad_x (vector accesses): views
     that start part-way into their storage go through aligned copies, outputs copied back."""
     assert_offset_views_served(emulated_kernel(cfg), cfg)
+
+
+def test_memory_trace_of_the_default_forward(tmp_path, monkeypatch):
+    """The trace of a real kernel (fp16 G4 C32: 4 lanes a (pixel, group), 2 pixels a warp): each
+    warp's output store covers its 2 pixels' 512 contiguous bytes, 4 lines; each of its 27 offset
+    and weight loads has all 32 lanes; a corner load touches at most one line per (pixel, group)."""
+    import json
+
+    import torch
+
+    cfg = CASES["v4-fp16-native-atomics"]
+    n, h, w = 1, 16, 16
+
+    def aligned(shape):  # 256-byte aligned like a CUDA allocation: the rows start on line boundaries
+        count = torch.Size(shape).numel()
+        buffer = torch.empty(2 * count + 256, dtype=torch.uint8)
+        start = -buffer.data_ptr() % 256
+        return buffer[start : start + 2 * count].view(torch.float16).view(shape)
+
+    x, om, out = aligned((n, h, w, cfg.channels)), aligned((n, h, w, 112)), aligned((n, h, w, cfg.channels))
+    x.copy_(torch.randn(x.shape))
+    om.copy_(torch.rand(om.shape) * 4 - 2)
+    path = tmp_path / "trace.jsonl"
+    monkeypatch.setenv("DCN_EMULATE_TRACE", str(path))
+    emulated_kernel(cfg).forward(x, om, om, out)
+    (launch,) = [json.loads(line) for line in path.read_text().splitlines()]
+    assert launch["kernel"] == "dcn_forward_kernel"
+    traffic = {t["label"]: t for t in launch["traffic"]}
+    warps = n * h * w * cfg.group * 4 // 32
+    assert traffic["output rows"]["instructions"] == warps and traffic["output rows"]["lines"] == 4 * warps
+    offsets = traffic["offsets and weights"]
+    assert offsets["instructions"] == 27 * warps and offsets["lanes"] == 32 * 27 * warps
+    corners = traffic["corner rows"]
+    assert 0 < corners["instructions"] <= 36 * warps and corners["lines"] <= 8 * corners["instructions"]
+    assert corners["bytes"] == 16 * corners["lanes"]

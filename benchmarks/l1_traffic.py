@@ -38,35 +38,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check import make_inputs  # noqa: E402  (puts the checkout on the path, as for config_flags)
 from config_flags import add_config_flags, config_from_flags  # noqa: E402
 
+from dcngen.compilers.alignment import copy_on_boundary  # noqa: E402
 from dcngen.config import DCNConfig  # noqa: E402
 from dcngen.verify import TORCH_DTYPE  # noqa: E402
 from dcngen.kernels import emulated_kernel  # noqa: E402
-
-
-def aligned(t: torch.Tensor, boundary: int = 256) -> torch.Tensor:
-    """A copy of t whose data starts on a `boundary`-byte address, as CUDA allocations do."""
-    buffer = torch.empty(t.numel() * t.element_size() + boundary, dtype=torch.uint8)
-    start = -buffer.data_ptr() % boundary
-    out = buffer[start : start + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-    out.copy_(t)
-    return out
 
 
 def traced_launches(cfg: DCNConfig, n: int, h: int, w: int, reach: int, backward: bool) -> list[dict]:
     """The trace lines (one per launch) of cfg's forward, and backward if asked, on the emulator."""
     kernel = emulated_kernel(cfg)
     x, oms = make_inputs(cfg, n, h, w, TORCH_DTYPE[cfg.dtype], reach=reach, device="cpu")
-    x, oms = aligned(x), [aligned(t) for t in oms]
+    x, oms = copy_on_boundary(x), [copy_on_boundary(t) for t in oms]
     offset, mask = (oms[0], oms[0]) if cfg.op == "dcnv4" else oms
     ho, wo = cfg.output_size(h, w)
-    out = aligned(torch.empty(n, ho, wo, cfg.channels, dtype=TORCH_DTYPE[cfg.dtype]))
+    out = copy_on_boundary(torch.empty(n, ho, wo, cfg.channels, dtype=TORCH_DTYPE[cfg.dtype]))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, "trace.jsonl")
         os.environ["DCN_EMULATE_TRACE"] = str(path)
         try:
             kernel.forward(x, offset, mask, out)
             if backward:
-                grad_out = aligned(torch.randn(out.shape).to(TORCH_DTYPE[cfg.dtype]))
+                grad_out = copy_on_boundary(torch.randn(out.shape).to(TORCH_DTYPE[cfg.dtype]))
                 grads = [torch.empty_like(t) for t in (x, offset, mask)]
                 kernel.backward(x, offset, mask, grad_out, *grads)
         finally:

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from helpers import assert_offset_views_served, needs_cuda_toolkit
 
+from dcngen.compilers.alignment import copy_on_boundary
 from dcngen.config import DCNConfig
 from dcngen.kernels import emulated_kernel
 from dcngen.verify import TOLERANCE, verify_kernel
@@ -425,15 +426,10 @@ def test_memory_trace_of_the_default_forward(tmp_path, monkeypatch):
     cfg = CASES["v4-fp16-native-atomics"]
     n, h, w = 1, 16, 16
 
-    def aligned(shape):  # 256-byte aligned like a CUDA allocation: the rows start on line boundaries
-        count = torch.Size(shape).numel()
-        buffer = torch.empty(2 * count + 256, dtype=torch.uint8)
-        start = -buffer.data_ptr() % 256
-        return buffer[start : start + 2 * count].view(torch.float16).view(shape)
-
-    x, om, out = aligned((n, h, w, cfg.channels)), aligned((n, h, w, 112)), aligned((n, h, w, cfg.channels))
-    x.copy_(torch.randn(x.shape))
-    om.copy_(torch.rand(om.shape) * 4 - 2)
+    # 256-byte aligned like CUDA allocations: the rows start on line boundaries
+    x = copy_on_boundary(torch.randn(n, h, w, cfg.channels).half())
+    om = copy_on_boundary((torch.rand(n, h, w, 112) * 4 - 2).half())
+    out = copy_on_boundary(torch.empty(n, h, w, cfg.channels, dtype=torch.float16))
     path = tmp_path / "trace.jsonl"
     monkeypatch.setenv("DCN_EMULATE_TRACE", str(path))
     emulated_kernel(cfg).forward(x, om, om, out)

@@ -25,3 +25,16 @@ def aligned_outputs(tensors: tuple, align: int) -> Iterator[tuple]:
         if s is not t and id(t) not in done:
             done.add(id(t))
             t.copy_(s)
+
+
+def copy_on_boundary(t, boundary: int = 256):
+    """A contiguous copy of tensor t whose data starts on a `boundary`-byte address, as CUDA
+    allocations do (256 bytes): host runs of a kernel then see the device's cache-line pattern."""
+    import torch  # noqa: PLC0415
+
+    nbytes = t.numel() * t.element_size()
+    buffer = torch.empty(nbytes + boundary, dtype=torch.uint8, device=t.device)
+    start = -buffer.data_ptr() % boundary
+    out = buffer[start : start + nbytes].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out

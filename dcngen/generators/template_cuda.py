@@ -116,7 +116,7 @@ MAX_LANES = 32  # threads per (pixel, group): one warp, so its reductions are sh
 MAX_VEC_BYTES = 128  # registers: 4 corners x vec values per thread
 TARGET_THREADS = 256  # default block size to aim for
 SHARE_BYTES = 16 * 1024  # shared-memory taps of a block's rounds (share), automatic round at most
-STAGE_BYTES = 40 * 1024  # staged offset rows at most (cuda/point_staging.h.j2)
+STAGE_BYTES = 40 * 1024  # staged offset rows at most (STAGE_LIMIT in cuda/point_staging.h.j2)
 
 FLAGS = ("-O3", "-std=c++17", "-lineinfo")
 # host build of the emulated kernels: -O0 compiles fastest and runs the small test shapes quickly
@@ -417,6 +417,7 @@ def generate(cfg: DCNConfig, *, emulate: bool = False) -> KernelSource:
         bwd_tile=geometry.get("bwd_tile"),
         bwd_mma=geometry.get("bwd_mma"),
         emulate=emulate,
+        stage_bytes=STAGE_BYTES,
         entry_align=entry_align(cfg, fwd_vec, bwd_vec, bwd_vec),
     )
     return KernelSource(

@@ -443,3 +443,40 @@ def test_memory_trace_of_the_default_forward(tmp_path, monkeypatch):
     corners = traffic["corner rows"]
     assert 0 < corners["instructions"] <= 36 * warps and corners["lines"] <= 8 * corners["instructions"]
     assert corners["bytes"] == 16 * corners["lanes"]
+
+
+@pytest.mark.parametrize("name, aligned_width, loads_per_pixel", [("v4-fp16-native-atomics", 112, 27), ("v4-bf16-5x5-idle-lane", 152, 37 + 2)])
+def test_offset_rows_staged_in_pieces(kernels, tmp_path, monkeypatch, name, aligned_width, loads_per_pixel):
+    """The backward stages its blocks' offset rows (bwd_stage=1) a piece of 4 elements at a time
+    (one 8-byte load, one 16-byte store of floats) where the rows start on 8-byte boundaries, the
+    elements past the last whole piece one at a time; rows 2 elements narrower go element by
+    element. The trace counts the staging loads of each, and both give the same gradients, bit for bit."""
+    import json
+
+    import torch
+
+    from dcngen.verify import TORCH_DTYPE
+
+    cfg = CASES[name]
+    dtype = TORCH_DTYPE[cfg.dtype]
+    n, h, w = 1, 6, 7
+    gen = torch.Generator().manual_seed(11)
+    x = copy_on_boundary(torch.randn(n, h, w, cfg.channels, generator=gen).to(dtype))
+    grad_out = copy_on_boundary(torch.randn(n, h, w, cfg.channels, generator=gen).to(dtype))
+    om = torch.rand(n, h, w, aligned_width, generator=gen) * 5 - 2.5
+    om[..., cfg.min_offset_mask_channels :] = 0
+    results = []
+    for width, loads in ((aligned_width, loads_per_pixel), (aligned_width - 2, cfg.min_offset_mask_channels)):
+        rows = copy_on_boundary(om[..., :width].to(dtype).contiguous())
+        grads = [copy_on_boundary(torch.full(t.shape, float("nan"), dtype=dtype)) for t in (x, rows)]
+        grads[1][..., cfg.min_offset_mask_channels :] = 0
+        path = tmp_path / f"trace{width}.jsonl"
+        monkeypatch.setenv("DCN_EMULATE_TRACE", str(path))
+        kernels[name].backward(x, rows, rows, grad_out, grads[0], grads[1], grads[1])
+        staging = [t for line in path.read_text().splitlines() for t in json.loads(line)["traffic"]
+                   if t["label"] == "offset rows (staging)" and t["space"] == "global"]
+        assert sum(t["lanes"] for t in staging) == n * h * w * loads, width
+        assert sum(t["bytes"] for t in staging) == n * h * w * cfg.min_offset_mask_channels * x.element_size()
+        results.append([grads[0], grads[1][..., : cfg.min_offset_mask_channels]])
+    assert not results[0][0].isnan().any() and not results[0][1].isnan().any()
+    assert all(torch.equal(a, b) for a, b in zip(*results))

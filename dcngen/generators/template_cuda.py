@@ -16,8 +16,9 @@ Parameters (cfg.params; defaults from `default_params`):
   share_round          points per round of `share` (a multiple of the batch); 0: automatic, the
                        fewest locations per lane in at most SHARE_BYTES of shared memory
   stage / bwd_stage    1: a block copies its pixels' offset/mask rows into shared memory once
-                       (coalesced) instead of each thread loading its 3P values (ignored where the
-                       rows would not fit in 40 KB)
+                       (coalesced, in 16-byte pieces of floats where the rows are aligned) instead
+                       of each thread loading its 3P values (ignored where the rows would not fit
+                       in 40 KB)
   atomic_dtype         1: fp16/bf16 input gradient by vector atomics in the storage dtype straight
                        into grad_x (no fp32 workspace, memset or conversion pass; lower precision);
                        0: fp32 accumulator. No effect for fp32/fp64 or in deterministic mode
@@ -266,6 +267,13 @@ def _acc_bytes(cfg: DCNConfig) -> int:
     return 8 if cfg.dtype == "float64" else 4
 
 
+def _staged_row(cfg: DCNConfig) -> int:
+    """acc_t elements a pixel's staged offset row takes (ROW in cuda/point_staging.h.j2): the longer
+    of its offset and mask rows, rounded up to whole 16-byte pieces of 4-byte floats."""
+    rows = offset_layout(cfg)
+    return -(-max(rows.offset_row_channels, rows.mask_row_channels) // 4) * 4
+
+
 def _shared_taps_bytes(cfg: DCNConfig) -> int:
     """Bytes of one point's taps in a shared round: 4 weights (acc_t) and 4 pointers, 16-byte aligned."""
     return -(-(4 * _acc_bytes(cfg) + 4 * 8) // 16) * 16
@@ -280,9 +288,7 @@ def _share_round(cfg: DCNConfig, params: dict[str, int]) -> None:
         return
     points, batch, n_lanes = cfg.num_points, min(params["unroll"], cfg.num_points), lanes(cfg, params["vec"])
     per_round = params["pixels"] * cfg.group * _shared_taps_bytes(cfg)
-    rows = offset_layout(cfg)
-    row = max(rows.offset_row_channels, rows.mask_row_channels)
-    staged = 2 * params["pixels"] * row * _acc_bytes(cfg) if params["stage"] else 0
+    staged = 2 * params["pixels"] * _staged_row(cfg) * _acc_bytes(cfg) if params["stage"] else 0
     room = MAX_STATIC_SMEM - (staged if staged <= STAGE_BYTES else 0)
     if params["share_round"] == 0:
         rounds = range(batch, -(-points // batch) * batch + 1, batch)
@@ -418,6 +424,7 @@ def generate(cfg: DCNConfig, *, emulate: bool = False) -> KernelSource:
         bwd_mma=geometry.get("bwd_mma"),
         emulate=emulate,
         stage_bytes=STAGE_BYTES,
+        stage_row=_staged_row(cfg),
         entry_align=entry_align(cfg, fwd_vec, bwd_vec, bwd_vec),
     )
     return KernelSource(

@@ -222,15 +222,15 @@ def test_blocks_per_sm_count_the_runtimes_reserve():
 
 
 def test_shared_memory_per_block_limit_is_inclusive():
-    """bwd_tile 7x11, halo 0, C 180, a 3x3 kernel: a 10x14 region of 181 ints, plus 16 static bytes,
-    is exactly sm_86's 99 KB and fits; one channel more does not; sm_75 (64 KB) refuses it,
-    sm_80 (163 KB) takes it."""
-    params = {"bwd_tile": 1, "bwd_tile_h": 7, "bwd_tile_w": 11, "bwd_halo": 0}
-    exact = cfg(c=180, g=1, target="cuda:sm_86", params=params)
+    """bwd_tile 14x14, halo 0, C 109, a 1x1 kernel: a 15x15 region of 110 ints, the tile's 196 x 3
+    floats of offsets and weights and 16 static bytes are exactly sm_86's 99 KB and fit; one channel
+    more does not; sm_75 (64 KB) refuses it, sm_80 (163 KB) takes it."""
+    params = {"bwd_tile": 1, "bwd_tile_h": 14, "bwd_tile_w": 14, "bwd_halo": 0}
+    exact = cfg(c=109, k=1, g=1, target="cuda:sm_86", params=params)
     layout = launch_params(exact)[1]["bwd_tile"]
-    assert (layout["reg_h"], layout["reg_w"]) == (10, 14) and layout["smem_bytes"] + layout["static_bytes"] == 99 * KB
+    assert (layout["reg_h"], layout["reg_w"]) == (15, 15) and layout["smem_bytes"] + layout["static_bytes"] == 99 * KB
     with pytest.raises(LayoutTooLarge, match="sm_86 allows at most 99 KB"):
-        launch_params(exact.replace(group_channels=181))
+        launch_params(exact.replace(group_channels=110))
     with pytest.raises(LayoutTooLarge, match="sm_75 allows at most 64 KB"):
         launch_params(exact.replace(target="cuda:sm_75"))
     launch_params(exact.replace(target="cuda:sm_80"))

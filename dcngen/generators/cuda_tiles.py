@@ -93,6 +93,12 @@ def fitting_halo(cfg: DCNConfig, params: dict[str, int], halo: str, geometry) ->
     return fitting
 
 
+def _points_stride(cfg: DCNConfig) -> int:
+    """Elements per pixel of a tile's staged offsets and weights (3P, made odd: a warp's pixels on
+    distinct banks)."""
+    return 3 * cfg.num_points | 1
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -131,7 +137,9 @@ def bwd_tile_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     region = tile_region(cfg, tile_h, tile_w, params["bwd_halo"])
     stride = cfg.group_channels + 1  # ints per region position: consecutive positions start on different banks
     elems = region["reg_h"] * region["reg_w"] * stride
-    smem, static = elems * 4, _static_bytes(2 * 4)  # the template's bt_bound[2]
+    # the region's sums, then each pixel's offsets and weights (floats)
+    om_offset, om_stride = _round_up(elems * 4, 16), _points_stride(cfg)
+    smem, static = om_offset + tile_h * tile_w * om_stride * 4, _static_bytes(2 * 4)  # the template's bt_bound[2]
     _check_smem(cfg, smem, static, f"bwd_tile {tile_h}x{tile_w} with bwd_halo {params['bwd_halo']}", "bwd_tile_h, bwd_tile_w or bwd_halo")
     # sums of up to tile_h * tile_w * P contributions of at most 2^bits each stay below 2^30
     fixed_bits = 30 - math.ceil(math.log2(tile_h * tile_w * cfg.num_points))
@@ -143,17 +151,17 @@ def bwd_tile_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     # occupancy) for kernels of at most 9 points in whole vectors; others run uncapped
     small = cfg.group_channels % params["bwd_vec"] == 0 and cfg.num_points <= 9
     min_blocks = _register_target(cfg, threads, smem + static) if small else 1
-    return {"tile_h": tile_h, "tile_w": tile_w, "threads": threads, "min_blocks": min_blocks, "stride": stride, "elems": elems, "smem_bytes": smem,
-            "static_bytes": static, "fixed_bits": fixed_bits,
+    return {"tile_h": tile_h, "tile_w": tile_w, "threads": threads, "min_blocks": min_blocks, "stride": stride, "elems": elems,
+            "om_offset": om_offset, "om_stride": om_stride, "smem_bytes": smem, "static_bytes": static, "fixed_bits": fixed_bits,
             "halo": params["bwd_halo"], **region}
 
 
 def _mma_staging(cfg: DCNConfig, tile_h: int, tile_w: int, halo: int) -> tuple[dict[str, int], int, int, int]:
     """What both tiled tensor-core kernels stage for a tile: its region, the region's rows padded to
     whole 16-row mma steps, 16-bit elements per staged x row (16 bytes of padding spread the rows
-    over the banks) and per pixel's offsets and weights (odd: a warp's pixels on distinct banks)."""
+    over the banks) and per pixel's offsets and weights."""
     region = tile_region(cfg, tile_h, tile_w, halo)
-    return region, _round_up(region["reg_h"] * region["reg_w"], 16), cfg.group_channels + 8, 3 * cfg.num_points | 1
+    return region, _round_up(region["reg_h"] * region["reg_w"], 16), cfg.group_channels + 8, _points_stride(cfg)
 
 
 def bwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:

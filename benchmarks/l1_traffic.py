@@ -16,9 +16,10 @@ least, in two models of what it serves a cycle for global accesses: one 128-byte
 a lower bound on the time of the benchmark shape (`--bench-shape`, default N64 56x56). Which model
 holds, a card's profile says: Nsight Compute's L1/TEX throughput of a kernel timed there against
 these counts. Traced: the corner, output
-and output-gradient rows, offsets and weights (global or staged), cp.async, ldmatrix and the
-backward's input-gradient reductions; not traced: the tiled kernels' other shared-memory traffic
-(their coefficient matrices and output rows), so their figures are lower bounds. Inputs are
+and output-gradient rows, offsets and weights (global or staged), cp.async, ldmatrix, the tiled
+forward's coefficient matrix and staged output rows, the backward's input-gradient reductions and
+the tiled backward's fixed-point sums (each 32-bit shared atomic an access); not traced: the
+tensor-core backward's coefficient matrix and dot products, so its figures are lower bounds. Inputs are
 256-byte aligned like CUDA allocations, offsets drawn as in benchmarks/gpu_check.py.
 """
 

@@ -19,7 +19,9 @@ these counts. Traced: the corner, output
 and output-gradient rows, offsets and weights (global or staged), cp.async, ldmatrix, the tiled
 forward's coefficient matrix and staged output rows, the backward's input-gradient reductions and
 the tiled backward's fixed-point sums (each 32-bit shared atomic an access); not traced: the
-tensor-core backward's coefficient matrix and dot products, so its figures are lower bounds. Inputs are
+tensor-core backward's coefficient matrix and dot products, and its atomics for samples beyond the
+region, so its figures are lower bounds. The input-gradient reductions' bytes are also printed
+apart: atomics are done in L2, which bounded the default backward on an H100. Inputs are
 256-byte aligned like CUDA allocations, offsets drawn as in benchmarks/gpu_check.py.
 """
 
@@ -103,6 +105,9 @@ def main() -> int:
             bound_us = total / points * bench_points / args.sms / (args.clock * 1e3)
             print(f"  L1 serving {model} a cycle: {total / points:.2f} cycles a point; {args.bench_shape} on {args.sms} SMs at {args.clock} GHz "
                   f"takes at least {bound_us:.0f} us")
+        reduced = sum(t["bytes"] for t in launch["traffic"] if t["label"] == "input-gradient reductions")
+        if reduced:  # atomics are done in L2, past the L1
+            print(f"  reductions (done in L2): {reduced / points:.0f} bytes a point; {reduced / points * bench_points / 1e9:.2f} GB at {args.bench_shape}")
     return 0
 
 

@@ -309,8 +309,12 @@ def test_cli_verify_emulate(kernels):
 
 @pytest.mark.parametrize("name, cfg, size, target", [
     # the tiled backward's 32-bit sums: a 4x4 tile of 8 points, 128 contributions to one position
+    # (23 bits each: rounded by a float-to-int conversion), and of 9 points, 144 contributions (22
+    # bits: rounded by the FMA that adds 1.5 x 2^23)
     ("tiled", cuda(group=2, group_channels=16, remove_center=True, params={"bwd_tile": 1, "bwd_tile_h": 4, "bwd_tile_w": 4,
                                                                           "bwd_tile_threads": 64, "bwd_halo": 3}), 4, 2),
+    ("tiled-fma-rounding", cuda(group=2, group_channels=16, params={"bwd_tile": 1, "bwd_tile_h": 4, "bwd_tile_w": 4, "bwd_tile_threads": 64,
+                                                                    "bwd_halo": 3}), 4, 2),
     # the deterministic backward's 64-bit sums past the 52-bit cap: 24 x 24 x 15 = 8640 contributions
     ("deterministic", cuda(group=1, group_channels=8, kernel_size=(3, 5), padding=(1, 2), params={"deterministic": 1}), 24, 12),
 ])

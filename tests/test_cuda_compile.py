@@ -62,6 +62,13 @@ VARIANTS = {
                                                                                  "bwd_mma_h": 4, "bwd_mma_w": 8, "bwd_mma_warps": 8}),
     "fwd-mma-fp16-c64-5x5-16x8-4-warps": config("dcnv4", "float16", 5, 64, params={"fwd_mma": 1, "fwd_mma_h": 16, "fwd_mma_warps": 4}),
     "bwd-mma-fp16-c64-5x5-fp32-accumulator": config("dcnv4", "float16", 5, 64, params={"bwd_mma": 1, "atomic_dtype": 0, "mma": 1}),
+    "fwd-tile-fp16": DCNConfig(group=4, group_channels=32, offset_scale=2.0, dtype="float16", target="cuda:sm_90", params={"fwd_tile": 1}),
+    "fwd-tile-fp16-c16-16x16-512": config("dcnv4", "float16", 3, 16, params={"fwd_tile": 1, "fwd_tile_h": 16, "fwd_tile_threads": 512}),
+    "fwd-tile-fp32-v3-7x7-c16": config("dcnv3", "float32", 7, 16, params={"fwd_tile": 1}),
+    "fwd-tile-bf16-5x5-c24": config("dcnv4", "bfloat16", 5, 24, params={"fwd_tile": 1}),
+    "fwd-tile-fp64-c16": config("dcnv3", "float64", 3, 16, params={"fwd_tile": 1}),
+    "fwd-tile-fp16-c64-rc": DCNConfig(group=2, group_channels=64, stride=2, padding=2, dilation=2, remove_center=True, dtype="float16", target="cuda:sm_90",
+                                      params={"fwd_tile": 1, "bwd_tile": 1}),
     "bwd-tile-fp16-c8-rc": DCNConfig(group=8, group_channels=8, stride=2, padding=2, dilation=2, remove_center=True, dtype="float16", target="cuda:sm_90", params={"bwd_tile": 1}),
 }
 ALL = {**SWEEP, **VARIANTS}
@@ -86,7 +93,8 @@ def reports() -> dict[str, list[dict] | Exception]:
 def expected_kernels(cfg: DCNConfig) -> set[str]:
     """The kernels every artifact of `cfg` must hold."""
     params = cfg.param_dict
-    forward = "dcn_forward_mma_kernel" if params.get("mma") else "dcn_forward_tiled_mma_kernel" if params.get("fwd_mma") else "dcn_forward_kernel"
+    forward = ("dcn_forward_mma_kernel" if params.get("mma") else "dcn_forward_tiled_mma_kernel" if params.get("fwd_mma")
+               else "dcn_forward_tiled_kernel" if params.get("fwd_tile") else "dcn_forward_kernel")
     backward = "dcn_backward_tiled_kernel" if params.get("bwd_tile") else "dcn_backward_mma_kernel" if params.get("bwd_mma") else "dcn_backward_kernel"
     return {forward, backward}
 
@@ -242,6 +250,15 @@ def test_tiled_tensor_core_kernels_reject_what_they_cannot_run(kernel, fields, m
     assert e.value.field == "params"
 
 
+@pytest.mark.parametrize("fields,match", [({"group_channels": 12}, "multiple of 16"), ({"dtype": "float32", "group_channels": 2}, "multiple of 16"),
+                                          ({"target": "cuda:sm_75"}, "sm_80"), ({"dtype": "float32", "group_channels": 264}, "at most 32")])
+def test_tiled_forward_rejects_what_it_cannot_run(fields, match):
+    """fwd_tile copies and reads 16-byte pieces of rows (cp.async: sm_80+), a lane a piece."""
+    with pytest.raises(ConfigError, match=match) as e:
+        generate(config("dcnv4", "float16", 3, 32, params={"fwd_tile": 1}).replace(**fields))
+    assert e.value.field == "params"
+
+
 @pytest.mark.parametrize(
     "params,match",
     [
@@ -252,22 +269,26 @@ def test_tiled_tensor_core_kernels_reject_what_they_cannot_run(kernel, fields, m
         ({"fwd_mma": 1, "fwd_mma_h": 5, "fwd_mma_w": 5}, "whole 16-pixel m-tiles"),
         ({"fwd_mma": 1, "fwd_mma_warps": 3}, "whole 16-pixel m-tiles"),
         ({"fwd_mma": 1, "fwd_mma_h": 32, "fwd_mma_w": 32}, "KB of shared memory"),
+        ({"fwd_tile": 1, "fwd_mma": 1}, "keep one of them"),
+        ({"fwd_tile": 1, "fwd_tile_threads": 48}, "multiple of 32"),
+        ({"fwd_tile": 1, "fwd_tile_h": 64, "fwd_tile_w": 64}, "KB of shared memory"),
     ],
 )
-def test_invalid_tiled_tensor_core_params_rejected(params, match):
+def test_invalid_tiled_params_rejected(params, match):
     with pytest.raises(ConfigError, match=match) as e:
         generate(config("dcnv4", "float16", 3, 32, params=params))
     assert e.value.field == "params"
 
 
-@pytest.mark.parametrize("name", ["mma-tiled-fp16", "mma-tiled-bf16-v3-7x7-c16-4x8", "bwd-tile-fp16", "bwd-tile-bf16-7x7-tail"])
+@pytest.mark.parametrize("name", ["mma-tiled-fp16", "mma-tiled-bf16-v3-7x7-c16-4x8", "bwd-tile-fp16", "bwd-tile-bf16-7x7-tail", "fwd-tile-fp16"])
 def test_layouts_count_the_static_shared_memory_ptxas_reports(reports, name):
     """The layout checks add each tiled kernel's static __shared__ arrays to its dynamic layout:
     the CUDA runtime refuses a launch whose sum passes the limit."""
     from dcngen.generators.template_cuda import launch_params
 
     geometry = launch_params(ALL[name])[1]
-    kernels = {"fwd_mma": "dcn_forward_tiled_mma_kernel", "bwd_mma": "dcn_backward_mma_kernel", "bwd_tile": "dcn_backward_tiled_kernel"}
+    kernels = {"fwd_mma": "dcn_forward_tiled_mma_kernel", "fwd_tile": "dcn_forward_tiled_kernel", "bwd_mma": "dcn_backward_mma_kernel",
+               "bwd_tile": "dcn_backward_tiled_kernel"}
     checked = 0
     for layout, kernel in kernels.items():
         if layout in geometry:

@@ -65,6 +65,18 @@ CASES = {
     "mma-tiled-fp16-sm80-fp32-accumulator-c64-5x5": DCNConfig(target="cuda:sm_80", group=2, group_channels=64, dtype="float16", kernel_size=5, padding=2,
                                                               params={"fwd_mma": 1, "fwd_mma_h": 4, "fwd_mma_w": 8, "fwd_mma_warps": 1, "fwd_mma_tiles": 1, "bwd_mma": 1,
                                                                       "atomic_dtype": 0, "bwd_mma_h": 4, "bwd_mma_w": 8, "bwd_mma_warps": 2}),
+    # the tiled SIMT forward (fwd_tile=1): a pixel's corners split over its lanes by column (64-byte
+    # rows) and by corner (32-byte rows, a widened region) or not split (16-byte pieces of longer
+    # rows, an idle lane at C24 bf16), samples beyond the region from global memory (no halo), a
+    # tile's pixels over two passes of its threads, dilation / remove_center, stride, fp64
+    "tiled-forward-fp16": cuda(group=4, group_channels=32, dtype="float16", params={"fwd_tile": 1}),
+    "tiled-forward-fp16-c16-dilation-rc": cuda(group=3, group_channels=16, dtype="float16", dilation=2, padding=2,
+                                                         remove_center=True, offset_scale=0.5, params={"fwd_tile": 1}),
+    "tiled-forward-fp32-c32-no-halo-4x4": cuda(group=2, group_channels=32, params={"fwd_tile": 1, "fwd_halo": 0, "fwd_tile_h": 4, "fwd_tile_w": 4,
+                                                                                    "fwd_tile_threads": 64}),
+    "tiled-forward-bf16-c24-5x5-sm80": DCNConfig(target="cuda:sm_80", group=2, group_channels=24, dtype="bfloat16", kernel_size=5, padding=2,
+                                                 params={"fwd_tile": 1, "fwd_tile_threads": 96}),
+    "tiled-forward-v3-fp64-7x7-stride2": cuda(op="dcnv3", group=1, group_channels=16, dtype="float64", kernel_size=7, stride=2, padding=3, params={"fwd_tile": 1}),
     # the tensor-core forward (mma=1): cp.async staging, ldmatrix, m16n8k16 mma, lane-shared points
     "mma-fp16": cuda(group=4, group_channels=32, dtype="float16", params={"mma": 1}),
     "mma-bf16-c24-5x5": cuda(group=3, group_channels=24, dtype="bfloat16", kernel_size=5, padding=2, params={"mma": 1}),
@@ -93,7 +105,7 @@ def test_emulated_kernel_matches_reference(kernels, name):
     cfg, kernel = CASES[name], kernels[name]
     if isinstance(kernel, Exception):
         raise kernel
-    shapes = ((2, 9, 11), (1, 5, 4)) + (((1, 21, 19),) if {"bwd_tile", "bwd_mma", "mma", "fwd_mma"} & set(cfg.param_dict) else ())  # several tiles
+    shapes = ((2, 9, 11), (1, 5, 4)) + (((1, 21, 19),) if {"bwd_tile", "bwd_mma", "mma", "fwd_mma", "fwd_tile"} & set(cfg.param_dict) else ())  # several tiles
     for seed, (n, h, w) in enumerate(shapes):
         errors = verify_kernel(cfg, kernel, n, h, w, seed=seed)
         assert all(e < TOLERANCE[cfg.dtype] for e in errors.values()), f"{name} {(n, h, w)}: {errors}"
@@ -227,11 +239,12 @@ def test_tiled_backward_tiny_grad_out_beside_large_weights(kernels):
     assert expected.abs().max() > 0 and torch.allclose(tiled_gx, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
-@pytest.mark.parametrize("name", ["mma-fp16", "mma-tiled-fp16", "shared-fp16", "shared-fp32-tail-short-rounds"])
+@pytest.mark.parametrize("name", ["mma-fp16", "mma-tiled-fp16", "shared-fp16", "shared-fp32-tail-short-rounds", "tiled-forward-fp16",
+                                  "tiled-forward-fp16-c16-dilation-rc", "tiled-forward-fp32-c32-no-halo-4x4"])
 def test_other_forwards_match_the_per_point_one_on_hostile_values(kernels, name):
-    """NaN / inf / huge offsets and NaN / huge weights: the tensor-core forwards and the one with
-    shared point locations put NaN where the per-point forward does, never read off the image,
-    and agree elsewhere (the shared one bitwise: the same sums in the same order)."""
+    """NaN / inf / huge offsets and NaN / huge weights: the tensor-core forwards, the tiled one and
+    the one with shared point locations put NaN where the per-point forward does, never read off
+    the image, and agree elsewhere (the shared one bitwise: the same sums in the same order)."""
     import torch
 
     from dcngen.verify import TORCH_DTYPE, random_problem
@@ -447,6 +460,35 @@ def test_memory_trace_of_the_default_forward(tmp_path, monkeypatch):
     corners = traffic["corner rows"]
     assert 0 < corners["instructions"] <= 36 * warps and corners["lines"] <= 8 * corners["instructions"]
     assert corners["bytes"] == 16 * corners["lanes"]
+
+
+@pytest.mark.parametrize("group_channels, dtype", [(32, "float16"), (16, "float16"), (32, "float32"), (16, "float32")])
+def test_tiled_forward_reads_its_region_without_bank_conflicts(tmp_path, monkeypatch, group_channels, dtype):
+    """fwd_tile's 16-byte region reads serve a warp's 512 bytes in 4 wavefronts (one a
+    quarter-warp, the fewest), wherever the samples lie: 64-byte rows (corners split by column),
+    32-byte rows (by corner) and 128-byte rows (not split). Every sample is made to lie in its
+    tile's region (no padding, offsets under half a pixel, whole tiles), so every read has all 32
+    lanes, and offsets in [0.05, 0.45) keep any two pixels of a warp off the same corner (a shared
+    word would count once). Corners on random banks would take about 5 wavefronts an instruction."""
+    import json
+
+    import torch
+
+    from dcngen.verify import TORCH_DTYPE
+
+    cfg = DCNConfig(group=2, group_channels=group_channels, dtype=dtype, padding=0, offset_scale=1.0, target="cuda:sm_90", params={"fwd_tile": 1})
+    n, h, w = 1, 10, 18  # 8 x 16 outputs: one whole tile a group
+    gen = torch.Generator().manual_seed(5)
+    x = copy_on_boundary(torch.randn(n, h, w, cfg.channels, generator=gen).to(TORCH_DTYPE[dtype]))
+    om = copy_on_boundary((torch.rand(n, h - 2, w - 2, cfg.min_offset_mask_channels, generator=gen) * 0.4 + 0.05).to(TORCH_DTYPE[dtype]))
+    out = copy_on_boundary(torch.empty(n, h - 2, w - 2, cfg.channels, dtype=TORCH_DTYPE[dtype]))
+    path = tmp_path / "trace.jsonl"
+    monkeypatch.setenv("DCN_EMULATE_TRACE", str(path))
+    emulated_kernel(cfg).forward(x, om, om, out)
+    (launch,) = [json.loads(line) for line in path.read_text().splitlines()]
+    reads = {t["label"]: t for t in launch["traffic"]}["corner rows (region)"]
+    assert reads["bytes"] == 4 * (h - 2) * (w - 2) * cfg.group * cfg.num_points * cfg.channels // cfg.group * x.element_size()
+    assert reads["lanes"] == 32 * reads["instructions"] and reads["wavefronts"] == 4 * reads["instructions"]
 
 
 @pytest.mark.parametrize("name, aligned_width, loads_per_pixel", [("v4-fp16-native-atomics", 112, 27), ("v4-bf16-5x5-idle-lane", 152, 37 + 2)])

@@ -126,20 +126,26 @@ def test_tiled_backward_mapping(tmp_path, case):
     check_tiles(tmp_path, cfg, geometry["bwd_tile"], geometry["bwd_lanes"], shapes)
 
 
-# Tiled tensor-core forward: (config fields, params, output shapes (N, Ho, Wo)).
+# Tiled forwards: (kernel, config fields, params, output shapes (N, Ho, Wo)).
 FORWARD_TILES = [
-    (dict(group=4, group_channels=32, dtype="float16"), {}, [(2, 56, 56), (1, 13, 29)]),
-    (dict(op="dcnv3", group=2, group_channels=16, dtype="bfloat16", kernel_size=(5, 3), stride=2, padding=(2, 1), dilation=(1, 2), offset_scale=-0.7),
+    ("fwd_mma", dict(group=4, group_channels=32, dtype="float16"), {}, [(2, 56, 56), (1, 13, 29)]),
+    ("fwd_mma", dict(op="dcnv3", group=2, group_channels=16, dtype="bfloat16", kernel_size=(5, 3), stride=2, padding=(2, 1), dilation=(1, 2), offset_scale=-0.7),
      {"fwd_mma_h": 4, "fwd_mma_w": 8, "fwd_halo": 1}, [(2, 9, 17)]),
+    ("fwd_tile", dict(group=4, group_channels=32, offset_scale=2.0, dtype="float16"), {}, [(2, 56, 56), (1, 13, 29), (3, 1, 1)]),
+    ("fwd_tile", dict(group=3, group_channels=16, dtype="float16", kernel_size=(3, 5), stride=2, padding=(1, 2), offset_scale=0.7),  # widened region
+     {"fwd_tile_h": 5, "fwd_tile_w": 7, "fwd_tile_threads": 96}, [(2, 11, 23)]),
+    ("fwd_tile", dict(op="dcnv3", group=2, group_channels=24, dtype="float32", kernel_size=5, padding=2), {"fwd_halo": 1}, [(1, 17, 9)]),
 ]
 
 
 @pytest.mark.parametrize("case", range(len(FORWARD_TILES)))
 def test_tiled_forward_mapping(tmp_path, case):
-    """The tensor-core forward's tiles (one thread per pixel): every pixel visited once; samples
-    within the halo have all corners in their pixel's band."""
+    """The tiled forwards' tiles (the tensor-core one: a thread per pixel; the SIMT one: its lanes a
+    pixel): every (pixel, lane) visited once; samples within the halo have all corners in their
+    pixel's band of the region."""
     from dcngen.generators.template_cuda import launch_params
 
-    fields, params, shapes = FORWARD_TILES[case]
-    cfg = DCNConfig(**fields, target="cuda:sm_90", params={"fwd_mma": 1, **params})
-    check_tiles(tmp_path, cfg, launch_params(cfg)[1]["fwd_mma"], 1, shapes)
+    kernel, fields, params, shapes = FORWARD_TILES[case]
+    cfg = DCNConfig(**fields, target="cuda:sm_90", params={kernel: 1, **params})
+    tile = launch_params(cfg)[1][kernel]
+    check_tiles(tmp_path, cfg, tile, tile.get("lanes", 1), shapes)

@@ -126,14 +126,16 @@ def nan_pixel_case(cfg: DCNConfig, seed: int, size: tuple[int, int, int] | None 
     return case
 
 
-# the CUDA template's six kernels: per-point forward and backward (the defaults), the tiled
-# tensor-core forward and backward, the per-point tensor-core forward, the tiled backward. Under
+# the CUDA template's seven kernels: per-point forward and backward (the defaults), the tiled
+# tensor-core forward and backward, the per-point tensor-core forward, the tiled backward, the
+# tiled forward (no halo: in-window samples off the region read global memory). Under
 # the sanitizers only the tiled tensor-core artifact (a build takes 20 s there; the default kernels
 # also ran under compute-sanitizer on a GPU, benchmarks/RESULTS.md).
 EMULATED = [
     DCNConfig(op="dcnv3", group=3, group_channels=16, stride=2, offset_scale=0.5, dtype="bfloat16", target="cuda:sm_90", params={"fwd_mma": 1, "bwd_mma": 1}),
     DCNConfig(op="dcnv4", group=2, group_channels=16, dtype="bfloat16", target="cuda:sm_90"),
     DCNConfig(op="dcnv3", group=3, group_channels=8, stride=2, offset_scale=0.5, dtype="bfloat16", target="cuda:sm_90", params={"mma": 1, "bwd_tile": 1}),
+    DCNConfig(op="dcnv4", group=2, group_channels=16, dtype="float16", target="cuda:sm_90", params={"fwd_tile": 1, "fwd_halo": 0}),
 ][: 1 if SANITIZED else None]
 
 

@@ -1,5 +1,5 @@
 """Launch geometry and shared-memory layouts of the CUDA template's tensor-core and tiled kernels
-(mma, fwd_mma, bwd_tile, bwd_mma): each function returns what the template declares for one of
+(mma, fwd_mma, fwd_tile, bwd_tile, bwd_mma): each function returns what the template declares for one of
 them, from the config and the resolved parameters, and raises ConfigError for a combination the
 kernel cannot run."""
 
@@ -101,6 +101,11 @@ def _points_stride(cfg: DCNConfig) -> int:
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
+
+
+def acc_bytes(cfg: DCNConfig) -> int:
+    """Bytes of the kernels' accumulation type: fp64 for fp64, else fp32."""
+    return 8 if cfg.dtype == "float64" else 4
 
 
 def tile_region(cfg: DCNConfig, tile_h: int, tile_w: int, halo: int) -> dict[str, int]:
@@ -228,6 +233,52 @@ def fwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
             "tiles": params["fwd_mma_tiles"], "buffers": buffers, "rows": rows, "x_stride": x_stride, "m_stride": m_stride, "out_stride": out_stride,
             "buffer_bytes": buffer_bytes, "m_offset": m_offset, "pos_offset": pos_offset, "om_offset": om_offset, "om_stride": om_stride,
             "smem_bytes": smem, "static_bytes": static, "halo": params["fwd_halo"], **region}
+
+
+def _corner_split(row_bytes: int) -> int:
+    """Lanes of a pixel that share a sample's four corners in the tiled SIMT forward: 2 (a column
+    each) for 64-byte rows, 4 (a corner each) for 32-byte rows, where a dense region puts
+    consecutive positions on different halves / quarters of the banks; else 1 (every lane all four
+    corners, its own 16 bytes of them)."""
+    return {64: 2, 32: 4}.get(row_bytes, 1)
+
+
+def fwd_tile_lanes(cfg: DCNConfig) -> int:
+    """Threads of a pixel in the tiled SIMT forward: 4 where they split a sample's corners, else one
+    a 16-byte piece of the row, a power of two."""
+    row = cfg.group_channels * cfg.itemsize
+    return 4 if _corner_split(row) > 1 else 1 << (max(1, row // 16) - 1).bit_length()
+
+
+def fwd_tile_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
+    """The tiled SIMT forward's tile, lanes, region and shared-memory layout (the template declares
+    exactly this); rejects configs it cannot run."""
+    if int(cfg.arch[3:]) < 80:
+        raise ConfigError("params", f"fwd_tile=1 copies its input region with the cp.async of sm_80 or newer; the target is {cfg.arch}")
+    row = cfg.group_channels * cfg.itemsize
+    if row % 16:
+        raise ConfigError("params", f"fwd_tile=1 copies and reads rows in 16-byte pieces: group_channels={cfg.group_channels} x {cfg.itemsize} bytes "
+                                    f"must be a multiple of 16")
+    if params["mma"] or params["fwd_mma"]:
+        raise ConfigError("params", "fwd_tile=1, fwd_mma=1 and mma=1 are three forwards: keep one of them")
+    split, lanes = _corner_split(row), fwd_tile_lanes(cfg)
+    if lanes > 32:
+        raise ConfigError("params", f"fwd_tile=1 gives a lane 16 bytes of a row: group_channels={cfg.group_channels} in {cfg.dtype} needs {lanes} lanes; "
+                                    f"at most 32 (use fwd_tile=0)")
+    threads = params["fwd_tile_threads"]
+    if threads % 32:
+        raise ConfigError("params", f"fwd_tile_threads={threads} must be a multiple of 32")
+    tile_h, tile_w = params["fwd_tile_h"], params["fwd_tile_w"]
+    region = tile_region(cfg, tile_h, tile_w, params["fwd_halo"])
+    if split == 4:  # 2 mod 4 positions a region row: a sample's corners on 4 different quarters of the banks
+        region["reg_w"] += (2 - region["reg_w"]) % 4
+    acc = acc_bytes(cfg)
+    om_stride = ((cfg.num_points * 4 * acc // 16) | 1) * 16 // acc  # acc_t a pixel: (dx, dy, m, unused) a point, odd 16-byte pieces
+    om_offset = _round_up(region["reg_h"] * region["reg_w"] * row, 16)
+    smem = om_offset + tile_h * tile_w * om_stride * acc
+    _check_smem(cfg, smem, 0, f"fwd_tile {tile_h}x{tile_w} with fwd_halo {params['fwd_halo']}", "fwd_tile_h, fwd_tile_w or fwd_halo")
+    return {"tile_h": tile_h, "tile_w": tile_w, "threads": threads, "lanes": lanes, "split": split, "min_blocks": _register_target(cfg, threads, smem),
+            "om_offset": om_offset, "om_stride": om_stride, "smem_bytes": smem, "static_bytes": 0, "halo": params["fwd_halo"], **region}
 
 
 def fits_twice(geometry) -> bool:

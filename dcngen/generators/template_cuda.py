@@ -51,6 +51,14 @@ Parameters (cfg.params; defaults from `default_params`):
   fwd_mma_tiles        tiles per block of the tiled forward (> 1: the next tile's region is
                        copied while one is computed); 0: 4 where the second region buffer still
                        leaves room for 2 blocks per SM, else 1
+  fwd_tile             1: tiled forward on CUDA cores (rows of whole 16-byte pieces, sm_80+): a block
+                       copies a fwd_tile_h x fwd_tile_w output tile's input region (`fwd_halo`)
+                       and its offsets and weights into shared memory, then reads each sample's
+                       corners there, 16 bytes a lane, in an order free of bank conflicts for
+                       64- and 32-byte rows (a pixel's lanes split the corners); samples beyond
+                       the region read global memory
+  fwd_tile_h / fwd_tile_w / fwd_tile_threads  its tile and threads per block (default 8x16 and
+                       256, the tile halved where the target's shared memory needs it)
   bwd_mma              1: tiled backward on tensor cores (fp16/bf16, group_channels % 16 == 0,
                        sm_80+): a block stages a bwd_mma_h x bwd_mma_w output tile's input region
                        and grad_out in shared memory, sums the tile's coefficients (mask x bilinear
@@ -72,7 +80,8 @@ from ..cuda_archs import LIMITS
 from ..errors import ConfigError
 from ..layout import offset_layout
 from ..source import KernelSource
-from .cuda_tiles import FP32_TILE_SAMPLES, MAX_STATIC_SMEM, LayoutTooLarge, bwd_mma_geometry, bwd_tile_geometry, fits_twice, fitting_halo, fwd_mma_geometry, mma_geometry
+from .cuda_tiles import (FP32_TILE_SAMPLES, MAX_STATIC_SMEM, LayoutTooLarge, acc_bytes, bwd_mma_geometry, bwd_tile_geometry, fits_twice, fitting_halo,
+                         fwd_mma_geometry, fwd_tile_geometry, fwd_tile_lanes, mma_geometry)
 from .jinja import render, resolve_params
 
 BACKWARD_ZEROES_PADDING = True  # the backward writes DCNv4's padding gradient channels (zeros)
@@ -111,6 +120,10 @@ PARAM_BOUNDS = {
     "fwd_mma_warps": (1, 32),
     "fwd_mma_tiles": (0, 64),
     "fwd_halo": (0, 32),
+    "fwd_tile": (0, 1),
+    "fwd_tile_h": (1, 64),
+    "fwd_tile_w": (1, 64),
+    "fwd_tile_threads": (32, 1024),
 }
 MAX_THREADS = 1024
 MAX_LANES = 32  # threads per (pixel, group): one warp, so its reductions are shuffles
@@ -156,9 +169,9 @@ def _halved(h: int, w: int) -> tuple[int, int]:
     return (h // 2, w) if h >= w and h > 1 else (h, w // 2)
 
 
-def _tile_threads(cfg: DCNConfig, h: int, w: int, vec: int) -> int:
-    """The tiled backward's block: a thread per pixel and lane (`vec` channels each), whole warps, up to TARGET_THREADS."""
-    return min(TARGET_THREADS, -(-h * w * lanes(cfg, vec) // 32) * 32)
+def _tile_threads(h: int, w: int, n_lanes: int) -> int:
+    """A tiled kernel's block: a thread per pixel and lane (n_lanes a pixel), whole warps, up to TARGET_THREADS."""
+    return min(TARGET_THREADS, -(-h * w * n_lanes // 32) * 32)
 
 
 def _bwd_tile_shape(cfg: DCNConfig, vec: int) -> dict[str, int]:
@@ -167,7 +180,7 @@ def _bwd_tile_shape(cfg: DCNConfig, vec: int) -> dict[str, int]:
     h, w = 8, 16
     while cfg.dtype == "float32" and h * w * cfg.num_points > FP32_TILE_SAMPLES and h * w > 1:
         h, w = _halved(h, w)
-    return {"bwd_tile_h": h, "bwd_tile_w": w, "bwd_tile_threads": _tile_threads(cfg, h, w, vec)}
+    return {"bwd_tile_h": h, "bwd_tile_w": w, "bwd_tile_threads": _tile_threads(h, w, lanes(cfg, vec))}
 
 
 def default_params(cfg: DCNConfig) -> dict[str, int]:
@@ -209,6 +222,10 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
         "fwd_mma_warps": 2,
         "fwd_mma_tiles": 0,  # 0: automatic, see launch_params
         "fwd_halo": max(1, math.ceil(2 * abs(cfg.offset_scale))),
+        "fwd_tile": 0,
+        "fwd_tile_h": 8,
+        "fwd_tile_w": 16,
+        "fwd_tile_threads": _tile_threads(8, 16, fwd_tile_lanes(cfg)),
     }
 
 
@@ -220,29 +237,30 @@ def _follow_set_vectors(cfg: DCNConfig, params: dict[str, int]) -> None:
         if f"{prefix}vec" in given and f"{prefix}pixels" not in given:
             params[f"{prefix}pixels"] = _block_pixels(cfg, params[f"{prefix}vec"])
     if "bwd_vec" in given and "bwd_tile_threads" not in given:
-        params["bwd_tile_threads"] = _tile_threads(cfg, params["bwd_tile_h"], params["bwd_tile_w"], params["bwd_vec"])
+        params["bwd_tile_threads"] = _tile_threads(params["bwd_tile_h"], params["bwd_tile_w"], lanes(cfg, params["bwd_vec"]))
 
 
-def _fitting_bwd_tile(cfg: DCNConfig, params: dict[str, int]) -> None:
-    """The tiled backward's default tile, halved until its input region fits the target's shared
-    memory with the halo set in cfg.params, else with no halo at least (large strides and dilated
-    kernels spread a tile's samples); a tile set in cfg.params is kept, and refused where it does not fit."""
+def _fitting_tile(cfg: DCNConfig, params: dict[str, int], kernel: str, halo: str, geometry, n_lanes: int) -> None:
+    """A tiled kernel's default tile (`kernel`_h x `kernel`_w), halved until its input region fits
+    the target's shared memory with the halo set in cfg.params, else with no halo at least (large
+    strides and dilated kernels spread a tile's samples), its threads following where not set; a
+    tile set in cfg.params is kept, and refused where it does not fit."""
     given = cfg.param_dict
-    if "bwd_tile_h" in given or "bwd_tile_w" in given:
+    if f"{kernel}_h" in given or f"{kernel}_w" in given:
         return
-    halo = params["bwd_halo"] if "bwd_halo" in given else 0
+    margin = params[halo] if halo in given else 0
 
     def fits() -> bool:
         try:
-            bwd_tile_geometry(cfg, {**params, "bwd_halo": halo})
+            geometry(cfg, {**params, halo: margin})
             return True
         except LayoutTooLarge:
             return False
 
-    while params["bwd_tile_h"] * params["bwd_tile_w"] > 1 and not fits():
-        params["bwd_tile_h"], params["bwd_tile_w"] = _halved(params["bwd_tile_h"], params["bwd_tile_w"])
-        if "bwd_tile_threads" not in given:
-            params["bwd_tile_threads"] = _tile_threads(cfg, params["bwd_tile_h"], params["bwd_tile_w"], params["bwd_vec"])
+    while params[f"{kernel}_h"] * params[f"{kernel}_w"] > 1 and not fits():
+        params[f"{kernel}_h"], params[f"{kernel}_w"] = _halved(params[f"{kernel}_h"], params[f"{kernel}_w"])
+        if f"{kernel}_threads" not in given:
+            params[f"{kernel}_threads"] = _tile_threads(params[f"{kernel}_h"], params[f"{kernel}_w"], n_lanes)
 
 
 def _batch(points: int, most: int) -> int:
@@ -262,11 +280,6 @@ def _auto_batches(cfg: DCNConfig, params: dict[str, int]) -> None:
         params["bwd_unroll"] = 2 if params["bwd_vec"] * size <= 16 else 1
 
 
-def _acc_bytes(cfg: DCNConfig) -> int:
-    """Bytes of the kernels' accumulation type: fp64 for fp64, else fp32."""
-    return 8 if cfg.dtype == "float64" else 4
-
-
 def _staged_row(cfg: DCNConfig) -> int:
     """acc_t elements a pixel's staged offset row takes (ROW in cuda/point_staging.h.j2): the longer
     of its offset and mask rows, rounded up to whole 16-byte pieces of 4-byte floats."""
@@ -276,19 +289,19 @@ def _staged_row(cfg: DCNConfig) -> int:
 
 def _shared_taps_bytes(cfg: DCNConfig) -> int:
     """Bytes of one point's taps in a shared round: 4 weights (acc_t) and 4 pointers, 16-byte aligned."""
-    return -(-(4 * _acc_bytes(cfg) + 4 * 8) // 16) * 16
+    return -(-(4 * acc_bytes(cfg) + 4 * 8) // 16) * 16
 
 
 def _share_round(cfg: DCNConfig, params: dict[str, int]) -> None:
     """share_round 0 -> the round of whole batches that takes the fewest locations per lane
     (ceil(round / lanes) a round), of equals the one of fewest rounds, within SHARE_BYTES (else one
     batch); a round set is checked."""
-    if not params["share"] or params["mma"] or params["fwd_mma"]:  # the per-point forward's only
+    if not params["share"] or params["mma"] or params["fwd_mma"] or params["fwd_tile"]:  # the per-point forward's only
         params["share_round"] = 0
         return
     points, batch, n_lanes = cfg.num_points, min(params["unroll"], cfg.num_points), lanes(cfg, params["vec"])
     per_round = params["pixels"] * cfg.group * _shared_taps_bytes(cfg)
-    staged = 2 * params["pixels"] * _staged_row(cfg) * _acc_bytes(cfg) if params["stage"] else 0
+    staged = 2 * params["pixels"] * _staged_row(cfg) * acc_bytes(cfg) if params["stage"] else 0
     room = MAX_STATIC_SMEM - (staged if staged <= STAGE_BYTES else 0)
     if params["share_round"] == 0:
         rounds = range(batch, -(-points // batch) * batch + 1, batch)
@@ -357,7 +370,7 @@ def _check_register_caps(cfg: DCNConfig, params: dict[str, int], geometry: dict)
     than the target's SM holds: ptxas would ignore it, so the parameter would silently do nothing."""
     limit = LIMITS[cfg.arch].threads_per_sm
     caps = []
-    if not (params["mma"] or params["fwd_mma"]):
+    if not (params["mma"] or params["fwd_mma"] or params["fwd_tile"]):
         caps.append(("min_blocks", geometry["fwd_threads"]))
     if not (params["bwd_tile"] or params["bwd_mma"]):
         caps.append(("bwd_min_blocks", geometry["bwd_threads"]))
@@ -380,13 +393,17 @@ def launch_params(cfg: DCNConfig) -> tuple[dict[str, int], dict]:
         if params["fwd_mma_tiles"] == 0:
             params["fwd_mma_tiles"] = 4 if fits_twice(lambda: fwd_mma_geometry(cfg, {**params, "fwd_mma_tiles": 4})) else 1
         geometry["fwd_mma"] = fwd_mma_geometry(cfg, params)
+    if params["fwd_tile"]:
+        _fitting_tile(cfg, params, "fwd_tile", "fwd_halo", fwd_tile_geometry, fwd_tile_lanes(cfg))
+        params["fwd_halo"] = fitting_halo(cfg, params, "fwd_halo", fwd_tile_geometry)
+        geometry["fwd_tile"] = fwd_tile_geometry(cfg, params)
     _auto_batches(cfg, params)
     _share_round(cfg, params)
     if params["min_blocks"] == 0:
         params["min_blocks"] = _auto_min_blocks(cfg, params)
     _check_register_caps(cfg, params, geometry)
     if params["bwd_tile"]:
-        _fitting_bwd_tile(cfg, params)
+        _fitting_tile(cfg, params, "bwd_tile", "bwd_halo", bwd_tile_geometry, lanes(cfg, params["bwd_vec"]))
         params["bwd_halo"] = fitting_halo(cfg, params, "bwd_halo", bwd_tile_geometry)
         geometry["bwd_tile"] = bwd_tile_geometry(cfg, params)
     if params["bwd_mma"]:
@@ -410,8 +427,8 @@ def generate(cfg: DCNConfig, *, emulate: bool = False) -> KernelSource:
     if not cfg.is_cuda:
         raise ConfigError("target", f"the CUDA template needs a cuda target, got {cfg.target!r}")
     params, geometry = launch_params(cfg)
-    # the tensor-core kernels copy x (and fwd_mma stores out) in 16-byte pieces
-    fwd_vec = 16 if params["mma"] or params["fwd_mma"] else params["vec"]
+    # the tensor-core and tiled kernels copy x (and fwd_mma, fwd_tile store out) in 16-byte pieces
+    fwd_vec = 16 if params["mma"] or params["fwd_mma"] or params["fwd_tile"] else params["vec"]
     bwd_vec = 16 if params["bwd_mma"] else params["bwd_vec"]
     text = render(
         "cuda/dcn.cu.j2",
@@ -420,6 +437,7 @@ def generate(cfg: DCNConfig, *, emulate: bool = False) -> KernelSource:
         params=params,
         mma=geometry.get("mma"),
         fwd_mma=geometry.get("fwd_mma"),
+        fwd_tile=geometry.get("fwd_tile"),
         bwd_tile=geometry.get("bwd_tile"),
         bwd_mma=geometry.get("bwd_mma"),
         emulate=emulate,

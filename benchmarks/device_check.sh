@@ -24,6 +24,6 @@ timeout 45 compute-sanitizer --tool racecheck --print-limit 20 python benchmarks
 echo "racecheck: exit $? ($(grep -m1 'RACECHECK SUMMARY' "$out/racecheck.log"))"
 # what bounds the default, the tensor-core and the tiled kernels
 timeout 80 ncu --clock-control none --kernel-name regex:dcn_ --section SpeedOfLight --section LaunchStats \
-  python benchmarks/gpu_profile.py run '{}' '{"fwd_mma": 1, "bwd_mma": 1}' '{"fwd_tile": 1, "bwd_tile": 1}' > "$out/ncu.log" 2>&1
+  python benchmarks/gpu_profile.py run '{}' '{"fwd_mma": 1, "bwd_mma": 1}' '{"fwd_tile": 1}' '{"bwd_tile": 1}' > "$out/ncu.log" 2>&1
 echo "ncu: exit $?"
 timeout 80 python -m pytest -q -x -p no:cacheprovider tests/test_gpu_ops.py 2>&1 | tail -1

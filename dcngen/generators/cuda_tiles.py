@@ -41,13 +41,13 @@ def mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
             "buffer": buffer, "stage": stage, "smem_bytes": smem}
 
 
-def _register_target(cfg: DCNConfig, threads: int, smem: int) -> int:
+def _register_target(cfg: DCNConfig, threads: int, smem: int, registers: int = 128) -> int:
     """Resident blocks per SM for __launch_bounds__: as many as the target's shared memory and
     thread slots allow for blocks of `threads` threads and `smem` bytes, never so many that fewer
-    than 128 registers per thread remain."""
+    than `registers` registers per thread remain."""
     limits = LIMITS[cfg.arch]
     by_smem = limits.smem_per_sm // (smem + SMEM_RESERVED_PER_BLOCK)
-    return max(1, min(by_smem, limits.threads_per_sm // threads, REGISTERS_PER_SM // 128 // threads))
+    return max(1, min(by_smem, limits.threads_per_sm // threads, REGISTERS_PER_SM // registers // threads))
 
 
 class LayoutTooLarge(ConfigError):
@@ -236,18 +236,18 @@ def fwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
 
 
 def _corner_split(row_bytes: int) -> int:
-    """Lanes of a pixel that share a sample's four corners in the tiled SIMT forward: 2 (a column
-    each) for 64-byte rows, 4 (a corner each) for 32-byte rows, where a dense region puts
-    consecutive positions on different halves / quarters of the banks; else 1 (every lane all four
-    corners, its own 16 bytes of them)."""
+    """Lanes of a pixel that split a sample's four corners in the tiled SIMT forward, each reading
+    all pieces of its corners: 2 (a column each) for 64-byte rows, 4 (a corner each) for 32-byte
+    rows, where a dense region puts consecutive positions on different halves / quarters of the
+    banks; else 1 (a lane a 16-byte piece of all four corners)."""
     return {64: 2, 32: 4}.get(row_bytes, 1)
 
 
 def fwd_tile_lanes(cfg: DCNConfig) -> int:
-    """Threads of a pixel in the tiled SIMT forward: 4 where they split a sample's corners, else one
-    a 16-byte piece of the row, a power of two."""
+    """Threads of a pixel in the tiled SIMT forward: one a corner set where they split a sample's
+    corners, else one a 16-byte piece of the row, a power of two."""
     row = cfg.group_channels * cfg.itemsize
-    return 4 if _corner_split(row) > 1 else 1 << (max(1, row // 16) - 1).bit_length()
+    return _corner_split(row) if _corner_split(row) > 1 else 1 << (max(1, row // 16) - 1).bit_length()
 
 
 def fwd_tile_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
@@ -277,7 +277,8 @@ def fwd_tile_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     om_offset = _round_up(region["reg_h"] * region["reg_w"] * row, 16)
     smem = om_offset + tile_h * tile_w * om_stride * acc
     _check_smem(cfg, smem, 0, f"fwd_tile {tile_h}x{tile_w} with fwd_halo {params['fwd_halo']}", "fwd_tile_h, fwd_tile_w or fwd_halo")
-    return {"tile_h": tile_h, "tile_w": tile_w, "threads": threads, "lanes": lanes, "split": split, "min_blocks": _register_target(cfg, threads, smem),
+    # at least 80 registers: fp16 C32's 32 accumulators and 16 of raw corners run spill-free in them
+    return {"tile_h": tile_h, "tile_w": tile_w, "threads": threads, "lanes": lanes, "split": split, "min_blocks": _register_target(cfg, threads, smem, 80),
             "om_offset": om_offset, "om_stride": om_stride, "smem_bytes": smem, "static_bytes": 0, "halo": params["fwd_halo"], **region}
 
 

@@ -70,8 +70,8 @@ CASES = {
     # rows, an idle lane at C24 bf16), samples beyond the region from global memory (no halo), a
     # tile's pixels over two passes of its threads, dilation / remove_center, stride, fp64
     "tiled-forward-fp16": cuda(group=4, group_channels=32, dtype="float16", params={"fwd_tile": 1}),
-    "tiled-forward-fp16-c16-dilation-rc": cuda(group=3, group_channels=16, dtype="float16", dilation=2, padding=2,
-                                                         remove_center=True, offset_scale=0.5, params={"fwd_tile": 1}),
+    "tiled-forward-fp16-c16-dilation-rc": cuda(group=3, group_channels=16, dtype="float16", dilation=2, padding=2, remove_center=True,
+                                               offset_scale=0.5, params={"fwd_tile": 1}),
     "tiled-forward-fp32-c32-no-halo-4x4": cuda(group=2, group_channels=32, params={"fwd_tile": 1, "fwd_halo": 0, "fwd_tile_h": 4, "fwd_tile_w": 4,
                                                                                     "fwd_tile_threads": 64}),
     "tiled-forward-bf16-c24-5x5-sm80": DCNConfig(target="cuda:sm_80", group=2, group_channels=24, dtype="bfloat16", kernel_size=5, padding=2,

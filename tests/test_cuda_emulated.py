@@ -487,7 +487,7 @@ def test_tiled_forward_reads_its_region_without_bank_conflicts(tmp_path, monkeyp
     emulated_kernel(cfg).forward(x, om, om, out)
     (launch,) = [json.loads(line) for line in path.read_text().splitlines()]
     reads = {t["label"]: t for t in launch["traffic"]}["corner rows (region)"]
-    assert reads["bytes"] == 4 * (h - 2) * (w - 2) * cfg.group * cfg.num_points * cfg.channels // cfg.group * x.element_size()
+    assert reads["bytes"] == 4 * (h - 2) * (w - 2) * cfg.group * cfg.num_points * cfg.group_channels * x.element_size()
     assert reads["lanes"] == 32 * reads["instructions"] and reads["wavefronts"] == 4 * reads["instructions"]
 
 

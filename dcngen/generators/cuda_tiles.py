@@ -247,7 +247,8 @@ def fwd_tile_lanes(cfg: DCNConfig) -> int:
     """Threads of a pixel in the tiled SIMT forward: one a corner set where they split a sample's
     corners, else one a 16-byte piece of the row, a power of two."""
     row = cfg.group_channels * cfg.itemsize
-    return _corner_split(row) if _corner_split(row) > 1 else 1 << (max(1, row // 16) - 1).bit_length()
+    split = _corner_split(row)
+    return split if split > 1 else 1 << (max(1, row // 16) - 1).bit_length()
 
 
 def fwd_tile_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:

@@ -77,6 +77,15 @@ CASES = {
     "tiled-forward-bf16-c24-5x5-sm80": DCNConfig(target="cuda:sm_80", group=2, group_channels=24, dtype="bfloat16", kernel_size=5, padding=2,
                                                  params={"fwd_tile": 1, "fwd_tile_threads": 96}),
     "tiled-forward-v3-fp64-7x7-stride2": cuda(op="dcnv3", group=1, group_channels=16, dtype="float64", kernel_size=7, stride=2, padding=3, params={"fwd_tile": 1}),
+    # the tiled forward on tensor cores (fwd_tile_mma=1): swizzled 64- and 128-byte rows, 32-byte rows
+    # in a widened region, samples beyond the region (no halo), 25 points (records over 4 rounds),
+    # a tile's pixels over two passes of its threads, dilation / remove_center, stride
+    "tile-mma-fp16": cuda(group=4, group_channels=32, dtype="float16", params={"fwd_tile": 1, "fwd_tile_mma": 1}),
+    "tile-mma-v3-bf16-c16-dilation-rc-no-halo": cuda(op="dcnv3", group=3, group_channels=16, dtype="bfloat16", dilation=2, padding=2, remove_center=True,
+                                                     offset_scale=0.5, params={"fwd_tile": 1, "fwd_tile_mma": 1, "fwd_halo": 0}),
+    "tile-mma-fp16-c64-5x5-sm80-4x4": DCNConfig(target="cuda:sm_80", group=2, group_channels=64, dtype="float16", kernel_size=5, padding=2,
+                                                params={"fwd_tile": 1, "fwd_tile_mma": 1, "fwd_tile_h": 4, "fwd_tile_w": 4, "fwd_tile_threads": 64}),
+    "tile-mma-bf16-stride2": cuda(group=2, group_channels=32, dtype="bfloat16", stride=2, params={"fwd_tile": 1, "fwd_tile_mma": 1}),
     # the tensor-core forward (mma=1): cp.async staging, ldmatrix, m16n8k16 mma, lane-shared points
     "mma-fp16": cuda(group=4, group_channels=32, dtype="float16", params={"mma": 1}),
     "mma-bf16-c24-5x5": cuda(group=3, group_channels=24, dtype="bfloat16", kernel_size=5, padding=2, params={"mma": 1}),
@@ -462,32 +471,38 @@ def test_memory_trace_of_the_default_forward(tmp_path, monkeypatch):
     assert corners["bytes"] == 16 * corners["lanes"]
 
 
-@pytest.mark.parametrize("group_channels, dtype", [(32, "float16"), (16, "float16"), (32, "float32"), (16, "float32")])
-def test_tiled_forward_reads_its_region_without_bank_conflicts(tmp_path, monkeypatch, group_channels, dtype):
+@pytest.mark.parametrize("group_channels, dtype, mma", [(32, "float16", 0), (16, "float16", 0), (32, "float32", 0), (16, "float32", 0),
+                                                        (32, "float16", 1), (16, "bfloat16", 1), (64, "float16", 1)])
+def test_tiled_forward_reads_its_region_without_bank_conflicts(tmp_path, monkeypatch, group_channels, dtype, mma):
     """fwd_tile's 16-byte region reads serve a warp's 512 bytes in 4 wavefronts (one a
     quarter-warp, the fewest), wherever the samples lie: 64-byte rows (corners split by column),
-    32-byte rows (by corner) and 128-byte rows (not split). Every sample is made to lie in its
-    tile's region (no padding, offsets under half a pixel, whole tiles), so every read has all 32
-    lanes, and offsets in [0.05, 0.45) keep any two pixels of a warp off the same corner (a shared
-    word would count once). Corners on random banks would take about 5 wavefronts an instruction."""
+    32-byte rows (by corner) and 128-byte rows (not split). So do fwd_tile_mma's ldmatrix reads (an
+    8x8 matrix a wavefront: 64- and 128-byte rows swizzled, 32-byte rows in a widened region, the
+    odd pixels' pieces in the other half of the slots). Every sample is made to lie in its tile's
+    region (no padding, offsets under half a pixel, whole tiles), so every read has all 32 lanes,
+    and offsets in [0.05, 0.45) keep any two pixels of a warp off the same corner (a shared word
+    would count once), with stride 2 for fwd_tile_mma, whose adjacent pixels read at once.
+    Corners on random banks would take about 5 wavefronts an instruction."""
     import json
 
     import torch
 
     from dcngen.verify import TORCH_DTYPE
 
-    cfg = DCNConfig(group=2, group_channels=group_channels, dtype=dtype, padding=0, offset_scale=1.0, target="cuda:sm_90", params={"fwd_tile": 1})
-    n, h, w = 1, 10, 18  # 8 x 16 outputs: one whole tile a group
+    stride = 1 + mma
+    cfg = DCNConfig(group=2, group_channels=group_channels, dtype=dtype, stride=stride, padding=0, offset_scale=1.0, target="cuda:sm_90",
+                    params={"fwd_tile": 1, "fwd_tile_mma": mma})
+    n, ho, wo = 1, 8, 16  # one whole tile a group
     gen = torch.Generator().manual_seed(5)
-    x = copy_on_boundary(torch.randn(n, h, w, cfg.channels, generator=gen).to(TORCH_DTYPE[dtype]))
-    om = copy_on_boundary((torch.rand(n, h - 2, w - 2, cfg.min_offset_mask_channels, generator=gen) * 0.4 + 0.05).to(TORCH_DTYPE[dtype]))
-    out = copy_on_boundary(torch.empty(n, h - 2, w - 2, cfg.channels, dtype=TORCH_DTYPE[dtype]))
+    x = copy_on_boundary(torch.randn(n, (ho - 1) * stride + 3, (wo - 1) * stride + 3, cfg.channels, generator=gen).to(TORCH_DTYPE[dtype]))
+    om = copy_on_boundary((torch.rand(n, ho, wo, cfg.min_offset_mask_channels, generator=gen) * 0.4 + 0.05).to(TORCH_DTYPE[dtype]))
+    out = copy_on_boundary(torch.empty(n, ho, wo, cfg.channels, dtype=TORCH_DTYPE[dtype]))
     path = tmp_path / "trace.jsonl"
     monkeypatch.setenv("DCN_EMULATE_TRACE", str(path))
     emulated_kernel(cfg).forward(x, om, om, out)
     (launch,) = [json.loads(line) for line in path.read_text().splitlines()]
-    reads = {t["label"]: t for t in launch["traffic"]}["corner rows (region)"]
-    assert reads["bytes"] == 4 * (h - 2) * (w - 2) * cfg.group * cfg.num_points * cfg.group_channels * x.element_size()
+    reads = {t["label"]: t for t in launch["traffic"]}["ldmatrix" if mma else "corner rows (region)"]
+    assert reads["bytes"] == 4 * ho * wo * cfg.group * cfg.num_points * cfg.group_channels * x.element_size()
     assert reads["lanes"] == 32 * reads["instructions"] and reads["wavefronts"] == 4 * reads["instructions"]
 
 

@@ -235,6 +235,10 @@ def fwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
             "smem_bytes": smem, "static_bytes": static, "halo": params["fwd_halo"], **region}
 
 
+# fwd_tile_mma: a warp's mma takes 4 pixels' samples (a k-step: one point of each), 8 lanes a pixel
+FWD_TILE_MMA_LANES = 8
+
+
 def _corner_split(row_bytes: int) -> int:
     """Lanes of a pixel that split a sample's four corners in the tiled SIMT forward, each reading
     all pieces of its corners: 2 (a column each) for 64-byte rows, 4 (a corner each) for 32-byte
@@ -243,17 +247,28 @@ def _corner_split(row_bytes: int) -> int:
     return {64: 2, 32: 4}.get(row_bytes, 1)
 
 
-def fwd_tile_lanes(cfg: DCNConfig) -> int:
-    """Threads of a pixel in the tiled SIMT forward: one a corner set where they split a sample's
-    corners, else one a 16-byte piece of the row, a power of two."""
+def fwd_tile_lanes(cfg: DCNConfig, mma: bool = False) -> int:
+    """Threads of a pixel in the tiled forward: with `mma` (fwd_tile_mma), FWD_TILE_MMA_LANES that
+    locate its samples; else one a corner set where they split a sample's corners, or one a
+    16-byte piece of the row, a power of two."""
+    if mma:
+        return FWD_TILE_MMA_LANES
     row = cfg.group_channels * cfg.itemsize
     split = _corner_split(row)
     return split if split > 1 else 1 << (max(1, row // 16) - 1).bit_length()
 
 
 def fwd_tile_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
-    """The tiled SIMT forward's tile, lanes, region and shared-memory layout (the template declares
-    exactly this); rejects configs it cannot run."""
+    """The tiled forward's tile, lanes, region and shared-memory layout, on CUDA cores or with
+    fwd_tile_mma on tensor cores (the template declares exactly this); rejects configs it cannot run."""
+    mma = bool(params["fwd_tile_mma"])
+    if mma:
+        if not params["fwd_tile"]:
+            raise ConfigError("params", "fwd_tile_mma=1 is a mode of the tiled forward: set fwd_tile=1 too")
+        _check_tensor_cores(cfg, "fwd_tile_mma=1", 16, "multiplies 16-channel steps")
+        if cfg.group_channels not in (16, 32) and cfg.group_channels % 64:
+            raise ConfigError("params", f"fwd_tile_mma=1 pairs the 16-byte pieces of a row in halves of the banks: group_channels={cfg.group_channels} "
+                                        f"must be 16, 32 or a multiple of 64")
     if int(cfg.arch[3:]) < 80:
         raise ConfigError("params", f"fwd_tile=1 copies its input region with the cp.async of sm_80 or newer; the target is {cfg.arch}")
     row = cfg.group_channels * cfg.itemsize
@@ -262,7 +277,7 @@ def fwd_tile_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
                                     f"must be a multiple of 16")
     if params["mma"] or params["fwd_mma"]:
         raise ConfigError("params", "fwd_tile=1, fwd_mma=1 and mma=1 are three forwards: keep one of them")
-    split, lanes = _corner_split(row), fwd_tile_lanes(cfg)
+    split, lanes = _corner_split(row), fwd_tile_lanes(cfg, mma)
     if lanes > 32:
         raise ConfigError("params", f"fwd_tile=1 gives a lane 16 bytes of a row: group_channels={cfg.group_channels} in {cfg.dtype} needs {lanes} lanes; "
                                     f"at most 32 (use fwd_tile=0)")
@@ -271,16 +286,26 @@ def fwd_tile_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
         raise ConfigError("params", f"fwd_tile_threads={threads} must be a multiple of 32")
     tile_h, tile_w = params["fwd_tile_h"], params["fwd_tile_w"]
     region = tile_region(cfg, tile_h, tile_w, params["fwd_halo"])
-    if split == 4:  # 2 mod 4 positions a region row: a sample's corners on 4 different quarters of the banks
+    if row == 32:  # 2 mod 4 positions a region row: a sample's corners on 4 different quarters of the banks
         region["reg_w"] += (2 - region["reg_w"]) % 4
+    positions = region["reg_h"] * region["reg_w"]
+    # fwd_tile_mma: zeros after the region, the four corners of a sample that adds nothing
+    zero_rows = region["reg_w"] + 2 if mma else 0
     acc = acc_bytes(cfg)
     om_stride = ((cfg.num_points * 4 * acc // 16) | 1) * 16 // acc  # acc_t a pixel: (dx, dy, m, unused) a point, odd 16-byte pieces
-    om_offset = _round_up(region["reg_h"] * region["reg_w"] * row, 16)
-    smem = om_offset + tile_h * tile_w * om_stride * acc
+    om_offset = _round_up((positions + zero_rows) * row, 16)
+    scratch_offset = om_offset + tile_h * tile_w * om_stride * acc
+    # fwd_tile_mma, per warp: its 4 pixels' sample records (a key and 16 bytes of weights each, an odd
+    # number of samples a pixel), then their fp32 output rows
+    samples, out_stride = cfg.num_points | 1, cfg.group_channels + 4
+    scratch = (4 * samples * (4 + 16) + 4 * out_stride * 4) if mma else 0
+    smem = scratch_offset + threads // 32 * scratch
     _check_smem(cfg, smem, 0, f"fwd_tile {tile_h}x{tile_w} with fwd_halo {params['fwd_halo']}", "fwd_tile_h, fwd_tile_w or fwd_halo")
     # at least 80 registers: fp16 C32's 32 accumulators and 16 of raw corners run spill-free in them
-    return {"tile_h": tile_h, "tile_w": tile_w, "threads": threads, "lanes": lanes, "split": split, "min_blocks": _register_target(cfg, threads, smem, 80),
-            "om_offset": om_offset, "om_stride": om_stride, "smem_bytes": smem, "static_bytes": 0, "halo": params["fwd_halo"], **region}
+    return {"tile_h": tile_h, "tile_w": tile_w, "threads": threads, "lanes": lanes, "split": split, "mma": int(mma),
+            "min_blocks": _register_target(cfg, threads, smem, 80), "zero_rows": zero_rows, "om_offset": om_offset, "om_stride": om_stride,
+            "scratch_offset": scratch_offset, "scratch_bytes": scratch, "samples": samples, "out_stride": out_stride,
+            "smem_bytes": smem, "static_bytes": 0, "halo": params["fwd_halo"], **region}
 
 
 def fits_twice(geometry) -> bool:

@@ -59,6 +59,13 @@ Parameters (cfg.params; defaults from `default_params`):
                        the region read global memory
   fwd_tile_h / fwd_tile_w / fwd_tile_threads  its tile and threads per block (default 8x16 and
                        256, the tile halved where the target's shared memory needs it)
+  fwd_tile_mma         1 (with fwd_tile=1; fp16/bf16, group_channels % 16 == 0): the tiled forward's
+                       sums on tensor cores. A warp takes 4 pixels; each k-step of an m16n8k16 mma
+                       multiplies one point of each: their 16 corner rows, read from the region with
+                       ldmatrix (conflict-free: a swizzled region, the pixels' pieces paired), by a
+                       column of weights per pixel (mask x bilinear weight, scaled by a power of two
+                       per pixel and split into two 16-bit parts: about fp32 precision); fp32
+                       accumulators. Pixels whose product is not finite are recomputed per point
   bwd_mma              1: tiled backward on tensor cores (fp16/bf16, group_channels % 16 == 0,
                        sm_80+): a block stages a bwd_mma_h x bwd_mma_w output tile's input region
                        and grad_out in shared memory, sums the tile's coefficients (mask x bilinear
@@ -124,6 +131,7 @@ PARAM_BOUNDS = {
     "fwd_tile_h": (1, 64),
     "fwd_tile_w": (1, 64),
     "fwd_tile_threads": (32, 1024),
+    "fwd_tile_mma": (0, 1),
 }
 MAX_THREADS = 1024
 MAX_LANES = 32  # threads per (pixel, group): one warp, so its reductions are shuffles
@@ -226,6 +234,7 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
         "fwd_tile_h": 8,
         "fwd_tile_w": 16,
         "fwd_tile_threads": _tile_threads(8, 16, fwd_tile_lanes(cfg)),
+        "fwd_tile_mma": 0,
     }
 
 
@@ -393,8 +402,11 @@ def launch_params(cfg: DCNConfig) -> tuple[dict[str, int], dict]:
         if params["fwd_mma_tiles"] == 0:
             params["fwd_mma_tiles"] = 4 if fits_twice(lambda: fwd_mma_geometry(cfg, {**params, "fwd_mma_tiles": 4})) else 1
         geometry["fwd_mma"] = fwd_mma_geometry(cfg, params)
-    if params["fwd_tile"]:
-        _fitting_tile(cfg, params, "fwd_tile", "fwd_halo", fwd_tile_geometry, fwd_tile_lanes(cfg))
+    if params["fwd_tile"] or params["fwd_tile_mma"]:
+        n_lanes = fwd_tile_lanes(cfg, bool(params["fwd_tile_mma"]))
+        if "fwd_tile_threads" not in cfg.param_dict:
+            params["fwd_tile_threads"] = _tile_threads(params["fwd_tile_h"], params["fwd_tile_w"], n_lanes)
+        _fitting_tile(cfg, params, "fwd_tile", "fwd_halo", fwd_tile_geometry, n_lanes)
         params["fwd_halo"] = fitting_halo(cfg, params, "fwd_halo", fwd_tile_geometry)
         geometry["fwd_tile"] = fwd_tile_geometry(cfg, params)
     _auto_batches(cfg, params)

@@ -151,8 +151,12 @@ CHECKS = [
     ("v4 bwd-tile halo0 4x8", dict(group=4, group_channels=16, params={"bwd_tile": 1, "bwd_halo": 0, "bwd_tile_h": 4, "bwd_tile_w": 8}), (2, 19, 21)),
     ("v4 bwd-tile stride2 dil2 rc", dict(group=2, group_channels=16, stride=2, padding=2, dilation=2, remove_center=True, params={"bwd_tile": 1}), (2, 15, 12)),
     # tiled SIMT forward: corners split by column (fp16 / bf16 C32, fp32 C16), by corner (fp16 C16) or
-    # not (fp32 C32), partial tiles, and (halo 0) samples beyond the region from global memory
+    # not (fp32 C32), partial tiles, and (halo 0) samples beyond the region from global memory; and
+    # with its sums on tensor cores (fwd_tile_mma: swizzled 64-byte rows, 32-byte rows)
     ("v4 fwd-tile bench-like", dict(group=4, group_channels=32, offset_scale=2.0, params={"fwd_tile": 1}), (2, 13, 17)),
+    ("v4 fwd-tile-mma bench-like", dict(group=4, group_channels=32, offset_scale=2.0, params={"fwd_tile": 1, "fwd_tile_mma": 1}), (2, 13, 17)),
+    ("v3 fwd-tile-mma C16 dil2 rc halo0", dict(op="dcnv3", group=2, group_channels=16, dilation=2, padding=2, remove_center=True,
+                                               params={"fwd_tile": 1, "fwd_tile_mma": 1, "fwd_halo": 0}), (1, 11, 23)),
     ("v4 fwd-tile C16 dil2 rc halo0", dict(group=3, group_channels=16, dilation=2, padding=2, remove_center=True, params={"fwd_tile": 1, "fwd_halo": 0}),
      (2, 10, 9)),
     # tensor-core forward (fp16/bf16 only): partial pixel batches, C % 16 == 8, 1..8 warps per block
@@ -174,7 +178,7 @@ CHECK_DTYPES = ("float32", "float16", "bfloat16")
 # parameter candidates timed against the defaults on the first two benchmark shapes, per pass (the
 # likeliest winners first: rows past the time budget are skipped)
 SWEEP = {
-    "fwd": [{"fwd_tile": 1}, {"fwd_tile": 1, "fwd_tile_h": 16}, {"stage": 1}, {"fwd_mma": 1}, {"fwd_mma": 1, "fwd_mma_warps": 4},
+    "fwd": [{"fwd_tile": 1, "fwd_tile_mma": 1}, {"fwd_tile": 1}, {"fwd_tile": 1, "fwd_tile_mma": 1, "fwd_tile_h": 16}, {"fwd_tile": 1, "fwd_tile_h": 16}, {"stage": 1}, {"fwd_mma": 1}, {"fwd_mma": 1, "fwd_mma_warps": 4},
             {"fwd_mma": 1, "fwd_halo": 2}, {"fwd_mma": 1, "fwd_mma_tiles": 4}, {"mma": 1}, {"share": 1}, {"share": 1, "pixels": 16},
             {"share": 1, "share_round": 9}, {"pixels": 16}],
     "bwd": [{"bwd_tile": 1}, {"bwd_tile": 1, "bwd_vec": 1}, {"bwd_tile": 1, "bwd_tile_h": 16, "bwd_tile_w": 16, "bwd_tile_threads": 512},
@@ -186,7 +190,7 @@ SWEEP = {
 # whole 128-byte line pass and the forward is near the bound of one line a cycle (benchmarks/l1_traffic.py:
 # 85 us against 90.8 us measured on the H100); staged offsets take that bound to 68 us, the tiled
 # SIMT forward (its region's rows read free of bank conflicts) to 51 us
-LINE_BOUND_SWEEP = {"N1 200x320 G8 C16": {"fwd": [{"stage": 1}, {"fwd_tile": 1}]}}
+LINE_BOUND_SWEEP = {"N1 200x320 G8 C16": {"fwd": [{"stage": 1}, {"fwd_tile": 1}, {"fwd_tile": 1, "fwd_tile_mma": 1}]}}
 
 # benchmark shapes: (name, config, (N, H, W))
 BENCH = [

@@ -67,6 +67,8 @@ VARIANTS = {
     "fwd-tile-fp32-v3-7x7-c16": config("dcnv3", "float32", 7, 16, params={"fwd_tile": 1}),
     "fwd-tile-fp16-c64-rc": DCNConfig(group=2, group_channels=64, stride=2, padding=2, dilation=2, remove_center=True, dtype="float16", target="cuda:sm_90",
                                       params={"fwd_tile": 1, "bwd_tile": 1}),
+    "fwd-tile-mma-fp16": DCNConfig(group=4, group_channels=32, offset_scale=2.0, dtype="float16", target="cuda:sm_90", params={"fwd_tile": 1, "fwd_tile_mma": 1}),
+    "fwd-tile-mma-bf16-v3-7x7-c64": config("dcnv3", "bfloat16", 7, 64, params={"fwd_tile": 1, "fwd_tile_mma": 1}),
     "bwd-tile-fp16-c8-rc": DCNConfig(group=8, group_channels=8, stride=2, padding=2, dilation=2, remove_center=True, dtype="float16", target="cuda:sm_90", params={"bwd_tile": 1}),
 }
 ALL = {**SWEEP, **VARIANTS}
@@ -92,7 +94,8 @@ def expected_kernels(cfg: DCNConfig) -> set[str]:
     """The kernels every artifact of `cfg` must hold."""
     params = cfg.param_dict
     forward = ("dcn_forward_mma_kernel" if params.get("mma") else "dcn_forward_tiled_mma_kernel" if params.get("fwd_mma")
-               else "dcn_forward_tiled_kernel" if params.get("fwd_tile") else "dcn_forward_kernel")
+               else "dcn_forward_tile_mma_kernel" if params.get("fwd_tile_mma") else "dcn_forward_tiled_kernel" if params.get("fwd_tile")
+               else "dcn_forward_kernel")
     backward = "dcn_backward_tiled_kernel" if params.get("bwd_tile") else "dcn_backward_mma_kernel" if params.get("bwd_mma") else "dcn_backward_kernel"
     return {forward, backward}
 
@@ -168,6 +171,15 @@ def test_default_geometry():
     assert generate(DCNConfig(group=80, group_channels=16, dtype="float16", target="cuda:sm_90")).extra_meta["launch"]["bwd_threads"] <= 1024
     assert dict(generate(config("dcnv4", "float32", 3, 24)).params)["vec"] == 4  # 16 bytes dividing C
     assert dict(generate(DCNConfig(group_channels=1024, target="cuda:sm_90")).params)["vec"] == 32  # <= 32 lanes
+
+
+@pytest.mark.parametrize("fields,match", [({"dtype": "float32"}, "16-bit inputs"), ({"group_channels": 8}, "multiple of 16"),
+                                          ({"group_channels": 48}, "16, 32 or a multiple of 64"), ({"target": "cuda:sm_75"}, "sm_80")])
+def test_tiled_forward_on_tensor_cores_rejects_what_it_cannot_run(fields, match):
+    """fwd_tile_mma multiplies 16-bit 16-channel m-tiles (sm_80+), pairing a row's pieces in halves of the banks."""
+    with pytest.raises(ConfigError, match=match) as e:
+        generate(config("dcnv4", "float16", 3, 32, params={"fwd_tile": 1, "fwd_tile_mma": 1}).replace(**fields))
+    assert e.value.field == "params"
 
 
 @pytest.mark.parametrize(
@@ -270,6 +282,7 @@ def test_tiled_forward_rejects_what_it_cannot_run(fields, match):
         ({"fwd_tile": 1, "fwd_mma": 1}, "keep one of them"),
         ({"fwd_tile": 1, "fwd_tile_threads": 48}, "multiple of 32"),
         ({"fwd_tile": 1, "fwd_tile_h": 64, "fwd_tile_w": 64}, "KB of shared memory"),
+        ({"fwd_tile_mma": 1}, "set fwd_tile=1 too"),
     ],
 )
 def test_invalid_tiled_params_rejected(params, match):
@@ -278,15 +291,16 @@ def test_invalid_tiled_params_rejected(params, match):
     assert e.value.field == "params"
 
 
-@pytest.mark.parametrize("name", ["mma-tiled-fp16", "mma-tiled-bf16-v3-7x7-c16-4x8", "bwd-tile-fp16", "bwd-tile-bf16-7x7-tail", "fwd-tile-fp16"])
+@pytest.mark.parametrize("name", ["mma-tiled-fp16", "mma-tiled-bf16-v3-7x7-c16-4x8", "bwd-tile-fp16", "bwd-tile-bf16-7x7-tail", "fwd-tile-fp16",
+                                  "fwd-tile-mma-fp16"])
 def test_layouts_count_the_static_shared_memory_ptxas_reports(reports, name):
     """The layout checks add each tiled kernel's static __shared__ arrays to its dynamic layout:
     the CUDA runtime refuses a launch whose sum passes the limit."""
     from dcngen.generators.template_cuda import launch_params
 
     geometry = launch_params(ALL[name])[1]
-    kernels = {"fwd_mma": "dcn_forward_tiled_mma_kernel", "fwd_tile": "dcn_forward_tiled_kernel", "bwd_mma": "dcn_backward_mma_kernel",
-               "bwd_tile": "dcn_backward_tiled_kernel"}
+    kernels = {"fwd_mma": "dcn_forward_tiled_mma_kernel", "fwd_tile": "dcn_forward_tile_mma_kernel" if ALL[name].param_dict.get("fwd_tile_mma")
+               else "dcn_forward_tiled_kernel", "bwd_mma": "dcn_backward_mma_kernel", "bwd_tile": "dcn_backward_tiled_kernel"}
     checked = 0
     for layout, kernel in kernels.items():
         if layout in geometry:

@@ -136,6 +136,7 @@ EMULATED = [
     DCNConfig(op="dcnv4", group=2, group_channels=16, dtype="bfloat16", target="cuda:sm_90"),
     DCNConfig(op="dcnv3", group=3, group_channels=8, stride=2, offset_scale=0.5, dtype="bfloat16", target="cuda:sm_90", params={"mma": 1, "bwd_tile": 1}),
     DCNConfig(op="dcnv4", group=2, group_channels=16, dtype="float16", target="cuda:sm_90", params={"fwd_tile": 1, "fwd_halo": 0}),
+    DCNConfig(op="dcnv4", group=2, group_channels=32, dtype="bfloat16", target="cuda:sm_90", params={"fwd_tile": 1, "fwd_tile_mma": 1, "fwd_halo": 1}),
 ][: 1 if SANITIZED else None]
 
 

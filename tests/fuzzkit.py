@@ -121,12 +121,15 @@ def _cuda_pool(count: int, rng: random.Random, draw) -> list[DCNConfig]:
 
 def tensor_core_pool(count: int, seed: int = 0) -> list[DCNConfig]:
     """`count` seeded random bf16 CUDA configs that run the tensor-core kernels: a tensor-core forward
-    (fwd_mma, or mma), bwd_mma or not, random tiles, warps, halos and tiles per block; for the SIMT
-    emulator."""
+    (fwd_mma, fwd_tile_mma or mma), bwd_mma or not, random tiles, warps, threads, halos and tiles per
+    block; for the SIMT emulator."""
     def draw(rng: random.Random, i: int) -> DCNConfig:
         base = random_config(rng, dtype="bfloat16", op=("dcnv4", "dcnv3")[i % 2])
-        forward = {"fwd_mma": 1, "fwd_mma_h": rng.choice((2, 4, 8)), "fwd_mma_w": rng.choice((4, 8, 16)), "fwd_mma_warps": rng.choice((1, 2, 4)),
-                   "fwd_halo": rng.choice((0, 1, 2)), "fwd_mma_tiles": rng.choice((0, 1, 3))} if rng.random() < 0.75 else {"mma": 1}
+        kind = rng.random()
+        forward = ({"fwd_mma": 1, "fwd_mma_h": rng.choice((2, 4, 8)), "fwd_mma_w": rng.choice((4, 8, 16)), "fwd_mma_warps": rng.choice((1, 2, 4)),
+                    "fwd_halo": rng.choice((0, 1, 2)), "fwd_mma_tiles": rng.choice((0, 1, 3))} if kind < 0.5
+                   else {"fwd_tile": 1, "fwd_tile_mma": 1, "fwd_tile_h": rng.choice((2, 4, 8)), "fwd_tile_w": rng.choice((4, 8, 16)),
+                         "fwd_tile_threads": rng.choice((32, 64, 256)), "fwd_halo": rng.choice((0, 1, 2))} if kind < 0.75 else {"mma": 1})
         backward = {"bwd_mma": 1, "bwd_mma_h": rng.choice((2, 4, 8)), "bwd_mma_w": rng.choice((4, 8, 16)), "bwd_mma_warps": rng.choice((1, 2, 4)),
                     "bwd_halo": rng.choice((0, 1, 2)), "atomic_dtype": rng.choice((0, 1))} if rng.random() < 0.75 else {}
         return base.replace(group=min(base.group, 3), group_channels=rng.choice((16, 32, 48)), target=rng.choice(("cuda:sm_80", "cuda:sm_90")),

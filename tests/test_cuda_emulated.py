@@ -506,6 +506,29 @@ def test_tiled_forward_reads_its_region_without_bank_conflicts(tmp_path, monkeyp
     assert reads["lanes"] == 32 * reads["instructions"] and reads["wavefronts"] == 4 * reads["instructions"]
 
 
+def test_tiled_forward_on_tensor_cores_keeps_tiny_weights_precise():
+    """fwd_tile_mma's weights are 16-bit high and low parts, scaled per pixel by a power of two: with
+    masks of 1e-6 in fp16, where every weight lies in fp16's subnormal range, unscaled parts would
+    put the output 5 % off; scaled, it is as close to the float64 reference as its own rounding
+    allows (x of 100s keeps the output itself in fp16's normal range)."""
+    import torch
+
+    from dcngen import reference
+    from dcngen.verify import rel_err
+
+    cfg = DCNConfig(group=2, group_channels=32, dtype="float16", offset_scale=1.0, target="cuda:sm_90", params={"fwd_tile": 1, "fwd_tile_mma": 1})
+    n, h, w = 1, 9, 11
+    gen = torch.Generator().manual_seed(3)
+    x = copy_on_boundary((torch.randn(n, h, w, cfg.channels, generator=gen) * 100).half())
+    offset = torch.rand(n, h, w, cfg.group * cfg.num_points * 2, generator=gen) * 4 - 2
+    mask = torch.randn(n, h, w, cfg.group * cfg.num_points, generator=gen) * 1e-6
+    om = copy_on_boundary(reference.pack_offset_mask(cfg, offset, mask, cfg.min_offset_mask_channels).half())
+    out = copy_on_boundary(torch.full((n, h, w, cfg.channels), float("nan"), dtype=torch.float16))
+    emulated_kernel(cfg).forward(x, om, om, out)
+    expected = reference.dcnv4(cfg, x.double(), om.double())
+    assert rel_err(out, expected) < 2e-3  # 3e-4 here; 5e-2 unscaled
+
+
 @pytest.mark.parametrize("name, aligned_width, loads_per_pixel", [("v4-fp16-native-atomics", 112, 27), ("v4-bf16-5x5-idle-lane", 152, 37 + 2)])
 def test_offset_rows_staged_in_pieces(kernels, tmp_path, monkeypatch, name, aligned_width, loads_per_pixel):
     """The backward stages its blocks' offset rows (bwd_stage=1) a piece of 4 elements at a time

@@ -235,8 +235,8 @@ def fwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
             "smem_bytes": smem, "static_bytes": static, "halo": params["fwd_halo"], **region}
 
 
-# fwd_tile_mma: a warp's mma takes 4 pixels' samples (a k-step: one point of each), 8 lanes a pixel
-FWD_TILE_MMA_LANES = 8
+# fwd_tile_mma: a warp takes 8 pixels, 4 lanes a pixel (each k-step of its mma: one point of 4 of them)
+FWD_TILE_MMA_LANES = 4
 
 
 def _corner_split(row_bytes: int) -> int:
@@ -295,10 +295,10 @@ def fwd_tile_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     om_stride = ((cfg.num_points * 4 * acc // 16) | 1) * 16 // acc  # acc_t a pixel: (dx, dy, m, unused) a point, odd 16-byte pieces
     om_offset = _round_up((positions + zero_rows) * row, 16)
     scratch_offset = om_offset + tile_h * tile_w * om_stride * acc
-    # fwd_tile_mma, per warp: its 4 pixels' sample records (a key and 16 bytes of weights each, an odd
+    # fwd_tile_mma, per warp: its pixels' sample records (a key and 16 bytes of weights each, an odd
     # number of samples a pixel), then their fp32 output rows
-    samples, out_stride = cfg.num_points | 1, cfg.group_channels + 4
-    scratch = (4 * samples * (4 + 16) + 4 * out_stride * 4) if mma else 0
+    samples, out_stride, pixels = cfg.num_points | 1, cfg.group_channels + 4, 32 // FWD_TILE_MMA_LANES
+    scratch = (pixels * samples * (4 + 16) + pixels * out_stride * 4) if mma else 0
     smem = scratch_offset + threads // 32 * scratch
     _check_smem(cfg, smem, 0, f"fwd_tile {tile_h}x{tile_w} with fwd_halo {params['fwd_halo']}", "fwd_tile_h, fwd_tile_w or fwd_halo")
     # at least 80 registers: fp16 C32's 32 accumulators and 16 of raw corners run spill-free in them

@@ -66,7 +66,7 @@ def space_for(cfg: DCNConfig) -> Space:
         values = {
             "vec": vec, "pixels": _pow2_upto(1, 64), "unroll": tuple(sorted({1, 2, 3, p})), "min_blocks": (1, 2, 4), "stage": (0, 1), "share": (0, 1),
             "bwd_vec": vec, "bwd_pixels": _pow2_upto(1, 64), "bwd_unroll": (1, 2, 3, 4), "bwd_min_blocks": (1, 2), "bwd_stage": (0, 1),
-            "fwd_tile": (0, 1), "fwd_tile_h": (4, 8, 16), "fwd_tile_mma": (0, 1),  # the tiled SIMT forward (configs it cannot run are skipped)
+            "fwd_tile": (0, 1), "fwd_tile_h": (4, 8, 16), "fwd_tile_mma": (0, 1),  # the tiled forward (configs it cannot run are skipped)
         }
         if cfg.dtype in ("float16", "bfloat16"):
             values["bwd_tile"] = (0, 1)  # its fixed-point sums are finer than 16-bit storage, not than fp32

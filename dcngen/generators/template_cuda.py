@@ -59,13 +59,14 @@ Parameters (cfg.params; defaults from `default_params`):
                        the region read global memory
   fwd_tile_h / fwd_tile_w / fwd_tile_threads  its tile and threads per block (default 8x16 and
                        256, the tile halved where the target's shared memory needs it)
-  fwd_tile_mma         1 (with fwd_tile=1; fp16/bf16, group_channels % 16 == 0): the tiled forward's
-                       sums on tensor cores. A warp takes 4 pixels; each k-step of an m16n8k16 mma
-                       multiplies one point of each: their 16 corner rows, read from the region with
-                       ldmatrix (conflict-free: a swizzled region, the pixels' pieces paired), by a
-                       column of weights per pixel (mask x bilinear weight, scaled by a power of two
-                       per pixel and split into two 16-bit parts: about fp32 precision); fp32
-                       accumulators. Pixels whose product is not finite are recomputed per point
+  fwd_tile_mma         1 (with fwd_tile=1; fp16/bf16, group_channels 16, 32 or a multiple of 64):
+                       the tiled forward's sums on tensor cores. A warp takes 8 pixels; each
+                       k-step of an m16n8k16 mma multiplies one point of 4 of them: their 16
+                       corner rows, read from the region with ldmatrix (conflict-free: a swizzled
+                       region, the pixels' pieces paired), by a column of weights per pixel (mask
+                       x bilinear weight, scaled by a power of two per pixel and split into two
+                       16-bit parts: about fp32 precision); fp32 accumulators. Pixels whose product
+                       is not finite are recomputed per point
   bwd_mma              1: tiled backward on tensor cores (fp16/bf16, group_channels % 16 == 0,
                        sm_80+): a block stages a bwd_mma_h x bwd_mma_w output tile's input region
                        and grad_out in shared memory, sums the tile's coefficients (mask x bilinear

@@ -44,13 +44,14 @@ VARIANTS = {
     "share-fp64": config("dcnv3", "float64", 5, 32, params={"share": 1}),
     "det-fp32": config("dcnv4", "float32", 3, 16, params={"deterministic": 1}),
     "det-fp16": config("dcnv4", "float16", 3, 32, params={"deterministic": 1}),
-    "det-bf16-7x7": config("dcnv3", "bfloat16", 7, 16, params={"deterministic": 1}),
+    "det-bf16-7x7-fwd-tile-mma": config("dcnv3", "bfloat16", 7, 16, params={"deterministic": 1, "fwd_tile": 1, "fwd_tile_mma": 1}),
     "fp64": config("dcnv4", "float64", 3, 16),
     "fp64-det-fwd-tile": config("dcnv3", "float64", 5, 32, params={"deterministic": 1, "fwd_tile": 1}),
     "rc-stride2-dil2": DCNConfig(group=8, group_channels=16, kernel_size=3, stride=2, padding=2, dilation=2, remove_center=True, offset_scale=0.5, dtype="float16", target="cuda:sm_90"),
     "g80-c16": DCNConfig(group=80, group_channels=16, dtype="float16", target="cuda:sm_90"),
     "rect-3x5": DCNConfig(op="dcnv3", group=2, group_channels=8, kernel_size=(3, 5), padding=(1, 2), dtype="bfloat16", target="cuda:sm_90"),
-    "bwd-tile-fp16": DCNConfig(group=4, group_channels=32, offset_scale=2.0, dtype="float16", target="cuda:sm_90", params={"bwd_tile": 1}),
+    "bwd-tile-fwd-tile-mma-fp16": DCNConfig(group=4, group_channels=32, offset_scale=2.0, dtype="float16", target="cuda:sm_90",
+                                            params={"bwd_tile": 1, "fwd_tile": 1, "fwd_tile_mma": 1}),
     "bwd-tile-fp32-v3-5x5": config("dcnv3", "float32", 5, 16, params={"bwd_tile": 1, "bwd_tile_threads": 512}),
     "bwd-tile-bf16-7x7-tail": config("dcnv4", "bfloat16", 7, 24, params={"bwd_tile": 1, "bwd_tile_h": 4, "bwd_tile_w": 8, "bwd_halo": 2, "fwd_tile": 1}),
     "mma-fp16": config("dcnv4", "float16", 3, 32, params={"mma": 1}),
@@ -61,14 +62,13 @@ VARIANTS = {
     "mma-tiled-bf16-v3-7x7-c16-4x8": config("dcnv3", "bfloat16", 7, 16, params={"fwd_mma": 1, "fwd_mma_h": 4, "fwd_mma_w": 8, "bwd_mma": 1,
                                                                                  "bwd_mma_h": 4, "bwd_mma_w": 8, "bwd_mma_warps": 8}),
     "fwd-mma-fp16-c64-5x5-16x8-4-warps": config("dcnv4", "float16", 5, 64, params={"fwd_mma": 1, "fwd_mma_h": 16, "fwd_mma_warps": 4}),
-    "bwd-mma-fp16-c64-5x5-fp32-accumulator": config("dcnv4", "float16", 5, 64, params={"bwd_mma": 1, "atomic_dtype": 0, "mma": 1}),
+    "bwd-mma-fwd-tile-mma-fp16-c64-5x5-fp32-accumulator": config("dcnv4", "float16", 5, 64, params={"bwd_mma": 1, "atomic_dtype": 0, "fwd_tile": 1,
+                                                                                                   "fwd_tile_mma": 1}),
     "fwd-tile-fp16": DCNConfig(group=4, group_channels=32, offset_scale=2.0, dtype="float16", target="cuda:sm_90", params={"fwd_tile": 1}),
     "fwd-tile-fp16-c16-16x16-512": config("dcnv4", "float16", 3, 16, params={"fwd_tile": 1, "fwd_tile_h": 16, "fwd_tile_threads": 512}),
     "fwd-tile-fp32-v3-7x7-c16": config("dcnv3", "float32", 7, 16, params={"fwd_tile": 1}),
     "fwd-tile-fp16-c64-rc": DCNConfig(group=2, group_channels=64, stride=2, padding=2, dilation=2, remove_center=True, dtype="float16", target="cuda:sm_90",
                                       params={"fwd_tile": 1, "bwd_tile": 1}),
-    "fwd-tile-mma-fp16": DCNConfig(group=4, group_channels=32, offset_scale=2.0, dtype="float16", target="cuda:sm_90", params={"fwd_tile": 1, "fwd_tile_mma": 1}),
-    "fwd-tile-mma-bf16-v3-7x7-c64": config("dcnv3", "bfloat16", 7, 64, params={"fwd_tile": 1, "fwd_tile_mma": 1}),
     "bwd-tile-fp16-c8-rc": DCNConfig(group=8, group_channels=8, stride=2, padding=2, dilation=2, remove_center=True, dtype="float16", target="cuda:sm_90", params={"bwd_tile": 1}),
 }
 ALL = {**SWEEP, **VARIANTS}
@@ -291,8 +291,8 @@ def test_invalid_tiled_params_rejected(params, match):
     assert e.value.field == "params"
 
 
-@pytest.mark.parametrize("name", ["mma-tiled-fp16", "mma-tiled-bf16-v3-7x7-c16-4x8", "bwd-tile-fp16", "bwd-tile-bf16-7x7-tail", "fwd-tile-fp16",
-                                  "fwd-tile-mma-fp16"])
+@pytest.mark.parametrize("name", ["mma-tiled-fp16", "mma-tiled-bf16-v3-7x7-c16-4x8", "bwd-tile-fwd-tile-mma-fp16", "bwd-tile-bf16-7x7-tail",
+                                  "fwd-tile-fp16"])
 def test_layouts_count_the_static_shared_memory_ptxas_reports(reports, name):
     """The layout checks add each tiled kernel's static __shared__ arrays to its dynamic layout:
     the CUDA runtime refuses a launch whose sum passes the limit."""

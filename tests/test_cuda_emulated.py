@@ -78,13 +78,13 @@ CASES = {
                                                  params={"fwd_tile": 1, "fwd_tile_threads": 96}),
     "tiled-forward-v3-fp64-7x7-stride2": cuda(op="dcnv3", group=1, group_channels=16, dtype="float64", kernel_size=7, stride=2, padding=3, params={"fwd_tile": 1}),
     # the tiled forward on tensor cores (fwd_tile_mma=1): swizzled 64- and 128-byte rows, 32-byte rows
-    # in a widened region, samples beyond the region (no halo), 25 points (records over 4 rounds),
+    # in a widened region, samples beyond the region (no halo), 25 points (records over 7 rounds),
     # a tile's pixels over two passes of its threads, dilation / remove_center, stride
     "tile-mma-fp16": cuda(group=4, group_channels=32, dtype="float16", params={"fwd_tile": 1, "fwd_tile_mma": 1}),
     "tile-mma-v3-bf16-c16-dilation-rc-no-halo": cuda(op="dcnv3", group=3, group_channels=16, dtype="bfloat16", dilation=2, padding=2, remove_center=True,
                                                      offset_scale=0.5, params={"fwd_tile": 1, "fwd_tile_mma": 1, "fwd_halo": 0}),
     "tile-mma-fp16-c64-5x5-sm80-4x4": DCNConfig(target="cuda:sm_80", group=2, group_channels=64, dtype="float16", kernel_size=5, padding=2,
-                                                params={"fwd_tile": 1, "fwd_tile_mma": 1, "fwd_tile_h": 4, "fwd_tile_w": 4, "fwd_tile_threads": 64}),
+                                                params={"fwd_tile": 1, "fwd_tile_mma": 1, "fwd_tile_h": 4, "fwd_tile_w": 4, "fwd_tile_threads": 32}),
     "tile-mma-bf16-stride2": cuda(group=2, group_channels=32, dtype="bfloat16", stride=2, params={"fwd_tile": 1, "fwd_tile_mma": 1}),
     # the tensor-core forward (mma=1): cp.async staging, ldmatrix, m16n8k16 mma, lane-shared points
     "mma-fp16": cuda(group=4, group_channels=32, dtype="float16", params={"mma": 1}),

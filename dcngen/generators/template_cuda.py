@@ -241,13 +241,16 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
 
 def _follow_set_vectors(cfg: DCNConfig, params: dict[str, int]) -> None:
     """Where cfg.params set a vector width but not the block sized by it, size the block for the
-    width set, as default_params does for the default width."""
+    width set, as default_params does for the default width; likewise the tiled forward's block,
+    for the tile and the lanes a pixel (fwd_tile_mma) in use."""
     given = cfg.param_dict
     for prefix in ("", "bwd_"):
         if f"{prefix}vec" in given and f"{prefix}pixels" not in given:
             params[f"{prefix}pixels"] = _block_pixels(cfg, params[f"{prefix}vec"])
     if "bwd_vec" in given and "bwd_tile_threads" not in given:
         params["bwd_tile_threads"] = _tile_threads(params["bwd_tile_h"], params["bwd_tile_w"], lanes(cfg, params["bwd_vec"]))
+    if "fwd_tile_threads" not in given:
+        params["fwd_tile_threads"] = _tile_threads(params["fwd_tile_h"], params["fwd_tile_w"], fwd_tile_lanes(cfg, bool(params["fwd_tile_mma"])))
 
 
 def _fitting_tile(cfg: DCNConfig, params: dict[str, int], kernel: str, halo: str, geometry, n_lanes: int) -> None:
@@ -404,10 +407,7 @@ def launch_params(cfg: DCNConfig) -> tuple[dict[str, int], dict]:
             params["fwd_mma_tiles"] = 4 if fits_twice(lambda: fwd_mma_geometry(cfg, {**params, "fwd_mma_tiles": 4})) else 1
         geometry["fwd_mma"] = fwd_mma_geometry(cfg, params)
     if params["fwd_tile"] or params["fwd_tile_mma"]:
-        n_lanes = fwd_tile_lanes(cfg, bool(params["fwd_tile_mma"]))
-        if "fwd_tile_threads" not in cfg.param_dict:
-            params["fwd_tile_threads"] = _tile_threads(params["fwd_tile_h"], params["fwd_tile_w"], n_lanes)
-        _fitting_tile(cfg, params, "fwd_tile", "fwd_halo", fwd_tile_geometry, n_lanes)
+        _fitting_tile(cfg, params, "fwd_tile", "fwd_halo", fwd_tile_geometry, fwd_tile_lanes(cfg, bool(params["fwd_tile_mma"])))
         params["fwd_halo"] = fitting_halo(cfg, params, "fwd_halo", fwd_tile_geometry)
         geometry["fwd_tile"] = fwd_tile_geometry(cfg, params)
     _auto_batches(cfg, params)

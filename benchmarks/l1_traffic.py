@@ -17,9 +17,10 @@ a lower bound on the time of the benchmark shape (`--bench-shape`, default N64 5
 holds, a card's profile says: Nsight Compute's L1/TEX throughput of a kernel timed there against
 these counts. Traced: the corner, output and output-gradient rows, offsets and weights (global or
 staged), cp.async, ldmatrix, the tiled forward's coefficient matrix and staged output rows, the
-backward's input-gradient reductions and the tiled backward's fixed-point sums (each 32-bit shared
-atomic an access); not traced: the tensor-core backward's coefficient matrix and dot products, and
-its atomics for samples beyond the region, so its figures are lower bounds. The input-gradient reductions' bytes are also printed
+backward's input-gradient reductions, the tiled backward's fixed-point sums (each 32-bit shared
+atomic an access) and the tensor-core backward's coefficient matrix, sample records, dot products
+and staged input-gradient rows; not traced: the tensor-core backward's per-point path for samples
+beyond its region (their corner reads and atomics). The input-gradient reductions' bytes are also printed
 apart: atomics are done in L2, which bounded the default backward on an H100. Inputs are
 256-byte aligned like CUDA allocations, offsets drawn as in benchmarks/gpu_check.py.
 """

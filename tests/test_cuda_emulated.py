@@ -57,12 +57,13 @@ CASES = {
     "tiled-tail-no-halo": cuda(group=2, group_channels=20, dtype="float16", params={"bwd_tile": 1, "bwd_halo": 0, "bwd_vec": 8}),
     # the tiled tensor-core forward and backward (fwd_mma=1, bwd_mma=1): coefficient matrix, mma
     # products over the region (the forward's over its warps' bands), per-point paths; the forward
-    # with 4 (automatic), 3 (the last block short) and 1 tiles per block
+    # with 4 (automatic), 3 (the last block short) and 1 tiles per block; the backward's grad_out
+    # fragments held in registers (C32) or, at C96, loaded at each use
     "mma-tiled-fp16": cuda(group=4, group_channels=32, dtype="float16", params={"fwd_mma": 1, "bwd_mma": 1}),
     "mma-tiled-v3-bf16-stride-dilation-rc-no-halo": cuda(op="dcnv3", group=2, group_channels=32, dtype="bfloat16", stride=2, dilation=2, padding=2,
                                                          remove_center=True, offset_scale=0.5,
                                                          params={"fwd_mma": 1, "fwd_halo": 0, "fwd_mma_tiles": 3, "bwd_mma": 1, "bwd_halo": 0}),
-    "mma-tiled-fp16-sm80-fp32-accumulator-c64-5x5": DCNConfig(target="cuda:sm_80", group=2, group_channels=64, dtype="float16", kernel_size=5, padding=2,
+    "mma-tiled-fp16-sm80-fp32-accumulator-c96-5x5": DCNConfig(target="cuda:sm_80", group=1, group_channels=96, dtype="float16", kernel_size=5, padding=2,
                                                               params={"fwd_mma": 1, "fwd_mma_h": 4, "fwd_mma_w": 8, "fwd_mma_warps": 1, "fwd_mma_tiles": 1, "bwd_mma": 1,
                                                                       "atomic_dtype": 0, "bwd_mma_h": 4, "bwd_mma_w": 8, "bwd_mma_warps": 2}),
     # the tiled SIMT forward (fwd_tile=1): a pixel's corners split over its lanes by column (64-byte

@@ -348,17 +348,21 @@ def parameter_sweep(mods: dict) -> None:
                     if isinstance(mod, Exception) or mod is None:
                         log(f"| {name} | {dt} | {what} | {params} | build failed |||||")
                         continue
-                    for t in (out, gx, gom):
-                        t.fill_(float("nan"))
-                    run(mod, "fwd")
-                    run(mod, "bwd")
-                    err = max(rel_err(a, b) for a, b in zip((out, gx, gom), want))
-                    ok = err <= TOL[DT[dt]]
-                    if not ok:
-                        FAILURES.append(f"sweep {name} {dt} {params}: differs from the defaults by {err:.2e}")
-                    # samples: CUDA-event medians of 5 calls; 7 rounds (odd), so 1 / speedup is the median ratio
-                    c = compare(lambda: run(mod, what), lambda: run(mods[base], what), rounds=7, warmup=0,
-                                timer=lambda fn: cuda_time(fn, warmup=1, reps=5))
+                    try:
+                        for t in (out, gx, gom):
+                            t.fill_(float("nan"))
+                        run(mod, "fwd")
+                        run(mod, "bwd")
+                        err = max(rel_err(a, b) for a, b in zip((out, gx, gom), want))
+                        ok = err <= TOL[DT[dt]]
+                        if not ok:
+                            FAILURES.append(f"sweep {name} {dt} {params}: differs from the defaults by {err:.2e}")
+                        # samples: CUDA-event medians of 5 calls; 7 rounds (odd), so 1 / speedup is the median ratio
+                        c = compare(lambda: run(mod, what), lambda: run(mods[base], what), rounds=7, warmup=0,
+                                    timer=lambda fn: cuda_time(fn, warmup=1, reps=5))
+                    except Exception as e:  # noqa: BLE001  (the other rows still run)
+                        failed(f"sweep {name} {dt} {params}", e, f"| {name} | {dt} | {what} | {params} | error: {str(e).splitlines()[0][:80]} |||||")
+                        continue
                     pct = f"{100 * floor_bytes[what] / peak / (c.candidate_ms * 1e-3):.0f}%" if peak else "n/a"
                     log(f"| {name} | {dt} | {what} | {params} | {c.baseline_ms * 1e3:.1f} | {c.candidate_ms * 1e3:.1f} | {1 / c.speedup:.3f} | {pct} | "
                         f"{'ok' if ok else 'FAIL'} {err:.1e} |")

@@ -191,7 +191,7 @@ def bwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     union_bytes = max(rows * m_stride * 2, rows * d_stride * 4)  # M, then the dot products
     info_bytes = pixels * cfg.num_points * 16
     smem = x_bytes + go_bytes + union_bytes + info_bytes + _round_up(pixels * om_stride * 2, 16)  # then the offsets' gradients
-    static = _static_bytes(4)  # the template's bm_fallback
+    static = _static_bytes(4 + pixels // chunk * 8)  # the template's bm_fallback and bm_span
     _check_smem(cfg, smem, static, f"bwd_mma {tile_h}x{tile_w} with bwd_halo {params['bwd_halo']}", "bwd_mma_h, bwd_mma_w or bwd_halo")
     min_blocks = _register_target(cfg, threads, smem + static)  # without one, ptxas picked 80 registers and spilled
     return {"tile_h": tile_h, "tile_w": tile_w, "pixels": pixels, "threads": threads, "min_blocks": min_blocks, "rows": rows, "chunk": chunk,

@@ -483,7 +483,9 @@ def test_tiled_forward_reads_its_region_without_bank_conflicts(tmp_path, monkeyp
     region (no padding, offsets under half a pixel, whole tiles), so every read has all 32 lanes,
     and offsets in [0.05, 0.45) keep any two pixels of a warp off the same corner (a shared word
     would count once), with stride 2 for fwd_tile_mma, whose adjacent pixels read at once.
-    Corners on random banks would take about 5 wavefronts an instruction."""
+    Corners on random banks would take about 5 wavefronts an instruction. fwd_tile_mma's sample
+    records are written a wavefront a plane, and read 4 points at a time in 1 (keys) and 2 (weight
+    words) wavefronts, the fewest."""
     import json
 
     import torch
@@ -502,9 +504,13 @@ def test_tiled_forward_reads_its_region_without_bank_conflicts(tmp_path, monkeyp
     monkeypatch.setenv("DCN_EMULATE_TRACE", str(path))
     emulated_kernel(cfg).forward(x, om, om, out)
     (launch,) = [json.loads(line) for line in path.read_text().splitlines()]
-    reads = {t["label"]: t for t in launch["traffic"]}["ldmatrix" if mma else "corner rows (region)"]
+    traffic = {t["label"]: t for t in launch["traffic"]}
+    reads = traffic["ldmatrix" if mma else "corner rows (region)"]
     assert reads["bytes"] == 4 * ho * wo * cfg.group * cfg.num_points * cfg.group_channels * x.element_size()
     assert reads["lanes"] == 32 * reads["instructions"] and reads["wavefronts"] == 4 * reads["instructions"]
+    if mma:  # its sample records: a wavefront a plane written; read 4 points at a time, a wavefront for keys, 2 for weights
+        written, read = traffic["sample records"], traffic["sample records (read)"]
+        assert written["wavefronts"] == written["instructions"] and 2 * read["wavefronts"] == 3 * read["instructions"]
 
 
 def test_tiled_forward_on_tensor_cores_keeps_tiny_weights_precise():

@@ -295,16 +295,23 @@ def fwd_tile_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     om_stride = ((cfg.num_points * 4 * acc // 16) | 1) * 16 // acc  # acc_t a pixel: (dx, dy, m, unused) a point, odd 16-byte pieces
     om_offset = _round_up((positions + zero_rows) * row, 16)
     scratch_offset = om_offset + tile_h * tile_w * om_stride * acc
-    # fwd_tile_mma, per warp: its pixels' sample records (a key and 16 bytes of weights each, an odd
-    # number of samples a pixel), then their fp32 output rows
-    samples, out_stride, pixels = cfg.num_points | 1, cfg.group_channels + 4, 32 // FWD_TILE_MMA_LANES
-    scratch = (pixels * samples * (4 + 16) + pixels * out_stride * 4) if mma else 0
+    # fwd_tile_mma, per warp: its pixels' sample records, then their fp32 output rows. A record is 5
+    # words (a key, 4 of weights), kept as 5 planes of [pixels][record_stride] words, each pixel's
+    # points in a row that a k-step group reads 4 at a time (16 bytes). record_stride is an odd
+    # number of 16-byte units, so that the 8 pixels' rows start on 8 different quarters of the banks
+    # (a round of records written: 1 wavefront a plane); plane_stride is 4 units mod 8, so that the
+    # 16 rows a group's weight words take (4 pixels x 4 planes) fill each quarter twice (2 wavefronts).
+    pixels = 32 // FWD_TILE_MMA_LANES
+    record_stride = 4 * (-(-cfg.num_points // 4) | 1)
+    plane_stride, out_stride = pixels * record_stride + 16, cfg.group_channels + 4
+    scratch = (5 * plane_stride * 4 + pixels * out_stride * 4) if mma else 0
     smem = scratch_offset + threads // 32 * scratch
     _check_smem(cfg, smem, 0, f"fwd_tile {tile_h}x{tile_w} with fwd_halo {params['fwd_halo']}", "fwd_tile_h, fwd_tile_w or fwd_halo")
     # at least 80 registers: fp16 C32's 32 accumulators and 16 of raw corners run spill-free in them
     return {"tile_h": tile_h, "tile_w": tile_w, "threads": threads, "lanes": lanes, "split": split, "mma": int(mma),
             "min_blocks": _register_target(cfg, threads, smem, 80), "zero_rows": zero_rows, "om_offset": om_offset, "om_stride": om_stride,
-            "scratch_offset": scratch_offset, "scratch_bytes": scratch, "samples": samples, "out_stride": out_stride,
+            "scratch_offset": scratch_offset, "scratch_bytes": scratch, "record_stride": record_stride, "plane_stride": plane_stride,
+            "out_stride": out_stride,
             "smem_bytes": smem, "static_bytes": 0, "halo": params["fwd_halo"], **region}
 
 

@@ -12,17 +12,17 @@ ask of an SM's L1/shared-memory data path:
 
 Summed per (pixel, group, point) over the traced accesses, they give the cycles an SM's L1 needs at
 least, in two models of what it serves a cycle for global accesses: one 128-byte line, or four
-32-byte sectors (shared accesses: one wavefront either way). `--sms` and `--clock` turn them into
-a lower bound on the time of the benchmark shape (`--bench-shape`, default N64 56x56). Which model
+32-byte sectors (shared accesses: one wavefront either way). `--sms` and `--clock` turn them into a
+lower bound on the time of the benchmark shape (`--bench-shape`, default N64 56x56). Which model
 holds, a card's profile says: Nsight Compute's L1/TEX throughput of a kernel timed there against
-these counts. Traced: the corner, output and output-gradient rows, offsets and weights (global or
-staged), cp.async, ldmatrix, the tiled forward's coefficient matrix and staged output rows, the
-backward's input-gradient reductions, the tiled backward's fixed-point sums (each 32-bit shared
-atomic an access) and the tensor-core backward's coefficient matrix, sample records, dot products
-and staged input-gradient rows; not traced: the tensor-core backward's per-point path for samples
-beyond its region (their corner reads and atomics). The input-gradient reductions' bytes are also printed
-apart: atomics are done in L2, which bounded the default backward on an H100. Inputs are
-256-byte aligned like CUDA allocations, offsets drawn as in benchmarks/gpu_check.py.
+these counts. Traced: the corner, output and output-gradient rows, offsets and weights and their
+gradients (global or staged), cp.async, ldmatrix, the tiled forward's coefficient matrix and staged
+output rows, the backward's input-gradient reductions, the tiled backward's fixed-point sums (each
+32-bit shared atomic an access) and the tensor-core backward's coefficient matrix, sample records,
+dot products and staged input-gradient rows; not traced: the tensor-core backward's per-point path
+for samples beyond its region (their corner reads and atomics). The input-gradient reductions' bytes
+are also printed apart: atomics are done in L2, which bounded the default backward on an H100.
+Inputs are 256-byte aligned like CUDA allocations, offsets drawn as in benchmarks/gpu_check.py.
 """
 
 from __future__ import annotations

@@ -19,10 +19,10 @@ these counts. Traced: the corner, output and output-gradient rows, offsets and w
 gradients (global or staged), cp.async, ldmatrix, the tiled forward's coefficient matrix and staged
 output rows, the backward's input-gradient reductions, the tiled backward's fixed-point sums (each
 32-bit shared atomic an access) and the tensor-core backward's coefficient matrix, sample records,
-dot products and staged input-gradient rows; not traced: the tensor-core backward's per-point path
-for samples beyond its region (their corner reads and atomics). The input-gradient reductions' bytes
-are also printed apart: atomics are done in L2, which bounded the default backward on an H100.
-Inputs are 256-byte aligned like CUDA allocations, offsets drawn as in benchmarks/gpu_check.py.
+dot products and staged input-gradient rows, and the clearing of shared buffers; not traced: a few
+words a block (flags, spans, marks of pixels to redo). The input-gradient reductions' bytes are also
+printed apart: atomics are done in L2, which bounded the default backward on an H100. Inputs are
+256-byte aligned like CUDA allocations, offsets drawn as in benchmarks/gpu_check.py.
 """
 
 from __future__ import annotations

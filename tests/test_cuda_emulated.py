@@ -578,3 +578,23 @@ def test_offset_rows_staged_in_pieces(kernels, tmp_path, monkeypatch, name, alig
         results.append([grads[0], grads[1][..., : cfg.min_offset_mask_channels]])
     assert not results[0][0].isnan().any() and not results[0][1].isnan().any()
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_l1_traffic_script_counts_a_forward_and_backward(kernels):
+    """benchmarks/l1_traffic.py, whose counts benchmarks/RESULTS.md quotes for changes no GPU has
+    timed, runs a config's forward and backward on the emulator and prints each launch's traced
+    accesses and its L1 cycles a point in both models (the config of a case above: its build is
+    cached)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    assert not isinstance(kernels["v4-fp16-native-atomics"], Exception)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "l1_traffic.py"
+    out = subprocess.run([sys.executable, str(script), "--dtype", "float16", "--group", "4", "--group-channels", "32", "--offset-scale", "1",
+                          "--shape", "1x8x8", "--backward"], capture_output=True, text=True, check=True).stdout
+    forward, backward = out.split("\ndcn_forward_kernel: ")[1].split("\ndcn_backward_kernel: ")
+    assert "corner rows" in forward and "output rows" in forward and forward.count("cycles a point") == 2
+    for label in ("corner rows", "input-gradient reductions", "point gradients (staged)", "output-gradient rows"):
+        assert label in backward, label
+    assert "cycles a point" in backward

@@ -58,11 +58,13 @@ CASES = {
     # the tiled tensor-core forward and backward (fwd_mma=1, bwd_mma=1): coefficient matrix, mma
     # products over the region (the forward's over its warps' bands), per-point paths; the forward
     # with 4 (automatic), 3 (the last block short) and 1 tiles per block; the backward's grad_out
-    # fragments held in registers (C32) or, at C96, loaded at each use
+    # fragments held in registers (C16, C32) or, at C96, loaded at each use, its M and D rows
+    # swizzled (rows of 128 bytes and more) or padded (C16 with a 4x4 tile: 64-byte rows)
     "mma-tiled-fp16": cuda(group=4, group_channels=32, dtype="float16", params={"fwd_mma": 1, "bwd_mma": 1}),
-    "mma-tiled-v3-bf16-stride-dilation-rc-no-halo": cuda(op="dcnv3", group=2, group_channels=32, dtype="bfloat16", stride=2, dilation=2, padding=2,
+    "mma-tiled-v3-bf16-stride-dilation-rc-no-halo": cuda(op="dcnv3", group=2, group_channels=16, dtype="bfloat16", stride=2, dilation=2, padding=2,
                                                          remove_center=True, offset_scale=0.5,
-                                                         params={"fwd_mma": 1, "fwd_halo": 0, "fwd_mma_tiles": 3, "bwd_mma": 1, "bwd_halo": 0}),
+                                                         params={"fwd_mma": 1, "fwd_halo": 0, "fwd_mma_tiles": 3, "bwd_mma": 1, "bwd_halo": 0,
+                                                                 "bwd_mma_h": 4, "bwd_mma_w": 4}),
     "mma-tiled-fp16-sm80-fp32-accumulator-c96-5x5": DCNConfig(target="cuda:sm_80", group=1, group_channels=96, dtype="float16", kernel_size=5, padding=2,
                                                               params={"fwd_mma": 1, "fwd_mma_h": 4, "fwd_mma_w": 8, "fwd_mma_warps": 1, "fwd_mma_tiles": 1, "bwd_mma": 1,
                                                                       "atomic_dtype": 0, "bwd_mma_h": 4, "bwd_mma_w": 8, "bwd_mma_warps": 2}),
@@ -484,8 +486,8 @@ def test_tiled_forward_reads_its_region_without_bank_conflicts(tmp_path, monkeyp
     and offsets in [0.05, 0.45) keep any two pixels of a warp off the same corner (a shared word
     would count once), with stride 2 for fwd_tile_mma, whose adjacent pixels read at once.
     Corners on random banks would take about 5 wavefronts an instruction. fwd_tile_mma's sample
-    records are written a wavefront a plane, and read 4 points at a time in 1 (keys) and 2 (weight
-    words) wavefronts, the fewest."""
+    records are written a wavefront a plane, and read 2 points (8 bytes) a lane at a time in 2
+    wavefronts, a half-warp each, the fewest."""
     import json
 
     import torch
@@ -508,9 +510,70 @@ def test_tiled_forward_reads_its_region_without_bank_conflicts(tmp_path, monkeyp
     reads = traffic["ldmatrix" if mma else "corner rows (region)"]
     assert reads["bytes"] == 4 * ho * wo * cfg.group * cfg.num_points * cfg.group_channels * x.element_size()
     assert reads["lanes"] == 32 * reads["instructions"] and reads["wavefronts"] == 4 * reads["instructions"]
-    if mma:  # its sample records: a wavefront a plane written; read 4 points at a time, a wavefront for keys, 2 for weights
+    if mma:  # its sample records: a wavefront a plane written; read 2 points at a time, a wavefront a half-warp
         written, read = traffic["sample records"], traffic["sample records (read)"]
-        assert written["wavefronts"] == written["instructions"] and 2 * read["wavefronts"] == 3 * read["instructions"]
+        assert written["wavefronts"] == written["instructions"] and read["wavefronts"] == 2 * read["instructions"]
+
+
+@pytest.mark.parametrize("name", ["mma-tiled-fp16", "mma-tiled-fp16-sm80-fp32-accumulator-c96-5x5"])
+def test_tensor_core_backward_rows_without_bank_conflicts(kernels, tmp_path, monkeypatch, name):
+    """bwd_mma's coefficient matrix M, the tile's input-gradient rows written over it and the dot
+    products D lie in rows of whole 128-byte lines here (fp16 sums of 64 pixels; float sums of 96
+    channels; 32 pixels' floats), unpadded and swizzled: every ldmatrix of M (and of the padded x and
+    grad_out rows) takes 4 wavefronts, the fewest for 512 bytes, and the mma fragments' stores take
+    one wavefront for each 128 bytes (a 32-bit pair of fp16 sums a lane: 1; a float2 a lane: 2).
+    Unswizzled, M's rows of 128 bytes would put a matrix's 8 rows on the same banks (8
+    wavefronts)."""
+    import json
+
+    import torch
+
+    from dcngen.generators.template_cuda import launch_params
+    from dcngen.verify import TORCH_DTYPE
+
+    cfg = CASES[name]
+    geometry = launch_params(cfg)[1]["bwd_mma"]
+    assert geometry["m_swizzle"] and geometry["d_swizzle"]
+    dtype = TORCH_DTYPE[cfg.dtype]
+    n, h, w = 1, 9, 11
+    gen = torch.Generator().manual_seed(12)
+    x, grad_out = (copy_on_boundary(torch.randn(n, h, w, cfg.channels, generator=gen).to(dtype)) for _ in range(2))
+    om = copy_on_boundary((torch.rand(n, h, w, cfg.min_offset_mask_channels, generator=gen) * 3 - 1.5).to(dtype))
+    grads = [copy_on_boundary(torch.zeros(t.shape, dtype=dtype)) for t in (x, om)]
+    path = tmp_path / "trace.jsonl"
+    monkeypatch.setenv("DCN_EMULATE_TRACE", str(path))
+    kernels[name].backward(x, om, om, grad_out, grads[0], grads[1], grads[1])
+    (launch,) = [json.loads(line) for line in path.read_text().splitlines() if json.loads(line)["kernel"] == "dcn_backward_mma_kernel"]
+    traffic = {t["label"]: t for t in launch["traffic"] if t["space"] == "shared"}
+    ldmatrix, rows, dots = traffic["ldmatrix"], traffic["input-gradient rows (staged)"], traffic["dot products"]
+    assert ldmatrix["lanes"] == 32 * ldmatrix["instructions"] and ldmatrix["wavefronts"] == 4 * ldmatrix["instructions"]
+    pair = 2 * (4 if cfg.param_dict.get("atomic_dtype") == 0 else 2)  # bytes a lane stores: two sums
+    for stores, lane_bytes in ((rows, pair), (dots, 8)):
+        assert stores["lanes"] == 32 * stores["instructions"] and stores["wavefronts"] == stores["instructions"] * 32 * lane_bytes // 128
+
+
+def test_tiled_tensor_core_forward_reads_zero_rows_without_bank_conflicts(tmp_path, monkeypatch):
+    """fwd_tile_mma's samples beyond its region or off the window read their corners from the zero
+    rows, through a key whose parity bits agree with its position's as a located sample's do: its
+    ldmatrix reads still take 4 wavefronts (an 8x8 matrix each) at 64-byte rows, whatever the
+    other pixel of the matrix reads. Offsets up to 3 pixels with a halo of 1 and padding put many
+    samples there."""
+    import json
+
+    import torch
+
+    cfg = DCNConfig(group=2, group_channels=32, dtype="float16", target="cuda:sm_90", params={"fwd_tile": 1, "fwd_tile_mma": 1, "fwd_halo": 1})
+    n, h, w = 1, 8, 16
+    gen = torch.Generator().manual_seed(6)
+    x = copy_on_boundary(torch.randn(n, h, w, cfg.channels, generator=gen).half())
+    om = copy_on_boundary((torch.rand(n, h, w, cfg.min_offset_mask_channels, generator=gen) * 6 - 3).half())
+    out = copy_on_boundary(torch.empty(n, h, w, cfg.channels, dtype=torch.float16))
+    path = tmp_path / "trace.jsonl"
+    monkeypatch.setenv("DCN_EMULATE_TRACE", str(path))
+    emulated_kernel(cfg).forward(x, om, om, out)
+    (launch,) = [json.loads(line) for line in path.read_text().splitlines()]
+    reads = {t["label"]: t for t in launch["traffic"]}["ldmatrix"]
+    assert reads["lanes"] == 32 * reads["instructions"] and reads["wavefronts"] == 4 * reads["instructions"]
 
 
 def test_tiled_forward_on_tensor_cores_keeps_tiny_weights_precise():

@@ -66,7 +66,9 @@ __global__ void unordered_flag(int* out) {
 
 // traced accesses only (nothing is read or written): lane i's 16 bytes at line-aligned `base` +
 // i * stride in global memory and its 4-byte word i * words_apart of shared memory; lanes 0-7 pass
-// a loop twice, the others once
+// a loop twice, the others once; then wider shared accesses: 16 bytes a lane, consecutive, or a
+// quarter-warp's 8 lanes on the same 4 banks; 8 bytes a lane, consecutive, or a half-warp's 16
+// lanes on the same 2 banks
 __global__ void traced(int* out, int stride, int words_apart) {
   __shared__ int s[32 * 32 + 1];
   const int lane = int(threadIdx.x & 31u);
@@ -75,6 +77,10 @@ __global__ void traced(int* out, int stride, int words_apart) {
   DCN_TRACE("half off", false, base + lane * stride, 16, lane < 16);
   DCN_TRACE("shared", true, s + lane * words_apart, 4, true);
   for (int i = 0; i < (lane < 8 ? 2 : 1); ++i) DCN_TRACE("loop", false, base + 4096 * i + 16 * lane, 16, true);
+  DCN_TRACE("16 bytes", true, s + 4 * lane, 16, true);
+  DCN_TRACE("16 bytes, quarter-warps on 4 banks", true, s + 32 * (lane & 7) + 4 * (lane >> 3), 16, true);
+  DCN_TRACE("8 bytes", true, s + 2 * lane, 8, true);
+  DCN_TRACE("8 bytes, half-warps on 2 banks", true, s + 32 * (lane & 15) + 2 * (lane >> 4), 8, true);
 }
 
 tvm::ffi::String run(tvm::ffi::TensorView out, int which, int blocks, int threads, int arg) {
@@ -181,6 +187,20 @@ def test_trace_counts_lines_sectors_and_bank_wavefronts(run, monkeypatch, tmp_pa
     assert traffic["shared"]["wavefronts"] == 2 * wavefronts and traffic["shared"]["space"] == "shared"
     loop = traffic["loop"]
     assert (loop["instructions"], loop["lanes"], loop["lines"]) == (4, 80, 2 * (4 + 1))
+
+
+def test_trace_serves_wide_shared_accesses_in_phases(run, monkeypatch, tmp_path):
+    """Shared accesses of 16 bytes a lane are served a quarter-warp at a time, of 8 bytes a
+    half-warp at a time: each phase takes the most distinct words one bank serves in it. A
+    quarter-warp whose 8 pieces share 4 banks takes 8 wavefronts, though the whole warp's 32 pieces
+    spread over 16 banks (8 words each) would count 8 in all."""
+    path = tmp_path / "trace.jsonl"
+    monkeypatch.setenv("DCN_EMULATE_TRACE", str(path))
+    assert run(5, 1, 64, 16 | 1 << 16)[0] == ""
+    (launch,) = [json.loads(line) for line in path.read_text().splitlines()]
+    wavefronts = {t["label"]: t["wavefronts"] for t in launch["traffic"]}
+    assert wavefronts["16 bytes"] == 2 * 4 and wavefronts["16 bytes, quarter-warps on 4 banks"] == 2 * 4 * 8
+    assert wavefronts["8 bytes"] == 2 * 2 and wavefronts["8 bytes, half-warps on 2 banks"] == 2 * 2 * 16
 
 
 def test_untraced_launch_writes_nothing(run, monkeypatch, tmp_path):

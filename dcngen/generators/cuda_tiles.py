@@ -169,6 +169,14 @@ def _mma_staging(cfg: DCNConfig, tile_h: int, tile_w: int, halo: int) -> tuple[d
     return region, _round_up(region["reg_h"] * region["reg_w"], 16), cfg.group_channels + 8, _points_stride(cfg)
 
 
+def _swizzled_row(data: int, pad: int) -> tuple[int, int]:
+    """Bytes per shared row of `data` bytes that mma fragments read and write 8 rows at a time, and
+    whether its 16-byte units are swizzled: a row of whole 128-byte lines is stored unpadded, its
+    units permuted by the row's low 3 bits (the template's swizzled_row_byte); any other row is
+    padded by `pad` bytes, which shifts consecutive rows onto other banks."""
+    return (data, 1) if data % 128 == 0 else (data + pad, 0)
+
+
 def bwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     """The tensor-core backward's tile, region and shared-memory layout (the template declares
     exactly this); rejects configs it cannot run."""
@@ -184,18 +192,18 @@ def bwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     region, rows, x_stride, om_stride = _mma_staging(cfg, tile_h, tile_w, params["bwd_halo"])
     chunk = 32 if pixels % 32 == 0 else 16  # pixels per pass of the region x grad_out^T product
     # M's rows, then the tile's grad_x rows: C values of the input-gradient accumulator (the dtype
-    # with atomic_dtype=1, else fp32)
-    m_stride = max(pixels, c if params["atomic_dtype"] else 2 * c) + 8
-    d_stride = chunk + 8  # floats: a half-warp's float2 stores of a D fragment hit distinct banks
+    # with atomic_dtype=1, else fp32); then D's rows of a pass's pixels (floats)
+    m_row, m_swizzle = _swizzled_row(max(pixels, c if params["atomic_dtype"] else 2 * c) * 2, 16)
+    d_row, d_swizzle = _swizzled_row(chunk * 4, 32)  # padded: a half-warp's float2 stores of a D fragment on distinct banks
     x_bytes, go_bytes = rows * x_stride * 2, pixels * x_stride * 2
-    union_bytes = max(rows * m_stride * 2, rows * d_stride * 4)  # M, then the dot products
+    union_bytes = rows * max(m_row, d_row)  # M, then the dot products
     info_bytes = pixels * cfg.num_points * 16
     smem = x_bytes + go_bytes + union_bytes + info_bytes + _round_up(pixels * om_stride * 2, 16)  # then the offsets' gradients
     static = _static_bytes(4 + pixels // chunk * 8)  # the template's bm_fallback and bm_span
     _check_smem(cfg, smem, static, f"bwd_mma {tile_h}x{tile_w} with bwd_halo {params['bwd_halo']}", "bwd_mma_h, bwd_mma_w or bwd_halo")
     min_blocks = _register_target(cfg, threads, smem + static)  # without one, ptxas picked 80 registers and spilled
     return {"tile_h": tile_h, "tile_w": tile_w, "pixels": pixels, "threads": threads, "min_blocks": min_blocks, "rows": rows, "chunk": chunk,
-            "x_stride": x_stride, "m_stride": m_stride, "d_stride": d_stride, "x_offset": 0, "go_offset": x_bytes,
+            "x_stride": x_stride, "m_row": m_row, "m_swizzle": m_swizzle, "d_row": d_row, "d_swizzle": d_swizzle, "x_offset": 0, "go_offset": x_bytes,
             "m_offset": x_bytes + go_bytes, "info_offset": x_bytes + go_bytes + union_bytes, "om_offset": x_bytes + go_bytes + union_bytes + info_bytes,
             "om_stride": om_stride, "smem_bytes": smem, "static_bytes": static, "halo": params["bwd_halo"],
             **region}
@@ -297,13 +305,15 @@ def fwd_tile_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     scratch_offset = om_offset + tile_h * tile_w * om_stride * acc
     # fwd_tile_mma, per warp: its pixels' sample records, then their fp32 output rows. A record is 5
     # words (a key, 4 of weights), kept as 5 planes of [pixels][record_stride] words, each pixel's
-    # points in a row that a k-step group reads 4 at a time (16 bytes). record_stride is an odd
-    # number of 16-byte units, so that the 8 pixels' rows start on 8 different quarters of the banks
-    # (a round of records written: 1 wavefront a plane); plane_stride is 4 units mod 8, so that the
-    # 16 rows a group's weight words take (4 pixels x 4 planes) fill each quarter twice (2 wavefronts).
+    # points in a row that a k-step group reads 2 at a time (8 bytes; nvcc merges two such reads
+    # into one of 16 bytes where 4 points remain). record_stride is an odd number of 16-byte units,
+    # so that the 8 pixels' rows start on 8 different quarters of the banks (a round of records
+    # written: 1 wavefront a plane); plane_stride is 8 words mod 32, so that the weight words a
+    # half-warp reads (2 pixels x 4 planes, 8 bytes each) and a quarter-warp reads (4 planes, 16
+    # bytes each) lie on different banks: a wavefront each, the fewest.
     pixels = 32 // FWD_TILE_MMA_LANES
     record_stride = 4 * (-(-cfg.num_points // 4) | 1)
-    plane_stride, out_stride = pixels * record_stride + 16, cfg.group_channels + 4
+    plane_stride, out_stride = pixels * record_stride + 8, cfg.group_channels + 4
     scratch = (5 * plane_stride * 4 + pixels * out_stride * 4) if mma else 0
     smem = scratch_offset + threads // 32 * scratch
     _check_smem(cfg, smem, 0, f"fwd_tile {tile_h}x{tile_w} with fwd_halo {params['fwd_halo']}", "fwd_tile_h, fwd_tile_w or fwd_halo")

@@ -311,11 +311,12 @@ def test_layouts_count_the_static_shared_memory_ptxas_reports(reports, name):
 
 
 def test_a_layout_that_fits_only_without_its_static_arrays_is_refused():
-    """sm_86, fwd_mma 4x16 at C64: halo 2's dynamic layout is exactly the 99 KB limit, so with the
-    kernel's 272 static bytes the default halo drops to 1, and an explicit halo 2 is refused."""
+    """sm_86, fwd_mma 2x32 at C32: halo 2's dynamic layout (98.75 KB) is within the 99 KB limit, but
+    not with the kernel's 272 static bytes, so the default halo drops to 1, and an explicit halo 2
+    is refused."""
     from dcngen.generators.template_cuda import launch_params
 
-    cfg = DCNConfig(group=2, group_channels=64, dtype="float16", offset_scale=2.0, target="cuda:sm_86", params={"fwd_mma": 1, "fwd_mma_h": 4, "fwd_mma_w": 16})
+    cfg = DCNConfig(group=2, group_channels=32, dtype="float16", offset_scale=2.0, target="cuda:sm_86", params={"fwd_mma": 1, "fwd_mma_h": 2, "fwd_mma_w": 32})
     params, geometry = launch_params(cfg)
     assert params["fwd_halo"] == 1 and geometry["fwd_mma"]["smem_bytes"] + geometry["fwd_mma"]["static_bytes"] <= 99 * 1024
     with pytest.raises(ConfigError, match="sm_86 allows at most 99 KB"):
@@ -337,7 +338,7 @@ def test_shared_memory_limits_follow_the_target():
     naming the architecture and its limit; register caps (blocks per SM) follow its SM."""
     from dcngen.generators.template_cuda import launch_params
 
-    big = dict(op="dcnv4", group=4, group_channels=32, dtype="float16", offset_scale=2.0)  # default halo 4: a 21x21 region
+    big = dict(op="dcnv4", group=4, group_channels=48, dtype="float16", offset_scale=2.0)  # default halo 4: a 21x21 region
     assert launch_params(DCNConfig(**big, target="cuda:sm_90", params={"fwd_mma": 1}))[1]["fwd_mma"]["smem_bytes"] > 99 * 1024
     for arch in ("sm_86", "sm_89", "sm_120"):
         with pytest.raises(ConfigError, match=f"{arch} allows at most 99 KB") as e:

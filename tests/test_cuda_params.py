@@ -210,15 +210,15 @@ def test_tiled_forward_takes_4_tiles_where_two_blocks_still_fit():
 
 
 def test_blocks_per_sm_count_the_runtimes_reserve():
-    """sm_86, fwd_mma C16 3x3, halo 2, one buffer: 2 blocks of 49.8 KB would fit the SM's 100 KB,
-    but not with the 1 KB the runtime keeps per block: the register target is 1 block."""
-    config = cfg(c=16, g=2, target="cuda:sm_86", params={"fwd_mma": 1, "fwd_halo": 2, "fwd_mma_tiles": 1})
-    layout = launch_params(config)[1]["fwd_mma"]
+    """sm_86, bwd_mma C32 3x3, halo 1: 2 blocks of 49.4 KB would fit the SM's 100 KB, but not with
+    the 1 KB the runtime keeps per block: the register target is 1 block."""
+    config = cfg(c=32, g=1, target="cuda:sm_86", params={"bwd_mma": 1, "bwd_halo": 1})
+    layout = launch_params(config)[1]["bwd_mma"]
     used = layout["smem_bytes"] + layout["static_bytes"]
     assert 2 * used <= 100 * KB < 2 * (used + SMEM_RESERVED_PER_BLOCK)
     assert layout["min_blocks"] == 1
     # sm_90's 228 KB per SM holds 4 such blocks with their reserve
-    assert launch_params(config.replace(target="cuda:sm_90"))[1]["fwd_mma"]["min_blocks"] == 228 * KB // (used + SMEM_RESERVED_PER_BLOCK) == 4
+    assert launch_params(config.replace(target="cuda:sm_90"))[1]["bwd_mma"]["min_blocks"] == 228 * KB // (used + SMEM_RESERVED_PER_BLOCK) == 4
 
 
 def test_shared_memory_per_block_limit_is_inclusive():

@@ -161,20 +161,23 @@ def bwd_tile_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
             "halo": params["bwd_halo"], **region}
 
 
-def _mma_staging(cfg: DCNConfig, tile_h: int, tile_w: int, halo: int) -> tuple[dict[str, int], int, int, int]:
+def _swizzled_row(data: int, pad: int, short: bool = False) -> tuple[int, int]:
+    """Bytes per shared row of `data` bytes that mma fragments read (and write) 8 rows at a time, and
+    whether its 16-byte units are swizzled (the template's swizzled_row_byte): a row of whole
+    128-byte lines, or with `short` (rows only ldmatrix reads) one of 64 or 32 bytes, is stored
+    unpadded with its units permuted by row; any other row is padded by `pad` bytes, which shifts
+    consecutive rows onto other banks."""
+    return (data, 1) if data % 128 == 0 or (short and data in (32, 64)) else (data + pad, 0)
+
+
+def _mma_staging(cfg: DCNConfig, tile_h: int, tile_w: int, halo: int) -> tuple[dict[str, int], int, tuple[int, int], int]:
     """What both tiled tensor-core kernels stage for a tile: its region, the region's rows padded to
-    whole 16-row mma steps, 16-bit elements per staged x row (16 bytes of padding spread the rows
-    over the banks) and per pixel's offsets and weights."""
+    whole 16-row mma steps, the bytes of a staged x row and whether it is swizzled (rows that
+    ldmatrix reads, and cp.async writes a 16-byte piece a lane), and the elements per pixel's offsets
+    and weights."""
     region = tile_region(cfg, tile_h, tile_w, halo)
-    return region, _round_up(region["reg_h"] * region["reg_w"], 16), cfg.group_channels + 8, _points_stride(cfg)
-
-
-def _swizzled_row(data: int, pad: int) -> tuple[int, int]:
-    """Bytes per shared row of `data` bytes that mma fragments read and write 8 rows at a time, and
-    whether its 16-byte units are swizzled: a row of whole 128-byte lines is stored unpadded, its
-    units permuted by the row's low 3 bits (the template's swizzled_row_byte); any other row is
-    padded by `pad` bytes, which shifts consecutive rows onto other banks."""
-    return (data, 1) if data % 128 == 0 else (data + pad, 0)
+    x_row = _swizzled_row(cfg.group_channels * 2, 16, short=True)
+    return region, _round_up(region["reg_h"] * region["reg_w"], 16), x_row, _points_stride(cfg)
 
 
 def bwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
@@ -189,13 +192,13 @@ def bwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     if pixels % 16:
         raise ConfigError("params", f"bwd_mma_h x bwd_mma_w = {pixels} pixels; the mma's k-steps need a multiple of 16")
     threads = 32 * params["bwd_mma_warps"]
-    region, rows, x_stride, om_stride = _mma_staging(cfg, tile_h, tile_w, params["bwd_halo"])
+    region, rows, (x_row, x_swizzle), om_stride = _mma_staging(cfg, tile_h, tile_w, params["bwd_halo"])
     chunk = 32 if pixels % 32 == 0 else 16  # pixels per pass of the region x grad_out^T product
     # M's rows, then the tile's grad_x rows: C values of the input-gradient accumulator (the dtype
     # with atomic_dtype=1, else fp32); then D's rows of a pass's pixels (floats)
     m_row, m_swizzle = _swizzled_row(max(pixels, c if params["atomic_dtype"] else 2 * c) * 2, 16)
     d_row, d_swizzle = _swizzled_row(chunk * 4, 32)  # padded: a half-warp's float2 stores of a D fragment on distinct banks
-    x_bytes, go_bytes = rows * x_stride * 2, pixels * x_stride * 2
+    x_bytes, go_bytes = rows * x_row, pixels * x_row  # the region's x rows; the tile's grad_out rows, laid out alike
     union_bytes = rows * max(m_row, d_row)  # M, then the dot products
     info_bytes = pixels * cfg.num_points * 16
     smem = x_bytes + go_bytes + union_bytes + info_bytes + _round_up(pixels * om_stride * 2, 16)  # then the offsets' gradients
@@ -203,7 +206,7 @@ def bwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     _check_smem(cfg, smem, static, f"bwd_mma {tile_h}x{tile_w} with bwd_halo {params['bwd_halo']}", "bwd_mma_h, bwd_mma_w or bwd_halo")
     min_blocks = _register_target(cfg, threads, smem + static)  # without one, ptxas picked 80 registers and spilled
     return {"tile_h": tile_h, "tile_w": tile_w, "pixels": pixels, "threads": threads, "min_blocks": min_blocks, "rows": rows, "chunk": chunk,
-            "x_stride": x_stride, "m_row": m_row, "m_swizzle": m_swizzle, "d_row": d_row, "d_swizzle": d_swizzle, "x_offset": 0, "go_offset": x_bytes,
+            "x_row": x_row, "x_swizzle": x_swizzle, "m_row": m_row, "m_swizzle": m_swizzle, "d_row": d_row, "d_swizzle": d_swizzle, "x_offset": 0, "go_offset": x_bytes,
             "m_offset": x_bytes + go_bytes, "info_offset": x_bytes + go_bytes + union_bytes, "om_offset": x_bytes + go_bytes + union_bytes + info_bytes,
             "om_stride": om_stride, "smem_bytes": smem, "static_bytes": static, "halo": params["bwd_halo"],
             **region}
@@ -222,12 +225,12 @@ def fwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     if pixels % (16 * warps):
         raise ConfigError("params", f"fwd_mma_h x fwd_mma_w = {pixels} pixels must split into whole 16-pixel m-tiles over fwd_mma_warps={warps} warps")
     threads = 32 * warps
-    region, rows, x_stride, om_stride = _mma_staging(cfg, tile_h, tile_w, params["fwd_halo"])
+    region, rows, (x_row, x_swizzle), om_stride = _mma_staging(cfg, tile_h, tile_w, params["fwd_halo"])
     m_stride = pixels + 8
     out_stride = c + 8  # floats: a quarter-warp's float2 stores of a fragment row hit distinct banks
     # a region buffer holds the tile's x, then its fp32 output rows; a second one takes the next
     # tile's region while this one is computed
-    buffer_bytes = _round_up(max(rows * x_stride * 2, pixels * out_stride * 4), 16)
+    buffer_bytes = _round_up(max(rows * x_row, pixels * out_stride * 4), 16)
     buffers = 2 if params["fwd_mma_tiles"] > 1 else 1
     m_offset = buffers * buffer_bytes
     pos_offset = m_offset + rows * m_stride * 2
@@ -238,7 +241,7 @@ def fwd_mma_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
                 "fwd_mma_h, fwd_mma_w or fwd_halo" + (", or fwd_mma_tiles=1" if buffers > 1 else ""))
     return {"tile_h": tile_h, "tile_w": tile_w, "threads": threads, "warp_tiles": pixels // 16 // warps,
             "min_blocks": _register_target(cfg, threads, smem + static),
-            "tiles": params["fwd_mma_tiles"], "buffers": buffers, "rows": rows, "x_stride": x_stride, "m_stride": m_stride, "out_stride": out_stride,
+            "tiles": params["fwd_mma_tiles"], "buffers": buffers, "rows": rows, "x_row": x_row, "x_swizzle": x_swizzle, "m_stride": m_stride, "out_stride": out_stride,
             "buffer_bytes": buffer_bytes, "m_offset": m_offset, "pos_offset": pos_offset, "om_offset": om_offset, "om_stride": om_stride,
             "smem_bytes": smem, "static_bytes": static, "halo": params["fwd_halo"], **region}
 
@@ -300,7 +303,12 @@ def fwd_tile_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     # fwd_tile_mma: zeros after the region, the four corners of a sample that adds nothing
     zero_rows = region["reg_w"] + 2 if mma else 0
     acc = acc_bytes(cfg)
-    om_stride = ((cfg.num_points * 4 * acc // 16) | 1) * 16 // acc  # acc_t a pixel: (dx, dy, m, unused) a point, odd 16-byte pieces
+    # acc_t a pixel: (dx, dy, m, unused) a point, in 16-byte pieces: an odd number of them, so that
+    # the reads of a quarter-warp's 4 pixels (fwd_tile: 2 lanes a pixel, the same point) lie on 4
+    # different quarters of the banks; with fwd_tile_mma 4 mod 8, so that those of its 2 pixels (4
+    # lanes a pixel, 4 consecutive points) lie on the two halves
+    pieces = cfg.num_points * 4 * acc // 16
+    om_stride = (pieces + (4 - pieces) % 8 if mma else pieces | 1) * 16 // acc
     om_offset = _round_up((positions + zero_rows) * row, 16)
     scratch_offset = om_offset + tile_h * tile_w * om_stride * acc
     # fwd_tile_mma, per warp: its pixels' sample records, then their fp32 output rows. A record is 5

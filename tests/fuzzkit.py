@@ -132,7 +132,7 @@ def tensor_core_pool(count: int, seed: int = 0) -> list[DCNConfig]:
                          "fwd_tile_threads": rng.choice((32, 64, 256)), "fwd_halo": rng.choice((0, 1, 2))} if kind < 0.75 else {"mma": 1})
         backward = {"bwd_mma": 1, "bwd_mma_h": rng.choice((2, 4, 8)), "bwd_mma_w": rng.choice((4, 8, 16)), "bwd_mma_warps": rng.choice((1, 2, 4)),
                     "bwd_halo": rng.choice((0, 1, 2)), "atomic_dtype": rng.choice((0, 1))} if rng.random() < 0.75 else {}
-        return base.replace(group=min(base.group, 3), group_channels=rng.choice((16, 32, 48)), target=rng.choice(("cuda:sm_80", "cuda:sm_90")),
+        return base.replace(group=min(base.group, 3), group_channels=rng.choice((16, 32, 48, 64)), target=rng.choice(("cuda:sm_80", "cuda:sm_90")),
                             params={**forward, **backward})
 
     return _cuda_pool(count, random.Random(f"{seed}-tensor-cores"), draw)

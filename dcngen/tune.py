@@ -76,6 +76,7 @@ def space_for(cfg: DCNConfig) -> Space:
             values["fwd_mma_tiles"] = (1, 4)
             values["fwd_halo"] = (1, 2, 3)
             values["bwd_mma"] = (0, 1)  # the tensor-core backward (with bwd_tile=1: skipped)
+            values["bwd_mma_warps"] = (4, 8)  # its warps a block (two blocks an SM where its layout fits twice)
         return Space(values)
     if not cfg.is_cuda:
         return Space({"pixels_per_task": _pow2_upto(1, 256), "unroll_points": (0, 1), "vector": (0, 1)})

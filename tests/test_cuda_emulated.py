@@ -519,9 +519,10 @@ def test_tiled_forward_reads_its_region_without_bank_conflicts(tmp_path, monkeyp
 def test_tensor_core_backward_rows_without_bank_conflicts(kernels, tmp_path, monkeypatch, name):
     """bwd_mma's coefficient matrix M, the tile's input-gradient rows written over it and the dot
     products D lie in rows of whole 128-byte lines here (fp16 sums of 64 pixels; float sums of 96
-    channels; 32 pixels' floats), unpadded and swizzled: every ldmatrix of M (and of the padded x and
-    grad_out rows) takes 4 wavefronts, the fewest for 512 bytes, and the mma fragments' stores take
-    one wavefront for each 128 bytes (a 32-bit pair of fp16 sums a lane: 1; a float2 a lane: 2).
+    channels; 32 pixels' floats), unpadded and swizzled: every ldmatrix of M (and of the x and
+    grad_out rows: swizzled at C32, padded at C96) takes 4 wavefronts, the fewest for 512 bytes,
+    and the mma fragments' stores take one wavefront for each 128 bytes (a 32-bit pair of fp16 sums
+    a lane: 1; a float2 a lane: 2).
     Unswizzled, M's rows of 128 bytes would put a matrix's 8 rows on the same banks (8
     wavefronts)."""
     import json
@@ -543,7 +544,8 @@ def test_tensor_core_backward_rows_without_bank_conflicts(kernels, tmp_path, mon
     path = tmp_path / "trace.jsonl"
     monkeypatch.setenv("DCN_EMULATE_TRACE", str(path))
     kernels[name].backward(x, om, om, grad_out, grads[0], grads[1], grads[1])
-    (launch,) = [json.loads(line) for line in path.read_text().splitlines() if json.loads(line)["kernel"] == "dcn_backward_mma_kernel"]
+    launches = [json.loads(line) for line in path.read_text().splitlines()]
+    (launch,) = [one for one in launches if one["kernel"] == "dcn_backward_mma_kernel"]
     traffic = {t["label"]: t for t in launch["traffic"] if t["space"] == "shared"}
     ldmatrix, rows, dots = traffic["ldmatrix"], traffic["input-gradient rows (staged)"], traffic["dot products"]
     assert ldmatrix["lanes"] == 32 * ldmatrix["instructions"] and ldmatrix["wavefronts"] == 4 * ldmatrix["instructions"]

@@ -27,7 +27,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from . import settings
-from .compilers import LIBRARY, compiler_for
+from .compilers import LIBRARY, compiler_for, precompiled_header
 from .cpu_isas import require_runnable
 from .errors import BuildError, CacheError, warn
 from .source import KernelSource
@@ -271,7 +271,8 @@ def _keep_failed(root: Path, key: str, source: KernelSource, error: BuildError) 
 
 
 def clean(root: Path | None = None) -> tuple[int, int]:
-    """Delete the cache's artifacts, leftover stage folders and kept failed sources; each artifact
+    """Delete the cache's artifacts, leftover stage folders, kept failed sources and precompiled
+    headers (a compile that wanted one meanwhile parses the headers instead); each artifact
     or stage folder under its key's build lock, so one being built now is skipped. Files dcngen did
     not write stay. Returns (removed, skipped). `root` defaults to the configured cache; where that
     is unusable this is a CacheError, not a clean of the shared fallback that builds then use."""
@@ -304,6 +305,7 @@ def clean(root: Path | None = None) -> tuple[int, int]:
         finally:
             lock.release()
     shutil.rmtree(root / ".failed", ignore_errors=True)
+    shutil.rmtree(root / precompiled_header.FOLDER, ignore_errors=True)
     return removed, skipped
 
 

@@ -53,6 +53,13 @@ def sanitize() -> bool:
     return os.environ.get("DCNGEN_SANITIZE", "") not in ("", "0")
 
 
+def precompiled_header() -> bool:
+    """DCNGEN_PRECOMPILED_HEADER=0 turns off the precompiled tvm-ffi headers of host builds
+    (dcngen/compilers/precompiled_header.py): each compile then parses them, and the cache holds
+    no .pch folder."""
+    return os.environ.get("DCNGEN_PRECOMPILED_HEADER", "1").strip() != "0"
+
+
 def cpu_target() -> str:
     """DCNGEN_CPU_TARGET, which kernels.target_of reads once per process: the target of the kernels
     that run on CPU tensors, 'cpu' (this machine's CPU, the default) or 'cpu:<isa>' (a named x86-64

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from dcngen import reference
 from dcngen.compilers import cuda
 from dcngen.config import DCNConfig
 from dcngen.errors import BuildError
@@ -119,3 +120,16 @@ def assert_offset_views_served(mod, cfg: DCNConfig) -> None:
 
     for got, want in zip(run(offset_view), run(lambda t: t.clone())):
         assert got.data_ptr() % 16 != 0 and torch.equal(got, want)
+
+
+def check_library_forward(cfg: DCNConfig, module) -> None:
+    """One forward call of a loaded DCNv4 library on float64 CPU tensors, checked against the
+    reference (proves the library works)."""
+    gen = torch.Generator().manual_seed(0)
+    n, h, w = 1, 5, 6
+    ho, wo = cfg.output_size(h, w)
+    x = torch.randn(n, h, w, cfg.channels, generator=gen, dtype=torch.float64)
+    om = torch.randn(n, ho, wo, cfg.padded_offset_mask_channels, generator=gen, dtype=torch.float64)
+    out = torch.full((n, ho, wo, cfg.channels), float("nan"), dtype=torch.float64)
+    module.forward(x, om, om, out)
+    torch.testing.assert_close(out, reference.dcnv4(cfg, x, om), rtol=1e-10, atol=1e-10)

@@ -28,7 +28,7 @@ from dcngen.config import DCNConfig
 from dcngen.errors import BuildError, CacheError
 from dcngen.generators import generate
 from dcngen.source import KernelSource
-from helpers import needs_cuda_toolkit
+from helpers import check_library_forward, needs_cuda_toolkit
 
 REPO = Path(__file__).resolve().parents[1]
 _fresh = itertools.count()
@@ -45,6 +45,7 @@ def cache(tmp_path, monkeypatch):
     root = tmp_path / "cache"
     monkeypatch.setenv("DCNGEN_CACHE", str(root))
     monkeypatch.delenv("DCNGEN_SANITIZE", raising=False)
+    monkeypatch.setenv("DCNGEN_PRECOMPILED_HEADER", "0")  # its own tests: test_precompiled_header.py
     monkeypatch.setattr(build_mod, "_fallback_warned", set())
     tmp = tmp_path / "tmp"
     tmp.mkdir()
@@ -58,18 +59,6 @@ def artifact_dirs(root: Path) -> list[Path]:
 
 def leftovers(root: Path) -> list[Path]:
     return sorted(root.glob(".stage-*"))
-
-
-def run_kernel(cfg: DCNConfig, module) -> None:
-    """One forward call of a loaded kernel, checked against the reference (proves the library works)."""
-    gen = torch.Generator().manual_seed(0)
-    n, h, w = 1, 5, 6
-    ho, wo = cfg.output_size(h, w)
-    x = torch.randn(n, h, w, cfg.channels, generator=gen, dtype=torch.float64)
-    om = torch.randn(n, ho, wo, cfg.padded_offset_mask_channels, generator=gen, dtype=torch.float64)
-    out = torch.full((n, ho, wo, cfg.channels), float("nan"), dtype=torch.float64)
-    module.forward(x, om, om, out)
-    torch.testing.assert_close(out, reference.dcnv4(cfg, x, om), rtol=1e-10, atol=1e-10)
 
 
 # ---- concurrency ----------------------------------------------------------------------------------
@@ -117,7 +106,7 @@ def test_concurrent_builders_share_one_artifact(cache, tmp_path):
     assert leftovers(cache) == []
     art = build_mod._published(Path(paths.pop()))
     assert art is not None and art.meta["config_key"] == cfg.key
-    run_kernel(cfg, load(art))
+    check_library_forward(cfg, load(art))
 
 
 # ---- corruption -----------------------------------------------------------------------------------
@@ -173,7 +162,7 @@ def test_corrupt_artifacts_are_detected_and_rebuilt(cache):
         again = build(source)
         assert again.path == first.path and again.meta["library_sha256"] == sha
         assert lookup(source) is not None
-    run_kernel(cfg, load(again))
+    check_library_forward(cfg, load(again))
     assert leftovers(cache) == []
 
 
@@ -231,7 +220,7 @@ def test_the_host_compiler_named_by_cxx_is_part_of_the_key(cache, tmp_path, monk
     monkeypatch.setenv("CXX", str(wrapper))
     art = build(source)
     assert art.path.name != plain and str(wrapper) in art.meta["compiler"]
-    run_kernel(source.config, load(art))
+    check_library_forward(source.config, load(art))
 
 
 def test_cxx_may_carry_a_launcher_and_may_not_be_empty(cache, monkeypatch):
@@ -243,7 +232,7 @@ def test_cxx_may_carry_a_launcher_and_may_not_be_empty(cache, monkeypatch):
     monkeypatch.setenv("CXX", "env c++")
     art = build(source)
     assert art.meta["compiler"].startswith(f"{shutil.which('env')} c++: ")
-    run_kernel(source.config, load(art))
+    check_library_forward(source.config, load(art))
     monkeypatch.setenv("CXX", " ")
     with pytest.raises(BuildError, match="CXX is set but empty"):
         cpp.version()
@@ -325,7 +314,7 @@ def test_read_only_cache_still_serves_its_artifacts(cache, recwarn):
         again = build(source)
         assert again.path == art.path
         assert lookup(source) is not None
-        run_kernel(cfg, load(again))
+        check_library_forward(cfg, load(again))
         assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
     finally:
         undo_readonly(cache)
@@ -381,7 +370,7 @@ def test_full_cache_falls_back_with_a_warning(cache, monkeypatch):
         art = build(generate(cfg))
     assert not str(art.path).startswith(str(cache))
     assert artifact_dirs(cache) == [] and leftovers(cache) == []
-    run_kernel(cfg, load(art))
+    check_library_forward(cfg, load(art))
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not sys.platform.startswith("linux"), reason="needs to mount a tmpfs")
@@ -396,7 +385,7 @@ def test_really_full_cache_falls_back(cache):
             art = build(generate(cfg))
         assert not str(art.path).startswith(str(cache))
         assert artifact_dirs(cache) == [] and leftovers(cache) == []
-        run_kernel(cfg, load(art))
+        check_library_forward(cfg, load(art))
     finally:
         subprocess.run(["umount", str(cache)], capture_output=True)
 
@@ -419,7 +408,7 @@ def test_compiler_failure_reports_the_message_and_publishes_nothing(cache):
     assert artifact_dirs(cache) == [] and leftovers(cache) == []
     assert lookup(broken) is None
     # the good source still builds afterwards
-    run_kernel(cfg, load(build(good)))
+    check_library_forward(cfg, load(build(good)))
 
 
 def test_artifact_key_covers_text_flags_and_sanitizer(cache, monkeypatch):

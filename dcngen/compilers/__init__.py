@@ -16,3 +16,10 @@ LIBRARY = "kernel.so"
 
 def compiler_for(language: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{language}")
+
+
+def tvm_ffi_include_paths() -> list[str]:
+    """The include folders of tvm-ffi's C++ headers and of DLPack's, as tvm-ffi's builder passes them."""
+    from tvm_ffi import libinfo
+
+    return [libinfo.find_include_path(), libinfo.find_dlpack_include_path()]

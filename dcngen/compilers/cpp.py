@@ -16,7 +16,7 @@ from .. import settings
 from ..cpu_isas import cpuinfo
 from ..errors import BuildError
 from ..source import KernelSource
-from . import LIBRARY
+from . import LIBRARY, precompiled_header
 
 
 def host_cxx() -> tuple[str, ...]:
@@ -63,21 +63,39 @@ def host_cpu() -> str:
 # -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so.6)" (libstdc++ too, or ASan's
 # __cxa_throw interceptor aborts on the first C++ exception torch throws) and
 # ASAN_OPTIONS=detect_leaks=0 (Python leaks by design).
-SANITIZE_FLAGS = ("-fsanitize=address,undefined,float-cast-overflow", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-g", "-O1")  # -O1: an -O3 sanitized build takes ~20 s
+# -O1: an -O3 sanitized build takes ~20 s; -g1 (line tables, all a report's stack needs): -g takes 1.5x
+SANITIZE_FLAGS = ("-fsanitize=address,undefined,float-cast-overflow", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-g1", "-O1")
 SANITIZE_LDFLAGS = ("-fsanitize=address,undefined,float-cast-overflow",)
 
 
 def compile(source: KernelSource, out_dir: Path, include_paths: tuple[str, ...] = (), sanitize_flags: tuple[str, ...] = SANITIZE_FLAGS) -> dict:
-    import tvm_ffi.cpp
-
+    """out_dir/kernel.so from the source through tvm-ffi's builder, taking the tvm-ffi headers
+    precompiled where the compiler can (precompiled_header.py); returns the flags it used."""
     build_dir = out_dir / "build"
     sanitize = settings.sanitize()
+    flags = [*source.flags, *(sanitize_flags if sanitize else ())]
     # the entry points' checks name their file (__FILE__): the same name in every build directory
     # keeps libraries of one source bit-identical
-    cflags = [*source.flags, *(sanitize_flags if sanitize else ()), f"-fmacro-prefix-map={build_dir}=dcngen"]
+    prefix_map = f"-fmacro-prefix-map={build_dir}=dcngen"
     ldflags = ["-fopenmp", *(SANITIZE_LDFLAGS if sanitize else ())]
+    pch = precompiled_header.include_flags(host_cxx(), version(), flags)
     try:
-        lib = tvm_ffi.cpp.build_inline(
+        lib = _build_inline(source, build_dir, [*flags, prefix_map, *pch], ldflags, include_paths)
+    except BuildError:
+        if not pch:
+            raise
+        pch = []  # its folder went meanwhile (dcngen clean): parse the headers
+        lib = _build_inline(source, build_dir, [*flags, prefix_map], ldflags, include_paths)
+    shutil.copy2(lib, out_dir / LIBRARY)
+    shutil.rmtree(build_dir, ignore_errors=True)
+    return {"sanitize": sanitize, "cflags": [*flags, prefix_map, *pch], "ldflags": ldflags}
+
+
+def _build_inline(source: KernelSource, build_dir: Path, cflags: list[str], ldflags: list[str], include_paths: tuple[str, ...]) -> str:
+    import tvm_ffi.cpp
+
+    try:
+        return tvm_ffi.cpp.build_inline(
             "kernel",
             cpp_sources=source.text,
             extra_cflags=cflags,
@@ -88,9 +106,6 @@ def compile(source: KernelSource, out_dir: Path, include_paths: tuple[str, ...] 
     except Exception as e:  # tvm-ffi raises RuntimeError with ninja's output
         command = f"ninja (tvm_ffi.cpp.build_inline) c++ {' '.join(cflags)} ... {' '.join(ldflags)}"
         raise BuildError("host C++ compilation failed", command=command, source_path=str(build_dir / "main.cpp"), log=str(e)) from None
-    shutil.copy2(lib, out_dir / LIBRARY)
-    shutil.rmtree(build_dir, ignore_errors=True)
-    return {"sanitize": sanitize, "cflags": cflags, "ldflags": ldflags}
 
 
 def asan_runtime_loaded() -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import BuildError
 from ..source import KernelSource
-from . import LIBRARY, cpp
+from . import LIBRARY, cpp, tvm_ffi_include_paths
 from .alignment import aligned, aligned_outputs
 
 DEFAULT_CUDA_HOME = "/usr/local/cuda"
@@ -66,11 +66,10 @@ def built_for(source: KernelSource) -> str:
     return ""
 
 
-def _tvm_ffi_paths() -> tuple[list[str], str]:
+def _tvm_ffi_library_dir() -> str:
     from tvm_ffi import libinfo
 
-    includes = [libinfo.find_include_path(), libinfo.find_dlpack_include_path()]
-    return includes, str(Path(libinfo.find_libtvm_ffi()).parent)
+    return str(Path(libinfo.find_libtvm_ffi()).parent)
 
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(\w+)'")
@@ -125,7 +124,7 @@ def compile(source: KernelSource, out_dir: Path) -> dict:
     """out_dir/kernel.so from the one source text compiled twice, in parallel: nvcc for the
     kernels and their launchers, the host C++ compiler for the tvm-ffi entry points; linked with
     the static CUDA runtime and libtvm_ffi only (no libtorch). Returns {'ptxas': [...]}."""
-    includes, libdir = _tvm_ffi_paths()
+    includes, libdir = tvm_ffi_include_paths(), _tvm_ffi_library_dir()
     out_dir = Path(out_dir)
     build = Path(tempfile.mkdtemp(prefix="build-", dir=out_dir))
     try:

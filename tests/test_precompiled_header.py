@@ -77,3 +77,18 @@ def test_a_precompiled_header_gone_meanwhile_costs_only_time(cache, tmp_path, mo
     art = build(generate(cfg))
     assert included_header(art.meta) is None
     check_library_forward(cfg, load(art))
+
+
+def test_a_header_the_compiler_cannot_precompile_is_not_tried_again(cache, tmp_path, monkeypatch):
+    broken = tmp_path / precompiled_header.HEADER.name
+    broken.write_text("#error this header does not compile\n")
+    monkeypatch.setattr(precompiled_header, "HEADER", broken)
+    attempts = []
+    real_build = precompiled_header._build
+    monkeypatch.setattr(precompiled_header, "_build", lambda *args: attempts.append(args) or real_build(*args))
+    flags = list(generate(fresh_config(dtype="float64", target="cpu")).flags)
+    for _ in range(3):
+        assert precompiled_header.include_flags(cpp.host_cxx(), cpp.version(), flags) == []
+    assert len(attempts) == 1, "the first compile goes without, the second tries, the third knows it fails"
+    (failed,) = (cache / precompiled_header.FOLDER).glob("*.failed")
+    assert "this header does not compile" in failed.read_text()

@@ -5,16 +5,19 @@ third of an emulated CUDA kernel's. The second compile with a set of flags preco
 that set (once per compiler, flags and tvm-ffi headers, into `<cache>/.pch/<key>/`, about 70 MB)
 and takes them with `-include`, as do all later ones. GCC reads the header text instead wherever
 the precompiled form does not fit the compile, so it is an optimisation only: where it cannot be
-built (clang, a read-only cache, any error) compiles go without it. DCNGEN_PRECOMPILED_HEADER=0
-turns it off.
+built (clang, a read-only cache, any error) compiles go without it; a compiler that fails to
+precompile them is not asked again (its message stays in `<key>.failed`).
+DCNGEN_PRECOMPILED_HEADER=0 turns it off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import uuid
@@ -43,15 +46,22 @@ def include_flags(cxx: tuple[str, ...], compiler_version: str, cflags: list[str]
     root = settings.cache_root().absolute() / FOLDER  # absolute: the builder compiles in its own folder
     folder = root / key
     if not (folder / f"{HEADER.name}.gch").is_file():
+        first, failed = root / f"{key}.first", root / f"{key}.failed"
         try:
-            first = root / f"{key}.first"  # a flag set's first compile goes without: it may be its only one
-            if not first.is_file():
+            if not first.is_file():  # a flag set's first compile goes without: it may be its only one
                 root.mkdir(parents=True, exist_ok=True)
                 first.touch()
                 return []
+            if failed.is_file():
+                return []
             _build(cxx, [*TVM_FFI_CXXFLAGS, *cflags, *(f"-I{p}" for p in include_paths)], root, key)
+        except subprocess.CalledProcessError as e:  # not tried again for this key: the compiler's message is kept
+            log.info("the compiler cannot precompile the tvm-ffi headers, each compile parses them: %s", failed)
+            with contextlib.suppress(OSError):
+                failed.write_text(f"{shlex.join(e.cmd)}\n{e.stderr}")
+            return []
         except (OSError, subprocess.SubprocessError, Timeout) as e:
-            log.info("no precompiled tvm-ffi headers (%s), the compile parses them", (getattr(e, "stderr", None) or str(e)).strip())
+            log.info("no precompiled tvm-ffi headers (%s), the compile parses them", e)
             return []
     return ["-include", str(folder / HEADER.name)]
 

@@ -1,7 +1,7 @@
 """GCC's precompiled form of the tvm-ffi headers (templates/common/tvm_ffi.h) for host builds.
 
-Parsing those headers takes about 0.8 s of every host compile: a quarter of a CPU kernel's, a
-third of an emulated CUDA kernel's. The second compile with a set of flags precompiles them for
+Parsing those headers takes about 0.65 s of every host build: a fifth of a CPU kernel's, a
+quarter of an emulated CUDA kernel's (benchmarks/build_times.py). The second compile with a set of flags precompiles them for
 that set (once per compiler, flags and tvm-ffi headers, into `<cache>/.pch/<key>/`, about 70 MB)
 and takes them with `-include`, as do all later ones. GCC reads the header text instead wherever
 the precompiled form does not fit the compile, so it is an optimisation only: where it cannot be

@@ -606,8 +606,9 @@ def test_offset_rows_staged_in_pieces(kernels, tmp_path, monkeypatch, name, alig
     """The backward stages its blocks' offset rows (bwd_stage=1) a piece of 4 elements at a time
     (one 8-byte load, one 16-byte store of floats) where the rows start on 8-byte boundaries, the
     elements past the last whole piece one at a time; rows 2 elements narrower go element by
-    element. The points' gradients, left over the staged rows, go out the same way in 16-byte
-    pieces (8 elements) where the rows start on 16-byte boundaries. The trace counts the staging
+    element. The points' gradients, left over the staged rows, go out the same way (a piece: one
+    16-byte load of floats, one 8-byte store), a quarter-warp's loads of 8 consecutive pieces
+    without a bank conflict (at most a wavefront a quarter-warp). The trace counts the staging
     loads and the gradient stores of each, and both give the same gradients, bit for bit."""
     import json
 
@@ -637,9 +638,12 @@ def test_offset_rows_staged_in_pieces(kernels, tmp_path, monkeypatch, name, alig
         assert sum(t["bytes"] for t in staging) == n * h * w * cfg.min_offset_mask_channels * x.element_size()
         stores = [t for line in path.read_text().splitlines() for t in json.loads(line)["traffic"]
                   if t["label"] == "point gradients" and t["space"] == "global"]
-        span, piece = cfg.min_offset_mask_channels, 16 // x.element_size()
+        span, piece = cfg.min_offset_mask_channels, 4
         assert sum(t["lanes"] for t in stores) == n * h * w * (span // piece + span % piece if width % piece == 0 else span), width
         assert sum(t["bytes"] for t in stores) == n * h * w * span * x.element_size()
+        reads = [t for line in path.read_text().splitlines() for t in json.loads(line)["traffic"] if t["label"] == "point gradients (staged, read)"]
+        lanes, instructions, wavefronts = (sum(t[k] for t in reads) for k in ("lanes", "instructions", "wavefronts"))
+        assert instructions > 0 and 8 * wavefronts <= lanes + 7 * instructions, (width, lanes, instructions, wavefronts)
         results.append([grads[0], grads[1][..., : cfg.min_offset_mask_channels]])
     assert not results[0][0].isnan().any() and not results[0][1].isnan().any()
     assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -487,7 +487,9 @@ def test_tiled_forward_reads_its_region_without_bank_conflicts(tmp_path, monkeyp
     would count once), with stride 2 for fwd_tile_mma, whose adjacent pixels read at once.
     Corners on random banks would take about 5 wavefronts an instruction. fwd_tile_mma's sample
     records are written a wavefront a plane, and read 2 points (8 bytes) a lane at a time in 2
-    wavefronts, a half-warp each, the fewest."""
+    wavefronts, a half-warp each, the fewest; its staged output rows take a wavefront a store of 4
+    pixels' fragment rows, and a wavefront a quarter-warp's 16-byte reads (a lane a piece of 8
+    channels; ftm_slot's turns; rows padded by 4 floats instead took 2 a store)."""
     import json
 
     import torch
@@ -513,6 +515,11 @@ def test_tiled_forward_reads_its_region_without_bank_conflicts(tmp_path, monkeyp
     if mma:  # its sample records: a wavefront a plane written; read 2 points at a time, a wavefront a half-warp
         written, read = traffic["sample records"], traffic["sample records (read)"]
         assert written["wavefronts"] == written["instructions"] and read["wavefronts"] == 2 * read["instructions"]
+        # its staged output rows: a fragment row of 4 pixels a store, 128 bytes, a wavefront; read in
+        # 16-byte halves, a wavefront a quarter-warp
+        written, read = traffic["output rows (staged)"], traffic["output rows (staged, read)"]
+        assert written["lanes"] == 32 * written["instructions"] and written["wavefronts"] == written["instructions"]
+        assert read["lanes"] == 8 * min(4, group_channels // 8) * read["instructions"] and read["wavefronts"] == 4 * read["instructions"]
 
 
 @pytest.mark.parametrize("name", ["mma-tiled-fp16", "mma-tiled-fp16-sm80-fp32-accumulator-c96-5x5"])

@@ -321,7 +321,8 @@ def fwd_tile_geometry(cfg: DCNConfig, params: dict[str, int]) -> dict[str, int]:
     # bytes each) lie on different banks: a wavefront each, the fewest.
     pixels = 32 // FWD_TILE_MMA_LANES
     record_stride = 4 * (-(-cfg.num_points // 4) | 1)
-    plane_stride, out_stride = pixels * record_stride + 8, cfg.group_channels + 4
+    # out_stride: a staged output row of whole pieces, unpadded (ftm_slot turns its pieces)
+    plane_stride, out_stride = pixels * record_stride + 8, cfg.group_channels
     scratch = (5 * plane_stride * 4 + pixels * out_stride * 4) if mma else 0
     smem = scratch_offset + threads // 32 * scratch
     _check_smem(cfg, smem, 0, f"fwd_tile {tile_h}x{tile_w} with fwd_halo {params['fwd_halo']}", "fwd_tile_h, fwd_tile_w or fwd_halo")

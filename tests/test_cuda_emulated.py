@@ -561,6 +561,32 @@ def test_tensor_core_backward_rows_without_bank_conflicts(kernels, tmp_path, mon
         assert stores["lanes"] == 32 * stores["instructions"] and stores["wavefronts"] == stores["instructions"] * 32 * lane_bytes // 128
 
 
+@pytest.mark.parametrize("name", ["mma-tiled-fp16", "mma-tiled-fp16-sm80-fp32-accumulator-c96-5x5"])
+def test_tensor_core_forward_reads_its_output_rows_without_bank_conflicts(kernels, tmp_path, monkeypatch, name):
+    """fwd_mma's staged output rows (C + 8 floats apart) are read in 16-byte halves, the second first
+    where the piece's bit 2 differs from the pixel's parity: a quarter-warp's 8 reads lie on
+    different banks, at most a wavefront a quarter-warp (all in the same order: 2 at C32 and C96)."""
+    import json
+
+    import torch
+
+    from dcngen.verify import TORCH_DTYPE
+
+    cfg = CASES[name]
+    dtype = TORCH_DTYPE[cfg.dtype]
+    n, h, w = 1, 9, 11
+    gen = torch.Generator().manual_seed(13)
+    x = copy_on_boundary(torch.randn(n, h, w, cfg.channels, generator=gen).to(dtype))
+    om = copy_on_boundary((torch.rand(n, h, w, cfg.min_offset_mask_channels, generator=gen) * 3 - 1.5).to(dtype))
+    out = copy_on_boundary(torch.empty(n, h, w, cfg.channels, dtype=dtype))
+    path = tmp_path / "trace.jsonl"
+    monkeypatch.setenv("DCN_EMULATE_TRACE", str(path))
+    kernels[name].forward(x, om, om, out)
+    (launch,) = [one for one in map(json.loads, path.read_text().splitlines()) if one["kernel"] == "dcn_forward_tiled_mma_kernel"]
+    reads = next(t for t in launch["traffic"] if t["label"] == "output rows (staged, read)")
+    assert reads["instructions"] > 0 and 8 * reads["wavefronts"] <= reads["lanes"] + 7 * reads["instructions"], reads
+
+
 def test_tiled_tensor_core_forward_reads_zero_rows_without_bank_conflicts(tmp_path, monkeypatch):
     """fwd_tile_mma's samples beyond its region or off the window read their corners from the zero
     rows, through a key whose parity bits agree with its position's as a located sample's do: its

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +135,13 @@ def check_library_forward(cfg: DCNConfig, module) -> None:
     out = torch.full((n, ho, wo, cfg.channels), float("nan"), dtype=torch.float64)
     module.forward(x, om, om, out)
     torch.testing.assert_close(out, reference.dcnv4(cfg, x, om), rtol=1e-10, atol=1e-10)
+
+
+_fresh = itertools.count()
+
+
+def fresh_config(**kw) -> DCNConfig:
+    """A config no other test (or earlier run) has built, so that its build compiles: its
+    offset_scale is unique. DCNv4, 2 groups of 4 channels, float64, CPU, unless `kw` says otherwise."""
+    scale = 1.0 + (uuid.uuid4().int % 10**9) / 10**12 + next(_fresh) * 1e-3
+    return DCNConfig(**{"group": 2, "group_channels": 4, "dtype": "float64", **kw}, offset_scale=scale)

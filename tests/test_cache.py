@@ -5,7 +5,6 @@ offset_scale, so each one forces a real build."""
 from __future__ import annotations
 
 import errno
-import itertools
 import json
 import os
 import pickle
@@ -15,7 +14,6 @@ import sys
 import tempfile
 import textwrap
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -28,16 +26,9 @@ from dcngen.config import DCNConfig
 from dcngen.errors import BuildError, CacheError
 from dcngen.generators import generate
 from dcngen.source import KernelSource
-from helpers import check_library_forward, needs_cuda_toolkit
+from helpers import check_library_forward, fresh_config, needs_cuda_toolkit
 
 REPO = Path(__file__).resolve().parents[1]
-_fresh = itertools.count()
-
-
-def fresh_config(**kw) -> DCNConfig:
-    """A config no other test (or earlier run) has built: its offset_scale is unique."""
-    scale = 1.0 + (uuid.uuid4().int % 10**9) / 10**12 + next(_fresh) * 1e-3
-    return DCNConfig(op=kw.pop("op", "dcnv4"), group=2, group_channels=4, dtype="float64", offset_scale=scale, **kw)
 
 
 @pytest.fixture

@@ -6,17 +6,15 @@ precompiled header went away parses the headers instead."""
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from pathlib import Path
 
 import pytest
 
 from dcngen.build import build, clean, load
 from dcngen.compilers import cpp, precompiled_header
-from dcngen.config import DCNConfig
 from dcngen.generators import generate
 from dcngen.generators.template_cuda import generate as generate_cuda
-from helpers import check_library_forward, needs_cuda_toolkit
+from helpers import check_library_forward, fresh_config, needs_cuda_toolkit
 
 pytestmark = pytest.mark.skipif("clang" in cpp.version().lower(), reason="GCC's precompiled headers only")
 
@@ -29,11 +27,6 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def fresh_config(**kw) -> DCNConfig:
-    """A config no earlier run has built (its offset_scale is unique): each test compiles."""
-    return DCNConfig(group=2, group_channels=8, offset_scale=1.0 + uuid.uuid4().int % 10**9 / 10**12, **kw)
-
-
 def included_header(meta: dict) -> Path | None:
     flags = meta["cflags"]
     return Path(flags[flags.index("-include") + 1]) if "-include" in flags else None
@@ -43,7 +36,7 @@ def included_header(meta: dict) -> Path | None:
 def test_host_builds_take_the_precompiled_headers_from_the_second_on_and_clean_removes_them(cache, kind):
     def source():
         if kind == "cpu":
-            src = generate(fresh_config(dtype="float64", target="cpu"))
+            src = generate(fresh_config())
         else:
             src = generate_cuda(fresh_config(dtype="float16", target="cuda:sm_90"), emulate=True)
         # an unusable precompiled header is an error here, not a silent parse of the headers
@@ -64,7 +57,7 @@ def test_host_builds_take_the_precompiled_headers_from_the_second_on_and_clean_r
 def test_turned_off_by_the_environment(cache, monkeypatch):
     monkeypatch.setenv("DCNGEN_PRECOMPILED_HEADER", "0")
     for _ in range(2):
-        cfg = fresh_config(dtype="float64", target="cpu")
+        cfg = fresh_config()
         art = build(generate(cfg))
         assert included_header(art.meta) is None and not (cache / precompiled_header.FOLDER).exists()
     check_library_forward(cfg, load(art))
@@ -73,7 +66,7 @@ def test_turned_off_by_the_environment(cache, monkeypatch):
 def test_a_precompiled_header_gone_meanwhile_costs_only_time(cache, tmp_path, monkeypatch):
     gone = tmp_path / "removed-by-clean" / precompiled_header.HEADER.name
     monkeypatch.setattr(precompiled_header, "include_flags", lambda *args: ["-include", str(gone)])
-    cfg = fresh_config(dtype="float64", target="cpu")
+    cfg = fresh_config()
     art = build(generate(cfg))
     assert included_header(art.meta) is None
     check_library_forward(cfg, load(art))
@@ -86,7 +79,7 @@ def test_a_header_the_compiler_cannot_precompile_is_not_tried_again(cache, tmp_p
     attempts = []
     real_build = precompiled_header._build
     monkeypatch.setattr(precompiled_header, "_build", lambda *args: attempts.append(args) or real_build(*args))
-    flags = list(generate(fresh_config(dtype="float64", target="cpu")).flags)
+    flags = list(generate(fresh_config()).flags)
     for _ in range(3):
         assert precompiled_header.include_flags(cpp.host_cxx(), cpp.version(), flags) == []
     assert len(attempts) == 1, "the first compile goes without, the second tries, the third knows it fails"

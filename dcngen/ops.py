@@ -17,6 +17,7 @@ import torch.autograd.forward_ad as forward_ad
 from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
+from .autotune import ensure_tuned
 from .config import DTYPES, SPATIAL_MAX, DCNConfig, as_bool, as_int, as_number, as_pair
 from .errors import InputError, NoKernelError
 from .generators import backward_zeroes_padding
@@ -102,6 +103,7 @@ def _forward(cfg: DCNConfig, input, offset, mask):
     ho, wo = cfg.output_size(h, w)
     if input.numel() == 0:  # an empty batch, or an empty image that padding gives outputs: every point samples outside
         return input.new_zeros((n, ho, wo, cfg.channels))
+    ensure_tuned(cfg, (n, h, w), input.device)
     kernel = kernel_for(cfg, (n, h, w))
     input, offset, mask = input.contiguous(), offset.contiguous(), mask.contiguous()
     if hasattr(kernel, "forward_new"):  # the library allocates the output: about 0.03 ms less a call with cold caches

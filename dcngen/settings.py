@@ -11,9 +11,12 @@ into the user's cache and data folders.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
+
+from .errors import DCNGenError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 INSTALLED = (PACKAGE_DIR / "templates").is_dir()  # the wheel's layout
@@ -66,6 +69,22 @@ def cpu_target() -> str:
     level, which runs kernels built on another machine where this one has no compiler:
     dcngen/cpu_isas.py)."""
     return os.environ.get("DCNGEN_CPU_TARGET", "").strip() or "cpu"
+
+
+def autotune_seconds() -> float | None:
+    """DCNGEN_AUTOTUNE=SECONDS: the budget with which the first op call of a config and shape bucket
+    without a tuning record tunes it (dcngen/autotune.py); None (no tuning) where unset or 0."""
+    text = os.environ.get("DCNGEN_AUTOTUNE", "").strip()
+    if text in ("", "0"):
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (0 < seconds < math.inf):
+        raise DCNGenError(f"DCNGEN_AUTOTUNE must be a number of seconds, the tuning budget of each new config and "
+                          f"input shape (0 or unset: no tuning), got {text!r}")
+    return seconds
 
 
 def probe_writable(folder: Path) -> None:

@@ -1,13 +1,14 @@
 """The torch ops on CUDA tensors (skipped without a GPU): opcheck, torch.compile, deterministic mode,
-autocast, a non-default device, every gradient against the float64 reference."""
+autocast, a non-default device, tuning on first use, every gradient against the float64 reference."""
 
 import pytest
 import torch
 from helpers import assert_compile_matches_eager
 
 import dcngen.ops as ops
+from dcngen import autotune, records, reference
 from dcngen.config import DCNConfig
-from dcngen.verify import TOLERANCE, random_problem, run_op, verify
+from dcngen.verify import TOLERANCE, random_problem, rel_err, run_op, verify
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -65,3 +66,27 @@ def test_second_device():
     cfg = DCNConfig(group=4, group_channels=16, target="cuda")
     x, om = random_problem(cfg, 1, 8, 8).op_inputs(torch.float32, "cuda:1")
     assert ops.dcnv4(x, om, group=4, group_channels=16).device == torch.device("cuda:1")
+
+
+def test_first_use_tuning_on_cuda(tmp_path, monkeypatch):
+    """DCNGEN_AUTOTUNE: a call inside a CUDA graph capture does not tune (it could not time there);
+    the next call outside one does, and files the record under this GPU."""
+    monkeypatch.setenv("DCNGEN_RECORDS", str(tmp_path))
+    monkeypatch.setattr(autotune, "_attempted", set())
+    records.tuned_config.cache_clear()
+    cfg = DCNConfig(group=4, group_channels=16, target="cuda")
+    problem = random_problem(cfg, 2, 10, 12)
+    x, om = problem.op_inputs(torch.float32, "cuda")
+    ops.dcnv4(x, om, group=4, group_channels=16)  # loads the default kernel before the capture
+    torch.cuda.synchronize()
+    monkeypatch.setenv("DCNGEN_AUTOTUNE", "2")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ops.dcnv4(x, om, group=4, group_channels=16)
+    graph.replay()
+    assert records.all_records() == []
+    y = ops.dcnv4(x, om, group=4, group_channels=16)
+    assert [tuple(rec["bucket"]) for _, rec in records.all_records()] == [records.bucket((2, 10, 12))]
+    expected = reference.dcnv4(cfg, x.double().cpu(), om.double().cpu())
+    assert max(rel_err(captured, expected), rel_err(y, expected)) < TOLERANCE["float32"]
+    records.tuned_config.cache_clear()

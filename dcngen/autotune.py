@@ -1,0 +1,75 @@
+"""Tuning on first use (DCNGEN_AUTOTUNE=SECONDS), as cudnn.benchmark does for convolutions.
+
+The first op call of a (config, shape bucket) that has no tuning record of its own bucket on this
+machine runs `dcngen tune` for it (dcngen/tune.py: every candidate checked against the float64
+reference before it is timed) within that many seconds, and then takes the record's kernel like
+any later call, in this process or another. A process tunes a (config, bucket) at most once; one
+that fails warns and keeps the default parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from . import records, settings
+from .config import DCNConfig
+from .errors import warn
+
+log = logging.getLogger(__name__)  # INFO: each tune's start and result
+
+_attempted: set[tuple[DCNConfig, tuple[int, int]]] = set()
+_lock = threading.Lock()
+
+
+def ensure_tuned(cfg: DCNConfig, shape: tuple[int, int, int], device: torch.device) -> None:
+    """With DCNGEN_AUTOTUNE set, tune cfg for input `shape` (N, H, W) on `device` unless its bucket
+    has a record here or this process tried it already. cfg with explicit params is left alone, and
+    so is a call inside a CUDA graph capture (the next call outside one tunes)."""
+    budget = settings.autotune_seconds()
+    if budget is None or cfg.params:
+        return
+    key = (cfg, records.bucket(shape))
+    if key in _attempted or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return
+    with _lock:
+        if key in _attempted:
+            return
+        _attempted.add(key)
+        # a thread of its own: the tune's reference gradients need autograd, which the caller may
+        # have turned off (no_grad, inference mode, or the dispatcher below a custom op's autograd)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcngen-autotune") as pool:
+            failure = pool.submit(_tune, cfg, shape, device, budget).result()
+    if failure:
+        warn(f"dcngen could not tune {cfg.key} for input {'x'.join(map(str, shape))} on first use, so it runs "
+             f"its default parameters: {failure}")
+
+
+def _tune(cfg: DCNConfig, shape: tuple[int, int, int], device: torch.device, budget: float) -> str | None:
+    """Tune cfg at `shape` unless a finished record of its bucket exists (another process may have
+    written one meanwhile: tunes of one record file run one at a time); the failure's text, or None."""
+    from filelock import FileLock
+
+    from .tune import tune
+
+    try:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        path = records.path_for(cfg.target)
+        records.check_writable(path)
+        with FileLock(str(path.parent / f".{path.name}.tune.lock")):
+            found = records.lookup(cfg, shape)
+            if found is not None and tuple(found["bucket"]) == records.bucket(shape):
+                return None
+            log.info("tuning %s for input %s (DCNGEN_AUTOTUNE: up to %g s)", cfg.key, shape, budget)
+            result = tune(cfg, shape, time_budget=budget, jobs=os.cpu_count() or 1)
+            best = result.record["best"]
+            log.info("tuned %s: %s, %.4g ms (default %.4g ms), %d candidates in %.1f s", cfg.key, best["params"], best["ms"],
+                     result.record["default"]["ms"], len(result.trials), result.record["tune_seconds"])
+        return None
+    except Exception as e:  # the op still runs with the default parameters
+        return f"{type(e).__name__}: {e}"

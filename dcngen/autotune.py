@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -42,16 +41,37 @@ def ensure_tuned(cfg: DCNConfig, shape: tuple[int, int, int], device: torch.devi
         _attempted.add(key)
         # a thread of its own: the tune's reference gradients need autograd, which the caller may
         # have turned off (no_grad, inference mode, or the dispatcher below a custom op's autograd)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcngen-autotune") as pool:
-            failure = pool.submit(_tune, cfg, shape, device, budget).result()
+        stop, done = threading.Event(), threading.Event()
+        outcome: list[str | None] = []
+
+        def work() -> None:
+            try:
+                outcome.append(_tune(cfg, shape, device, budget, stop))
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name="dcngen-autotune", daemon=True).start()
+        try:
+            done.wait()  # (an interrupted Thread.join would take the thread for finished)
+        except KeyboardInterrupt:  # Ctrl-C: the tune stops after its current candidate; the next call resumes it
+            stop.set()
+            done.wait()
+            _attempted.discard(key)
+            raise
+        failure = outcome[0] if outcome else "the tune stopped unfinished"
     if failure:
         warn(f"dcngen could not tune {cfg.key} for input {'x'.join(map(str, shape))} on first use, so it runs "
              f"its default parameters: {failure}")
 
 
-def _tune(cfg: DCNConfig, shape: tuple[int, int, int], device: torch.device, budget: float) -> str | None:
+class _Stopped(Exception):
+    pass
+
+
+def _tune(cfg: DCNConfig, shape: tuple[int, int, int], device: torch.device, budget: float, stop: threading.Event) -> str | None:
     """Tune cfg at `shape` unless a finished record of its bucket exists (another process may have
-    written one meanwhile: tunes of one record file run one at a time); the failure's text, or None."""
+    written one meanwhile: tunes of one record file run one at a time); the failure's text, or None.
+    Once `stop` is set, the tune ends at its next candidate."""
     from filelock import FileLock
 
     from .tune import tune
@@ -66,10 +86,16 @@ def _tune(cfg: DCNConfig, shape: tuple[int, int, int], device: torch.device, bud
             if found is not None and tuple(found["bucket"]) == records.bucket(shape):
                 return None
             log.info("tuning %s for input %s (DCNGEN_AUTOTUNE: up to %g s)", cfg.key, shape, budget)
-            result = tune(cfg, shape, time_budget=budget, jobs=os.cpu_count() or 1)
+            def progress(*_) -> None:
+                if stop.is_set():
+                    raise _Stopped
+
+            result = tune(cfg, shape, time_budget=budget, jobs=os.cpu_count() or 1, progress=progress)
             best = result.record["best"]
             log.info("tuned %s: %s, %.4g ms (default %.4g ms), %d candidates in %.1f s", cfg.key, best["params"], best["ms"],
                      result.record["default"]["ms"], len(result.trials), result.record["tune_seconds"])
         return None
+    except _Stopped:
+        return "stopped"
     except Exception as e:  # the op still runs with the default parameters
         return f"{type(e).__name__}: {e}"

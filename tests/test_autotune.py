@@ -3,6 +3,9 @@ from any calling context, and the op's result unchanged by it."""
 
 from __future__ import annotations
 
+import signal
+import threading
+import time
 import warnings
 
 import pytest
@@ -127,3 +130,22 @@ def test_unset_or_zero_tunes_nothing(tunes, monkeypatch):
             monkeypatch.setenv("DCNGEN_AUTOTUNE", value)
         dcngen.ops.dcnv4(*_inputs(1, 8, 8), **OP_ARGS)
     assert tunes == [] and _recorded_buckets() == []
+
+
+def test_ctrl_c_stops_the_tune_at_its_next_candidate_and_the_next_call_resumes_it(tunes, monkeypatch):
+    monkeypatch.setenv("DCNGEN_AUTOTUNE", "600")
+    counted = tune.tune
+
+    def interrupted(*args, **kwargs):  # Ctrl-C half a second into the tune
+        threading.Timer(0.5, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
+        return counted(*args, **kwargs)
+
+    monkeypatch.setattr(tune, "tune", interrupted)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        dcngen.ops.dcnv4(*_inputs(1, 8, 8), **OP_ARGS)
+    assert time.monotonic() - started < 60 and _recorded_buckets() == []  # its record is unfinished, never used
+    monkeypatch.setattr(tune, "tune", counted)
+    monkeypatch.setenv("DCNGEN_AUTOTUNE", "2")
+    dcngen.ops.dcnv4(*_inputs(1, 8, 8), **OP_ARGS)
+    assert len(tunes) == 2 and _recorded_buckets() == [records.bucket((1, 8, 8))]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 import torch
 
@@ -21,6 +22,7 @@ from .errors import warn
 
 log = logging.getLogger(__name__)  # INFO: each tune's start and result
 
+WAIT_MARGIN_S = 30.0  # beyond the budget, how long a call waits for another process's tune of its record file
 _attempted: set[tuple[DCNConfig, tuple[int, int]]] = set()
 _lock = threading.Lock()
 
@@ -72,29 +74,41 @@ def _tune(cfg: DCNConfig, shape: tuple[int, int, int], device: torch.device, bud
     """Tune cfg at `shape` unless a finished record of its bucket exists (another process may have
     written one meanwhile: tunes of one record file run one at a time); the failure's text, or None.
     Once `stop` is set, the tune ends at its next candidate."""
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     from .tune import tune
+
+    def progress(*_) -> None:
+        if stop.is_set():
+            raise _Stopped
 
     try:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         path = records.path_for(cfg.target)
         records.check_writable(path)
-        with FileLock(str(path.parent / f".{path.name}.tune.lock")):
+        lock = FileLock(str(path.parent / f".{path.name}.tune.lock"))
+        patience = time.monotonic() + budget + WAIT_MARGIN_S
+        while True:  # (while another process tunes, Ctrl-C still stops this one)
+            progress()
+            try:
+                lock.acquire(timeout=1.0)
+                break
+            except Timeout:
+                if time.monotonic() > patience:
+                    return f"another process has been tuning for more than {budget + WAIT_MARGIN_S:g} s (it holds {lock.lock_file})"
+        try:
             found = records.lookup(cfg, shape)
             if found is not None and tuple(found["bucket"]) == records.bucket(shape):
                 return None
             log.info("tuning %s for input %s (DCNGEN_AUTOTUNE: up to %g s)", cfg.key, shape, budget)
-            def progress(*_) -> None:
-                if stop.is_set():
-                    raise _Stopped
-
             result = tune(cfg, shape, time_budget=budget, jobs=os.cpu_count() or 1, progress=progress)
             best = result.record["best"]
             log.info("tuned %s: %s, %.4g ms (default %.4g ms), %d candidates in %.1f s", cfg.key, best["params"], best["ms"],
                      result.record["default"]["ms"], len(result.trials), result.record["tune_seconds"])
-        return None
+            return None
+        finally:
+            lock.release()
     except _Stopped:
         return "stopped"
     except Exception as e:  # the op still runs with the default parameters

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from filelock import FileLock
 
 import dcngen.ops
 from dcngen import autotune, records, reference, tune
@@ -85,20 +86,50 @@ def test_tuning_needs_nothing_of_the_callers_context(tunes, context):
     assert tunes == [(CFG.key, (1, 12, 12))] and _recorded_buckets() == [records.bucket((1, 12, 12))]
 
 
+def _write_record(shape) -> None:
+    """A finished tune's record of CFG's bucket of `shape` (as another process would write it)."""
+    bkt, default = records.bucket(shape), tune.default_params(CFG)
+    records.update(records.path_for(CFG.target), CFG.target, records.record_key(CFG, bkt), {
+        "config": records.config_key(CFG), "generator_version": records.generator_version(), "bucket": list(bkt),
+        "shape": list(shape), "best": {"params": default, "ms": 1.0}, "default": {"params": default, "ms": 1.0},
+        "candidates": {records.params_name(default): 1.0}})
+
+
 def test_a_record_of_the_bucket_is_used_and_a_nearby_ones_is_not_enough(tunes):
-    path = records.path_for(CFG.target)
     for shape in ((2, 16, 16), (4, 16, 16)):  # another process's finished tune, and one a bucket away
-        bkt = records.bucket(shape)
-        default = tune.default_params(CFG)
-        records.update(path, CFG.target, records.record_key(CFG, bkt), {
-            "config": records.config_key(CFG), "generator_version": records.generator_version(), "bucket": list(bkt),
-            "shape": list(shape), "best": {"params": default, "ms": 1.0}, "default": {"params": default, "ms": 1.0},
-            "candidates": {records.params_name(default): 1.0}})
+        _write_record(shape)
         if shape == (2, 16, 16):
             dcngen.ops.dcnv4(*_inputs(*shape), **OP_ARGS)
             assert tunes == []
     dcngen.ops.dcnv4(*_inputs(8, 16, 16), **OP_ARGS)
     assert tunes == [(CFG.key, (8, 16, 16))]
+
+
+def test_a_call_waits_for_another_process_tuning_the_same_record_file_and_takes_its_record(tunes):
+    path = records.path_for(CFG.target)
+    other = FileLock(str(path.parent / f".{path.name}.tune.lock"), thread_local=False)  # another process's tune, which ends in 1.5 s
+    other.acquire()
+
+    def finish():
+        _write_record((2, 12, 12))
+        other.release()
+
+    threading.Timer(1.5, finish).start()
+    started = time.monotonic()
+    x, om = _inputs(2, 12, 12)
+    _assert_correct(dcngen.ops.dcnv4(x, om, **OP_ARGS), x, om)
+    assert time.monotonic() - started > 1.5 and tunes == []
+
+
+def test_a_call_gives_up_waiting_for_a_tune_that_takes_too_long(tunes, monkeypatch):
+    monkeypatch.setenv("DCNGEN_AUTOTUNE", "1")
+    monkeypatch.setattr(autotune, "WAIT_MARGIN_S", 0.5)
+    path = records.path_for(CFG.target)
+    with FileLock(str(path.parent / f".{path.name}.tune.lock")):
+        x, om = _inputs(1, 9, 9)
+        with pytest.warns(RuntimeWarning, match="default parameters: another process has been tuning for more than 1.5 s"):
+            _assert_correct(dcngen.ops.dcnv4(x, om, **OP_ARGS), x, om)
+    assert tunes == []
 
 
 def test_a_failed_tune_warns_once_and_the_op_runs_with_its_defaults(tunes, tmp_path, monkeypatch):

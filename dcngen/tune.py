@@ -37,10 +37,25 @@ MIN_SAMPLE_MS = 10.0  # calls per timing sample are batched up to this
 
 @dataclass(frozen=True)
 class Space:
-    """Candidate values per parameter, and the kernel passes the parameters change (what is timed)."""
+    """Candidate values per parameter, the kernel passes the parameters change (what is timed), and
+    the generator's other kernels (each as the parameters that select it), tried first."""
 
     values: dict[str, tuple[int, ...]]
     passes: tuple[str, ...] = ("forward", "backward")
+    kernels: tuple[dict[str, int], ...] = ()
+
+
+# The CUDA template's forward and backward kernels besides the per-point ones, by the parameters
+# that select them (those a dtype's space lacks are left out)
+CUDA_FORWARD_KERNELS = ({"share": 1}, {"fwd_tile": 1}, {"fwd_tile": 1, "fwd_tile_mma": 1}, {"fwd_mma": 1}, {"mma": 1})
+CUDA_BACKWARD_KERNELS = ({"bwd_tile": 1}, {"bwd_mma": 1})
+
+
+def _kernel_choices(values: dict[str, tuple[int, ...]]) -> tuple[dict[str, int], ...]:
+    """Each other forward kernel, each other backward one, then each pair of them: the passes are
+    timed together, so a pair is how a better forward and a better backward are found together."""
+    forward, backward = ([k for k in kernels if k.keys() <= values.keys()] for kernels in (CUDA_FORWARD_KERNELS, CUDA_BACKWARD_KERNELS))
+    return tuple(forward + backward + [{**f, **b} for f in forward for b in backward])
 
 
 def _pow2_upto(lo: int, hi: int) -> tuple[int, ...]:
@@ -77,7 +92,7 @@ def space_for(cfg: DCNConfig) -> Space:
             values["fwd_halo"] = (1, 2, 3)
             values["bwd_mma"] = (0, 1)  # the tensor-core backward (with bwd_tile=1: skipped)
             values["bwd_mma_warps"] = (4, 8)  # its warps a block (two blocks an SM where its layout fits twice)
-        return Space(values)
+        return Space(values, kernels=_kernel_choices(values))
     if not cfg.is_cuda:
         return Space({"pixels_per_task": _pow2_upto(1, 256), "unroll_points": (0, 1), "vector": (0, 1)})
     from .generators.tvm_gen import schedule_module
@@ -109,9 +124,9 @@ def _kernel_key(cfg: DCNConfig, params: dict) -> str | None:
 
 
 def candidates(cfg: DCNConfig, space: Space, default: dict, seed: int = 0):
-    """Parameter sets in search order: the default, then one parameter varied at a time, then the
-    rest of the grid in a seeded random order (sampled when the grid is large). Invalid sets, and
-    sets that give a kernel already emitted, are skipped."""
+    """Parameter sets in search order: the default, then the space's other kernels, then one
+    parameter varied at a time, then the rest of the grid in a seeded random order (sampled when
+    the grid is large). Invalid sets, and sets that give a kernel already emitted, are skipped."""
     names = sorted(space.values)
     seen: set[str] = set()
     kernels: set[str] = set()
@@ -127,7 +142,7 @@ def candidates(cfg: DCNConfig, space: Space, default: dict, seed: int = 0):
         kernels.add(key)
         return params
 
-    ordered = [dict(default)]
+    ordered = [dict(default)] + [{**default, **kernel} for kernel in space.kernels]
     for name in names:
         ordered += [{**default, name: v} for v in space.values[name] if v != default.get(name)]
     rng = random.Random(seed)

@@ -149,6 +149,18 @@ def test_candidates_that_give_the_same_kernel_are_timed_once():
     assert len({src.kernel_text for src in sources}) == len(first)
 
 
+def test_cuda_searches_try_the_other_kernels_first():
+    """Right after the default: each other forward and backward kernel, then each pair of them (so a
+    short tune reaches them all, the tiled tensor-core forward too, which takes two parameters)."""
+    cfg = CFG.replace(target="cuda:sm_90", dtype="float16", group_channels=32)
+    space, default = tune.space_for(cfg), tune.default_params(cfg)
+    changed = [{k: v for k, v in p.items() if v != default[k]} for p in itertools.islice(tune.candidates(cfg, space, default), 19)]
+    kernels = [*tune.CUDA_FORWARD_KERNELS, *tune.CUDA_BACKWARD_KERNELS]
+    assert changed[:8] == [{}, *kernels]
+    assert changed[8:18] == [{**f, **b} for f in tune.CUDA_FORWARD_KERNELS for b in tune.CUDA_BACKWARD_KERNELS]
+    assert len(changed[18]) == 1 and changed[18] not in kernels  # then one parameter at a time
+
+
 def _sign_error_generator(monkeypatch, bad_chunk: int):
     """The CPU template generator, with the forward output negated when pixel_chunk == bad_chunk."""
     original = template_cpu.generate

@@ -3,8 +3,8 @@
 The first op call of a (config, shape bucket) that has no tuning record of its own bucket on this
 machine runs `dcngen tune` for it (dcngen/tune.py: every candidate checked against the float64
 reference before it is timed) within that many seconds, and then takes the record's kernel like
-any later call, in this process or another. A process tunes a (config, bucket) at most once; one
-that fails warns and keeps the default parameters.
+any later call, in this process or another. A process tries a (config, bucket) once (again only
+after Ctrl-C stopped the tune); a tune that fails warns and the op keeps its default parameters.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def ensure_tuned(cfg: DCNConfig, shape: tuple[int, int, int], device: torch.devi
 
 
 class _Stopped(Exception):
-    pass
+    """Raised in the tuning thread once its caller was interrupted, at the tune's next step."""
 
 
 def _tune(cfg: DCNConfig, shape: tuple[int, int, int], device: torch.device, budget: float, stop: threading.Event) -> str | None:

@@ -210,7 +210,10 @@ def tune(cfg: DCNConfig, shape: Shapes = None, trials: Annotated[int, typer.Opti
          seed: Annotated[int, typer.Option(help="seed of the search order")] = 0,
          jobs: Annotated[Optional[int], typer.Option(min=1, help="candidates built in parallel, before they are timed one by one "
                                                           "(template backends; default: the CPU count)")] = None) -> None:
-    """Search generator parameters by measurement; store the best per machine, config and shape bucket."""
+    """Search generator parameters by measurement; store the best per machine, config and shape bucket.
+
+    With DCNGEN_AUTOTUNE=SECONDS set, the ops run this search themselves on first use (see README).
+    """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from . import records

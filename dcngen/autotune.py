@@ -22,6 +22,7 @@ from .errors import warn
 
 log = logging.getLogger(__name__)  # INFO: each tune's start and result
 
+WAKE_S = 0.1  # how often a call waiting for its tune looks for Ctrl-C
 WAIT_MARGIN_S = 30.0  # beyond the budget, how long a call waits for another process's tune of its record file
 _attempted: set[tuple[DCNConfig, tuple[int, int]]] = set()
 _lock = threading.Lock()
@@ -54,8 +55,11 @@ def ensure_tuned(cfg: DCNConfig, shape: tuple[int, int, int], device: torch.devi
 
         threading.Thread(target=work, name="dcngen-autotune", daemon=True).start()
         try:
-            done.wait()  # (an interrupted Thread.join would take the thread for finished)
-        except KeyboardInterrupt:  # Ctrl-C: the tune stops after its current candidate; the next call resumes it
+            # short waits: Ctrl-C lands when this thread next runs Python, whichever thread the
+            # signal interrupted (and an interrupted Thread.join would take the thread for finished)
+            while not done.wait(WAKE_S):
+                pass
+        except KeyboardInterrupt:  # the tune stops after its current candidate; the next call resumes it
             stop.set()
             done.wait()
             _attempted.discard(key)

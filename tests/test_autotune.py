@@ -3,7 +3,7 @@ from any calling context, and the op's result unchanged by it."""
 
 from __future__ import annotations
 
-import signal
+import _thread
 import threading
 import time
 import warnings
@@ -164,11 +164,12 @@ def test_unset_or_zero_tunes_nothing(tunes, monkeypatch):
 
 
 def test_ctrl_c_stops_the_tune_at_its_next_candidate_and_the_next_call_resumes_it(tunes, monkeypatch):
+    assert threading.current_thread() is threading.main_thread()  # where Python raises KeyboardInterrupt
     monkeypatch.setenv("DCNGEN_AUTOTUNE", "600")
     counted = tune.tune
 
-    def interrupted(*args, **kwargs):  # Ctrl-C half a second into the tune
-        threading.Timer(0.5, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
+    def interrupted(*args, **kwargs):  # Ctrl-C half a second into the tune, as Python's signal handler takes it
+        threading.Timer(0.5, _thread.interrupt_main).start()
         return counted(*args, **kwargs)
 
     monkeypatch.setattr(tune, "tune", interrupted)

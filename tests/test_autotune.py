@@ -4,6 +4,7 @@ from any calling context, and the op's result unchanged by it."""
 from __future__ import annotations
 
 import _thread
+import signal
 import threading
 import time
 import warnings
@@ -163,8 +164,17 @@ def test_unset_or_zero_tunes_nothing(tunes, monkeypatch):
     assert tunes == [] and _recorded_buckets() == []
 
 
-def test_ctrl_c_stops_the_tune_at_its_next_candidate_and_the_next_call_resumes_it(tunes, monkeypatch):
+@pytest.fixture
+def ctrl_c_handled():
+    """Python's own Ctrl-C handler, as in an interactive process (a shell's background job, a CI
+    runner's say, starts with SIGINT ignored, and Python then installs none)."""
     assert threading.current_thread() is threading.main_thread()  # where Python raises KeyboardInterrupt
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_stops_the_tune_at_its_next_candidate_and_the_next_call_resumes_it(tunes, ctrl_c_handled, monkeypatch):
     monkeypatch.setenv("DCNGEN_AUTOTUNE", "600")
     counted = tune.tune
 

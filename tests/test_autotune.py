@@ -30,6 +30,7 @@ def tunes(tmp_path, monkeypatch):
     monkeypatch.setenv("DCNGEN_RECORDS", str(tmp_path))
     monkeypatch.setenv("DCNGEN_AUTOTUNE", "2")
     monkeypatch.setattr(autotune, "_attempted", set())
+    monkeypatch.setattr(autotune, "_decided", set())
     records.tuned_config.cache_clear()
     calls = []
     real = tune.tune
@@ -191,3 +192,13 @@ def test_ctrl_c_stops_the_tune_at_its_next_candidate_and_the_next_call_resumes_i
     monkeypatch.setenv("DCNGEN_AUTOTUNE", "2")
     dcngen.ops.dcnv4(*_inputs(1, 8, 8), **OP_ARGS)
     assert len(tunes) == 2 and _recorded_buckets() == [records.bucket((1, 8, 8))]
+
+
+def test_the_variable_is_read_at_the_first_call_of_a_config_and_shape(tunes, monkeypatch):
+    monkeypatch.delenv("DCNGEN_AUTOTUNE")
+    dcngen.ops.dcnv4(*_inputs(1, 8, 8), **OP_ARGS)
+    monkeypatch.setenv("DCNGEN_AUTOTUNE", "2")
+    dcngen.ops.dcnv4(*_inputs(1, 8, 8), **OP_ARGS)  # decided at its first call
+    assert tunes == []
+    dcngen.ops.dcnv4(*_inputs(1, 9, 9), **OP_ARGS)  # a first call
+    assert tunes == [(CFG.key, (1, 9, 9))]

@@ -73,6 +73,7 @@ def test_first_use_tuning_on_cuda(tmp_path, monkeypatch):
     the next call outside one does, and files the record under this GPU."""
     monkeypatch.setenv("DCNGEN_RECORDS", str(tmp_path))
     monkeypatch.setattr(autotune, "_attempted", set())
+    monkeypatch.setattr(autotune, "_decided", set())
     records.tuned_config.cache_clear()
     cfg = DCNConfig(group=4, group_channels=16, target="cuda")
     problem = random_problem(cfg, 2, 10, 12)
@@ -80,6 +81,7 @@ def test_first_use_tuning_on_cuda(tmp_path, monkeypatch):
     ops.dcnv4(x, om, group=4, group_channels=16)  # loads the default kernel before the capture
     torch.cuda.synchronize()
     monkeypatch.setenv("DCNGEN_AUTOTUNE", "2")
+    monkeypatch.setattr(autotune, "_decided", set())  # the variable is read at a config and shape's first call
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = ops.dcnv4(x, om, group=4, group_channels=16)

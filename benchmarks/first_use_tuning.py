@@ -5,7 +5,7 @@ it within the budget), then the kernel it chose against the default parameters, 
 alternating, with the median of the paired ratios (default time / tuned time; 1.0 where the tune
 kept the default).
 
-    python benchmarks/first_use_tuning.py --budget 60 --shape 8x56x56 [--op dcnv4 --group 4 --group-channels 16 --dtype float32 --device cpu]
+    python benchmarks/first_use_tuning.py --budget 60 --shape 8x56x56 [--op dcnv4 --group 4 --group-channels 16 --kernel-size 3 --dtype float32 --device cpu]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from dcngen import ops, records
 from dcngen.bench import compare
 from dcngen.config import DCNConfig
-from dcngen.kernels import target_of
+from dcngen.kernels import kernel_for, target_of
 from dcngen.verify import TORCH_DTYPE, random_problem
 
 
@@ -31,17 +31,19 @@ def main() -> None:
     parser.add_argument("--op", default="dcnv4")
     parser.add_argument("--group", type=int, default=4)
     parser.add_argument("--group-channels", type=int, default=16)
+    parser.add_argument("--kernel-size", type=int, default=3)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=15, help="paired rounds of the comparison")
     args = parser.parse_args()
     n, h, w = (int(v) for v in args.shape.split("x"))
     device = torch.device(args.device)
-    cfg = DCNConfig(op=args.op, group=args.group, group_channels=args.group_channels, dtype=args.dtype, target=target_of(device))
+    cfg = DCNConfig(op=args.op, group=args.group, group_channels=args.group_channels, kernel_size=args.kernel_size,
+                    padding=args.kernel_size // 2, dtype=args.dtype, target=target_of(device))
     problem = random_problem(cfg, n, h, w)
     tensors = [t.requires_grad_() for t in problem.op_inputs(TORCH_DTYPE[cfg.dtype], device)]
     grad_out = problem.grad_out.to(dtype=TORCH_DTYPE[cfg.dtype], device=device)
-    ops.run_config(cfg.replace(params=()), *tensors)  # the default kernel built before the clock starts
+    kernel_for(cfg)  # the default kernel built before the clock starts (not by an op call, which reads DCNGEN_AUTOTUNE)
 
     with tempfile.TemporaryDirectory() as folder:
         os.environ.update(DCNGEN_RECORDS=folder, DCNGEN_AUTOTUNE=str(args.budget))

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 
 import torch
 
@@ -80,6 +81,11 @@ def _tune_once(cfg: DCNConfig, shape: tuple[int, int, int], device: torch.device
              f"its default parameters: {failure}")
 
 
+def lock_file(record_file: Path) -> Path:
+    """The lock a tune on first use holds over `record_file` (hidden, beside it; ignored by git)."""
+    return record_file.parent / f".{record_file.name}.tune.lock"
+
+
 class _Stopped(Exception):
     """Raised in the tuning thread once its caller was interrupted, at the tune's next step."""
 
@@ -101,7 +107,7 @@ def _tune(cfg: DCNConfig, shape: tuple[int, int, int], device: torch.device, bud
             torch.cuda.set_device(device)
         path = records.path_for(cfg.target)
         records.check_writable(path)
-        lock = FileLock(str(path.parent / f".{path.name}.tune.lock"))
+        lock = FileLock(str(lock_file(path)))
         patience = time.monotonic() + budget + WAIT_MARGIN_S
         while True:  # (while another process tunes, Ctrl-C still stops this one)
             progress()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dcngen import reference
+from dcngen import records, reference, tune
 from dcngen.compilers import cuda
 from dcngen.config import DCNConfig
 from dcngen.errors import BuildError
@@ -145,3 +145,12 @@ def fresh_config(**kw) -> DCNConfig:
     offset_scale is unique. DCNv4, 2 groups of 4 channels, float64, CPU, unless `kw` says otherwise."""
     scale = 1.0 + (uuid.uuid4().int % 10**9) / 10**12 + next(_fresh) * 1e-3
     return DCNConfig(**{"group": 2, "group_channels": 4, "dtype": "float64", **kw}, offset_scale=scale)
+
+
+def finished_record(cfg: DCNConfig, bkt, best: dict, ms: float = 1.0) -> dict:
+    """A finished tune's record of cfg at shape bucket `bkt` whose best parameters are `best` (as
+    `dcngen tune` writes it; the default half as fast)."""
+    default = tune.default_params(cfg)
+    return {"config": records.config_key(cfg), "generator_version": records.generator_version(), "bucket": list(bkt),
+            "shape": [bkt[0], 8, 8], "best": {"params": best, "ms": ms}, "default": {"params": default, "ms": 2 * ms},
+            "candidates": {records.params_name(best): ms, records.params_name(default): 2 * ms}}

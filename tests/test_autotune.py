@@ -18,6 +18,7 @@ from dcngen import autotune, records, reference, tune
 from dcngen.config import DCNConfig
 from dcngen.errors import DCNGenError
 from dcngen.verify import TOLERANCE, rel_err
+from helpers import finished_record
 
 CFG = DCNConfig(op="dcnv4", group=2, group_channels=8)
 OP_ARGS = dict(group=2, group_channels=8)
@@ -90,11 +91,8 @@ def test_tuning_needs_nothing_of_the_callers_context(tunes, context):
 
 def _write_record(shape) -> None:
     """A finished tune's record of CFG's bucket of `shape` (as another process would write it)."""
-    bkt, default = records.bucket(shape), tune.default_params(CFG)
-    records.update(records.path_for(CFG.target), CFG.target, records.record_key(CFG, bkt), {
-        "config": records.config_key(CFG), "generator_version": records.generator_version(), "bucket": list(bkt),
-        "shape": list(shape), "best": {"params": default, "ms": 1.0}, "default": {"params": default, "ms": 1.0},
-        "candidates": {records.params_name(default): 1.0}})
+    bkt = records.bucket(shape)
+    records.update(records.path_for(CFG.target), CFG.target, records.record_key(CFG, bkt), finished_record(CFG, bkt, tune.default_params(CFG)))
 
 
 def test_a_record_of_the_bucket_is_used_and_a_nearby_ones_is_not_enough(tunes):
@@ -108,8 +106,7 @@ def test_a_record_of_the_bucket_is_used_and_a_nearby_ones_is_not_enough(tunes):
 
 
 def test_a_call_waits_for_another_process_tuning_the_same_record_file_and_takes_its_record(tunes):
-    path = records.path_for(CFG.target)
-    other = FileLock(str(path.parent / f".{path.name}.tune.lock"), thread_local=False)  # another process's tune, which ends in 1.5 s
+    other = FileLock(str(autotune.lock_file(records.path_for(CFG.target))), thread_local=False)  # another process's tune, which ends in 1.5 s
     other.acquire()
 
     def finish():
@@ -126,8 +123,7 @@ def test_a_call_waits_for_another_process_tuning_the_same_record_file_and_takes_
 def test_a_call_gives_up_waiting_for_a_tune_that_takes_too_long(tunes, monkeypatch):
     monkeypatch.setenv("DCNGEN_AUTOTUNE", "1")
     monkeypatch.setattr(autotune, "WAIT_MARGIN_S", 0.5)
-    path = records.path_for(CFG.target)
-    with FileLock(str(path.parent / f".{path.name}.tune.lock")):
+    with FileLock(str(autotune.lock_file(records.path_for(CFG.target)))):
         x, om = _inputs(1, 9, 9)
         with pytest.warns(RuntimeWarning, match="default parameters: another process has been tuning for more than 1.5 s"):
             _assert_correct(dcngen.ops.dcnv4(x, om, **OP_ARGS), x, om)

@@ -22,16 +22,10 @@ from dcngen import kernels, records, tune
 from dcngen.config import DCNConfig
 from dcngen.errors import DCNGenError
 from dcngen.generators import generate, template_cpu
+from helpers import finished_record
 
 CFG = DCNConfig(op="dcnv4", group=2, group_channels=8)
 SHAPE = (1, 8, 8)
-
-
-def _record(cfg: DCNConfig, bkt, best: dict, ms: float = 1.0) -> dict:
-    default = tune.default_params(cfg)
-    return {"config": records.config_key(cfg), "generator_version": records.generator_version(), "bucket": list(bkt),
-            "shape": [bkt[0], 8, 8], "best": {"params": best, "ms": ms}, "default": {"params": default, "ms": 2 * ms},
-            "candidates": {records.params_name(best): ms, records.params_name(default): 2 * ms}}
 
 
 @pytest.fixture
@@ -52,7 +46,7 @@ def test_bucket_rounds_to_nearest_power_of_two():
 def test_record_round_trip_is_sorted_and_readable(root):
     path = records.path_for("cpu", root)
     key = records.record_key(CFG, (1, 64))
-    rec = _record(CFG, (1, 64), {"pixel_chunk": 4, "unroll_points": 2})
+    rec = finished_record(CFG, (1, 64), {"pixel_chunk": 4, "unroll_points": 2})
     records.update(path, "cpu", key, rec)
     text = path.read_text()
     assert json.loads(text)["records"][key] == rec
@@ -65,10 +59,10 @@ def test_record_round_trip_is_sorted_and_readable(root):
 def test_lookup_picks_nearest_bucket_of_same_config_and_version(root):
     path = records.path_for("cpu", root)
     small, large = {"pixel_chunk": 2, "unroll_points": 1}, {"pixel_chunk": 64, "unroll_points": 1}
-    records.update(path, "cpu", records.record_key(CFG, (1, 64)), _record(CFG, (1, 64), small))
-    records.update(path, "cpu", records.record_key(CFG, (8, 4096)), _record(CFG, (8, 4096), large))
+    records.update(path, "cpu", records.record_key(CFG, (1, 64)), finished_record(CFG, (1, 64), small))
+    records.update(path, "cpu", records.record_key(CFG, (8, 4096)), finished_record(CFG, (8, 4096), large))
     other = CFG.replace(group_channels=16)
-    records.update(path, "cpu", records.record_key(other, (1, 64)), _record(other, (1, 64), {"pixel_chunk": 1, "unroll_points": 1}))
+    records.update(path, "cpu", records.record_key(other, (1, 64)), finished_record(other, (1, 64), {"pixel_chunk": 1, "unroll_points": 1}))
     assert records.lookup(CFG, (1, 9, 9))["best"]["params"] == small
     assert records.lookup(CFG, (16, 56, 56))["best"]["params"] == large
     assert records.lookup(CFG.replace(dtype="float64"), (1, 8, 8)) is None
@@ -81,9 +75,9 @@ def test_lookup_picks_nearest_bucket_of_same_config_and_version(root):
     # and the next update drops them from the file, but keeps a newer dcngen's (a shared folder)
     newer = records.record_key(CFG, (1, 64)).replace(current, f"|v{int(records.generator_version()) + 1}|")
     data = records.load(path)
-    data["records"][newer] = _record(CFG, (1, 64), small)
+    data["records"][newer] = finished_record(CFG, (1, 64), small)
     records.save(path, data)
-    records.update(path, "cpu", records.record_key(CFG, (1, 64)), _record(CFG, (1, 64), small))
+    records.update(path, "cpu", records.record_key(CFG, (1, 64)), finished_record(CFG, (1, 64), small))
     assert sorted(records.load(path)["records"]) == sorted([records.record_key(CFG, (1, 64)), newer])
     assert [p.name for p in root.glob("*.lock")] == [f".{path.name}.lock"]  # the writers' lock: beside the file, hidden
 
@@ -91,16 +85,16 @@ def test_lookup_picks_nearest_bucket_of_same_config_and_version(root):
 def test_jit_path_uses_record_and_falls_back(root):
     path = records.path_for("cpu", root)
     best = {"pixel_chunk": 4, "unroll_points": 2}
-    records.update(path, "cpu", records.record_key(CFG, (1, 64)), _record(CFG, (1, 64), best))
+    records.update(path, "cpu", records.record_key(CFG, (1, 64)), finished_record(CFG, (1, 64), best))
     assert records.tuned_config(CFG, (1, 64)).param_dict == best
     assert records.tuned_config(CFG.replace(group=3), (1, 64)).params == ()  # no record: heuristic
     assert records.tuned_config(CFG.replace(params=(("pixel_chunk", 8),)), (1, 64)).param_dict == {"pixel_chunk": 8}
     # a record the generator no longer accepts is ignored with a warning
-    records.update(path, "cpu", records.record_key(CFG, (1, 64)), _record(CFG, (1, 64), {"pixel_chunk": 99999}))
+    records.update(path, "cpu", records.record_key(CFG, (1, 64)), finished_record(CFG, (1, 64), {"pixel_chunk": 99999}))
     with pytest.warns(RuntimeWarning, match="ignoring the tuning record"):
         assert records.tuned_config(CFG, (1, 64)).params == ()
     for bad in ({"pixel_chunk": "x"}, {"pixel_chunk": 1.7}, {"pixel_chunk": True}):  # values that are no ints
-        rec = _record(CFG, (1, 64), best)
+        rec = finished_record(CFG, (1, 64), best)
         rec["best"]["params"] = bad
         records.update(path, "cpu", records.record_key(CFG, (1, 64)), rec)
         with pytest.warns(RuntimeWarning, match="ignoring the tuning record"):
@@ -114,7 +108,7 @@ def test_record_warnings_name_the_callers_line(root):
     import dcngen.ops
 
     path = records.path_for("cpu", root)
-    records.update(path, "cpu", records.record_key(CFG, (1, 64)), _record(CFG, (1, 64), {"pixel_chunk": 99999}))
+    records.update(path, "cpu", records.record_key(CFG, (1, 64)), finished_record(CFG, (1, 64), {"pixel_chunk": 99999}))
     x, offset_mask = torch.randn(1, 8, 8, 16), torch.randn(1, 8, 8, 54)
     with pytest.warns(RuntimeWarning, match="ignoring the tuning record") as caught:
         dcngen.ops.dcnv4(x, offset_mask, group=2, group_channels=8); line = sys._getframe().f_lineno  # noqa: E702
@@ -347,7 +341,7 @@ def test_a_resumed_tune_rescales_earlier_times_and_re_times_their_best(root):
     over other passes is not resumed."""
     (default, cand), space = _chunks(tune.default_params(CFG)["pixel_chunk"], 2)
     path, key = records.path_for("cpu", root), records.record_key(CFG, records.bucket(SHAPE))
-    earlier = {**_record(CFG, records.bucket(SHAPE), records.parse_params_name(cand), ms=10.0), "passes": ["forward"]}
+    earlier = {**finished_record(CFG, records.bucket(SHAPE), records.parse_params_name(cand), ms=10.0), "passes": ["forward"]}
     records.update(path, "cpu", key, {**earlier, "candidates": {default: 20.0, cand: 10.0}})
     executor = _Scripted(CFG, {default: 2.0, cand: 3.0})  # today: the default 10x faster, the candidate slower than it
     result = tune.tune(CFG, SHAPE, trials=0, time_budget=120, rounds=3, space=space, executor=executor)
@@ -418,10 +412,10 @@ def test_record_files_keep_the_umask_mode_and_a_shared_file_its_own(root):
     key = records.record_key(CFG, (1, 64))
     old = os.umask(0o022)
     try:
-        records.update(path, "cpu", key, _record(CFG, (1, 64), {"pixel_chunk": 4}))
+        records.update(path, "cpu", key, finished_record(CFG, (1, 64), {"pixel_chunk": 4}))
         assert path.stat().st_mode & 0o777 == 0o644
         os.chmod(path, 0o664)
-        records.update(path, "cpu", key, _record(CFG, (1, 64), {"pixel_chunk": 8}))
+        records.update(path, "cpu", key, finished_record(CFG, (1, 64), {"pixel_chunk": 8}))
         assert path.stat().st_mode & 0o777 == 0o664
     finally:
         os.umask(old)
@@ -431,7 +425,7 @@ def test_malformed_records_are_skipped_with_a_warning(root):
     """A record with a result but missing fields (a hand edit, a bad merge) neither breaks the ops nor
     `tune --list`: it is skipped with a warning."""
     path = records.path_for("cpu", root)
-    good = _record(CFG, (1, 64), {"pixel_chunk": 4, "unroll_points": 2})
+    good = finished_record(CFG, (1, 64), {"pixel_chunk": 4, "unroll_points": 2})
     records.update(path, "cpu", records.record_key(CFG, (1, 64)), {k: v for k, v in good.items() if k != "bucket"})
     records.update(path, "cpu", records.record_key(CFG, (2, 64)), {**good, "best": {"params": {"pixel_chunk": 4}, "ms": "fast"}})
     with pytest.warns(RuntimeWarning, match="malformed tuning record"):
@@ -460,7 +454,7 @@ def test_unreadable_record_files_are_skipped_by_lookups_and_refused_by_updates(r
         with pytest.warns(RuntimeWarning, match=f"ignoring its records: tuning record file {path}"):
             assert records.all_records() == []
         with pytest.raises(DCNGenError, match="tuning record file"):
-            records.update(path, "cpu", key, _record(CFG, (1, 64), {"pixel_chunk": 4}))
+            records.update(path, "cpu", key, finished_record(CFG, (1, 64), {"pixel_chunk": 4}))
         assert path.read_text() == text
 
 
@@ -498,7 +492,7 @@ def test_cuda_records_are_found_without_the_gpu(root, monkeypatch):
         cfg = CFG.replace(target="cuda:sm_90")
         for gpu, arch, best in (("NVIDIA H100 80GB HBM3", "sm_90", {"vec": 4}), ("NVIDIA A100", "sm_80", {"vec": 8})):
             path = records.path_for(cfg.target, root, {"gpu": gpu, "arch": arch})
-            records.update(path, cfg.target, records.record_key(cfg, (1, 64)), _record(cfg, (1, 64), best), {"gpu": gpu, "arch": arch})
+            records.update(path, cfg.target, records.record_key(cfg, (1, 64)), finished_record(cfg, (1, 64), best), {"gpu": gpu, "arch": arch})
         assert records.lookup(cfg, SHAPE)["best"]["params"] == {"vec": 4}
     finally:
         records.machine.cache_clear()
@@ -536,8 +530,8 @@ def test_lookup_ties_go_to_the_earlier_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(records, "records_dirs", lambda: (first, second))
     records.tuned_config.cache_clear()
     a, b = {"pixel_chunk": 2, "unroll_points": 1}, {"pixel_chunk": 8, "unroll_points": 1}
-    records.update(records.path_for("cpu", second), "cpu", records.record_key(CFG, (1, 64)), _record(CFG, (1, 64), b))
-    records.update(records.path_for("cpu", first), "cpu", records.record_key(CFG, (1, 256)), _record(CFG, (1, 256), a))
+    records.update(records.path_for("cpu", second), "cpu", records.record_key(CFG, (1, 64)), finished_record(CFG, (1, 64), b))
+    records.update(records.path_for("cpu", first), "cpu", records.record_key(CFG, (1, 256)), finished_record(CFG, (1, 256), a))
     assert records.lookup(CFG, (1, 8, 16))["best"]["params"] == a
     records.tuned_config.cache_clear()
 

@@ -6,8 +6,10 @@ gradient against the float64 reference at a small shape (a mismatch rejects the 
 recorded as failed and never chosen), then time it against the default parameters in alternating
 rounds. A candidate's time is the default's calibrated median times the median of the paired
 ratios candidate/default, which keeps times from a noisy, shared machine comparable. The search
-stops on a trial or time budget; the best candidate is re-timed against the default and kept only
-if it is faster. Candidates already in the record file are not measured again (resume).
+goes from the default through the generator's other kernels and one parameter at a time to the
+combinations of the changes that beat the default, then on at random; it stops on a trial or time
+budget; the best candidate is re-timed against the default and kept only if it is faster.
+Candidates already in the record file are not measured again (resume).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -123,10 +125,38 @@ def _kernel_key(cfg: DCNConfig, params: dict) -> str | None:
         return None
 
 
-def candidates(cfg: DCNConfig, space: Space, default: dict, seed: int = 0):
+MEASURE_FIRST = object()  # in candidates' order: what follows depends on the times of what came before
+
+
+def combined_changes(default: dict, measured: Mapping[str, object]) -> list[dict]:
+    """The changes to `default` that beat it in `measured` (parameter-set name -> ms, or a failure),
+    combined best first: the best change with the second, then with the third too, and so on; a
+    change that contradicts the combination so far is passed over. Each set has two changes or more.
+    Changes of different passes' parameters (a faster forward and a faster backward) add up; whether
+    others do, their timing says."""
+    base = measured.get(records.params_name(default))
+    if not isinstance(base, (int, float)):
+        return []
+    better = sorted((ms, name) for name, ms in measured.items() if isinstance(ms, (int, float)) and ms < base)
+    combined, merged, out = {}, 0, []
+    for _, name in better:
+        params = records.parse_params_name(name)
+        change = {k: v for k, v in params.items() if default.get(k) != v}
+        if any(combined.get(k, v) != v for k, v in change.items()) or change.items() <= combined.items():
+            continue  # contradicts the combination, or adds nothing to it
+        combined.update(change)
+        merged += 1
+        if merged > 1:
+            out.append({**default, **combined})
+    return out
+
+
+def candidates(cfg: DCNConfig, space: Space, default: dict, seed: int = 0, measured: Mapping[str, object] | None = None):
     """Parameter sets in search order: the default, then the space's other kernels, then one
-    parameter varied at a time, then the rest of the grid in a seeded random order (sampled when
-    the grid is large). Invalid sets, and sets that give a kernel already emitted, are skipped."""
+    parameter varied at a time; then MEASURE_FIRST and the combinations of the changes that beat
+    the default in `measured` by then (combined_changes; `measured` is read when the order gets
+    there); then the rest of the grid in a seeded random order (sampled when the grid is large).
+    Invalid sets, and sets that give a kernel already emitted, are skipped."""
     names = sorted(space.values)
     seen: set[str] = set()
     kernels: set[str] = set()
@@ -152,9 +182,33 @@ def candidates(cfg: DCNConfig, space: Space, default: dict, seed: int = 0):
         rng.shuffle(rest)
     else:
         rest = ({n: rng.choice(space.values[n]) for n in names} for _ in range(4 * 4096))
-    for params in itertools.chain(ordered, ({**default, **r} for r in rest)):
-        if (ok := emit(params)) is not None:
-            yield ok
+    def order():
+        yield from ordered
+        if measured is not None:
+            yield MEASURE_FIRST
+            yield from combined_changes(default, measured)  # (run only once the order gets here)
+        yield from ({**default, **r} for r in rest)
+
+    for params in order():
+        if params is MEASURE_FIRST or (params := emit(params)) is not None:
+            yield params
+
+
+def _next_batch(pending, size: int) -> list[dict]:
+    """Up to `size` parameter sets from `pending` (candidates' order); MEASURE_FIRST ends a batch
+    early, so what follows it is chosen after the batch before it was timed."""
+    batch: list[dict] = []
+    if size <= 0:
+        return batch
+    for params in pending:
+        if params is MEASURE_FIRST:
+            if batch:
+                break
+            continue
+        batch.append(params)
+        if len(batch) == size:
+            break
+    return batch
 
 
 # ---- where candidates run ---------------------------------------------------------------------
@@ -484,7 +538,7 @@ def tune(cfg: DCNConfig, shape: tuple[int, int, int], *, trials: int = 64, time_
             progress(0, total, best_ms, f"default {base_ms:.3f} ms")
         reserve = 2 * (4 * rounds + 2) * base_ms * m.number / 1e3 * len(space.passes) + 3.0  # the final re-timing
         timing_s = 2 * (rounds + 1) * base_ms * m.number / 1e3 * len(space.passes)  # one paired timing
-        pending = (p for p in candidates(cfg, space, default, seed) if records.params_name(p) not in measured)
+        pending = (p for p in candidates(cfg, space, default, seed, measured) if p is MEASURE_FIRST or records.params_name(p) not in measured)
         jobs = max(1, jobs) if cfg.backend == "template" else 1
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             while len(done) < trials:
@@ -493,7 +547,7 @@ def tune(cfg: DCNConfig, shape: tuple[int, int, int], *, trials: int = 64, time_
                 one_trial = 1.5 * max(trial_s[-5:], default=timing_s)
                 room = deadline - reserve - time.monotonic() - batch_build
                 fit = room / max(one_trial, 1e-3)  # trials that fit in the budget (inf without one)
-                batch = list(itertools.islice(pending, max(0, math.floor(min(jobs, trials - len(done), fit)))))
+                batch = _next_batch(pending, math.floor(min(jobs, trials - len(done), fit)))
                 if not batch:
                     break
                 t0 = time.monotonic()

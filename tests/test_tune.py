@@ -335,6 +335,37 @@ def test_the_fastest_candidate_wins_if_its_re_timing_beats_the_default(root):
     assert result.record["confirm"]["ratio"] == 0.5
 
 
+def test_changes_that_beat_the_default_are_combined_best_first():
+    default = {"a": 1, "b": 1, "c": 1, "d": 1}
+    name = lambda **change: records.params_name({**default, **change})  # noqa: E731
+    measured = {
+        name(): 10.0, name(a=2): 8.0, name(b=2): 9.0, name(a=3): 8.5, name(c=2, d=2): 9.5,
+        name(d=3): 9.9, name(c=3): 11.0, name(b=3): "failed: verify", name(a=2, b=2): 8.2,
+    }
+    assert tune.combined_changes(default, measured) == [
+        # a=2 with b=2 (a=3 contradicts a=2; a=2 b=2 adds nothing), then c=2 d=2 (d=3 then contradicts)
+        {**default, "a": 2, "b": 2}, {**default, "a": 2, "b": 2, "c": 2, "d": 2},
+    ]
+    assert tune.combined_changes(default, {name(): 10.0, name(a=2): 9.0, name(b=2): 11.0}) == []
+    assert tune.combined_changes(default, {name(a=2): 9.0, name(b=2): 8.0}) == []  # no default time yet
+
+
+@pytest.mark.parametrize("jobs", [1, 4])
+def test_the_changes_that_beat_the_default_are_tried_together_next(root, jobs):
+    """After one parameter at a time, the search combines the changes that won; with several builds
+    a batch, it waits for their times before choosing (the batch ends where the order turns)."""
+    default = tune.default_params(CFG)
+    other = {k: next(v for v in (1, 2) if v != default[k]) for k in ("pixel_chunk", "unroll_points", "accumulators")}
+    space = tune.Space({k: (default[k], v) for k, v in other.items()}, passes=("forward",))
+    ms = {records.params_name({**default, **dict(zip(other, combo))}): 4.5 for combo in itertools.product(*space.values.values())}
+    name = lambda *changed: records.params_name({**default, **{k: other[k] for k in changed}})  # noqa: E731
+    both = name("pixel_chunk", "unroll_points")
+    ms |= {name(): 4.0, name("pixel_chunk"): 3.0, name("unroll_points"): 3.5, name("accumulators"): 5.0, both: 2.0}
+    result = tune.tune(CFG, SHAPE, trials=4, time_budget=120, rounds=3, space=space, jobs=jobs, executor=_Scripted(CFG, ms))
+    assert [records.params_name(t.params) for t in result.trials][-1] == both
+    assert result.record["best"]["params"] == records.parse_params_name(both)
+
+
 def test_a_resumed_tune_rescales_earlier_times_and_re_times_their_best(root):
     """Earlier times are scaled by today's default / the earlier run's (the machine's load changed);
     the best of them is kept only if it still beats the default when re-timed now. A record timed

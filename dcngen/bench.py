@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -12,11 +13,21 @@ import torch
 
 @dataclass(frozen=True)
 class Comparison:
-    """Median milliseconds of each side and the median of the per-round ratios baseline / candidate."""
+    """Median milliseconds of each side, the median of the per-round ratios baseline / candidate, and
+    in how many of the rounds the candidate's sample was the shorter one."""
 
     candidate_ms: float
     baseline_ms: float
     speedup: float
+    rounds: int = 0
+    candidate_faster: int = 0
+
+    @property
+    def p_faster(self) -> float:
+        """One-sided sign test: the chance that a candidate no faster than the baseline wins
+        `candidate_faster` rounds or more of `rounds` (1.0 for no rounds). Small: really faster."""
+        n = self.rounds
+        return sum(math.comb(n, k) for k in range(self.candidate_faster, n + 1)) / 2**n
 
 
 def _sync(device: str) -> None:
@@ -46,7 +57,7 @@ def compare(candidate: Callable[[], object], baseline: Callable[[], object], *, 
         for sink, fn in order:
             sink.append(sample(fn))
     ratios = [b / c for b, c in zip(base, cand)]
-    return Comparison(statistics.median(cand), statistics.median(base), statistics.median(ratios))
+    return Comparison(statistics.median(cand), statistics.median(base), statistics.median(ratios), rounds, sum(r > 1 for r in ratios))
 
 
 def benchmark_config(cfg, n: int, h: int, w: int, *, rounds: int = 7) -> dict[str, Comparison]:

@@ -8,7 +8,8 @@ rounds. A candidate's time is the default's calibrated median times the median o
 ratios candidate/default, which keeps times from a noisy, shared machine comparable. The search
 goes from the default through the generator's other kernels and one parameter at a time to the
 combinations of the changes that beat the default, then on at random; it stops on a trial or time
-budget; the best candidate is re-timed against the default and kept only if it is faster.
+budget; the best candidate is re-timed against the default and kept only if it is faster, in the
+median and in enough of the paired rounds that chance is unlikely (CONFIRM_P).
 Candidates already in the record file are not measured again (resume).
 """
 
@@ -35,6 +36,10 @@ from .errors import DCNGenError
 FINAL_FIELDS = ("best", "confirm", "spread_ms", "failed", "tune_seconds")  # what a finished run adds to its record
 GATE_SHAPE = (2, 9, 11)  # small, border-crossing: every candidate is checked here before timing
 MIN_SAMPLE_MS = 10.0  # calls per timing sample are batched up to this
+# The best candidate is kept only if it also wins enough of its re-timing's paired rounds that a
+# candidate no faster than the default would do so by chance less often than this (a sign test)
+CONFIRM_P = 0.05
+CONFIRM_ROUNDS = 5  # the re-timing's fewest rounds: where a candidate can pass that test (all 5 won: 1/32)
 
 
 @dataclass(frozen=True)
@@ -447,13 +452,12 @@ class _Measure:
         sample()
         return statistics.median(sample() for _ in range(rounds))
 
-    def paired(self, a: Callable[[], float], b: Callable[[], float], rounds: int) -> tuple[float, float, float]:
-        """Samplers (each call: one sample's ms) a and b in alternating rounds (bench.compare), after one
-        warm-up each: (median a, median b, a / b as the inverse of the median of the paired b / a)."""
+    def paired(self, a: Callable[[], float], b: Callable[[], float], rounds: int):
+        """bench.compare of samplers (each call: one sample's ms) a and b in alternating rounds, after
+        one warm-up each; a / b is 1 / its speedup (the inverse of the median of the paired b / a)."""
         from .bench import compare
 
-        c = compare(a, b, rounds=rounds, timer=lambda sample: sample())
-        return c.candidate_ms, c.baseline_ms, 1 / c.speedup
+        return compare(a, b, rounds=rounds, timer=lambda sample: sample())
 
 
 def process_age() -> float:
@@ -536,7 +540,8 @@ def tune(cfg: DCNConfig, shape: tuple[int, int, int], *, trials: int = 64, time_
         total = trials
         if progress:
             progress(0, total, best_ms, f"default {base_ms:.3f} ms")
-        reserve = 2 * (4 * rounds + 2) * base_ms * m.number / 1e3 * len(space.passes) + 3.0  # the final re-timing
+        confirm_rounds = max(2 * rounds, CONFIRM_ROUNDS)
+        reserve = 2 * (2 * confirm_rounds + 2) * base_ms * m.number / 1e3 * len(space.passes) + 3.0  # the final re-timing
         timing_s = 2 * (rounds + 1) * base_ms * m.number / 1e3 * len(space.passes)  # one paired timing
         pending = (p for p in candidates(cfg, space, default, seed, measured) if p is MEASURE_FIRST or records.params_name(p) not in measured)
         jobs = max(1, jobs) if cfg.backend == "template" else 1
@@ -561,8 +566,7 @@ def tune(cfg: DCNConfig, shape: tuple[int, int, int], *, trials: int = 64, time_
                     if failure:
                         trial = Trial(params, failure=failure)
                     else:
-                        _, _, ratio = m.paired(m.timer(mod), base, rounds)
-                        trial = Trial(params, ms=base_ms * ratio)
+                        trial = Trial(params, ms=base_ms / m.paired(m.timer(mod), base, rounds).speedup)
                     trial_s.append(time.monotonic() - t0)
                     done.append(trial)
                     name = records.params_name(params)
@@ -572,7 +576,7 @@ def tune(cfg: DCNConfig, shape: tuple[int, int, int], *, trials: int = 64, time_
                     if progress:
                         progress(len(done), total, best_ms, f"{name}: {trial.value}")
 
-        # the best recorded candidate against the default, paired, with twice the rounds
+        # the best recorded candidate against the default, paired, with twice the rounds (at least CONFIRM_ROUNDS)
         ranked = sorted((v, n) for n, v in measured.items() if isinstance(v, (int, float)) and n != records.params_name(default))
         best_params, best, confirm = default, base_ms, None
         if ranked and ranked[0][0] < base_ms:
@@ -581,9 +585,11 @@ def tune(cfg: DCNConfig, shape: tuple[int, int, int], *, trials: int = 64, time_
             if failure:  # measured by an earlier run, broken now (toolchain change): drop it
                 measured[ranked[0][1]] = f"failed: {failure}"
             else:
-                cand_ms, def_ms, ratio = m.paired(m.timer(mod), base, 2 * rounds)
-                confirm = {"candidate_ms": round(cand_ms, 4), "default_ms": round(def_ms, 4), "ratio": round(ratio, 4)}
-                if ratio < 1.0:
+                c = m.paired(m.timer(mod), base, confirm_rounds)
+                ratio = 1 / c.speedup
+                confirm = {"candidate_ms": round(c.candidate_ms, 4), "default_ms": round(c.baseline_ms, 4), "ratio": round(ratio, 4),
+                           "faster_rounds": [c.candidate_faster, c.rounds]}
+                if ratio < 1.0 and c.p_faster < CONFIRM_P:
                     best_params, best = cand, base_ms * ratio
         ok = [v for v in measured.values() if isinstance(v, (int, float))]
         final = {  # FINAL_FIELDS

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -296,7 +297,8 @@ def test_records_are_filed_under_the_machine_that_timed_them(root):
 
 class _Scripted(tune.LocalExecutor):
     """Builds, loads and checks the real kernels here, but every timing sample of a candidate takes
-    the milliseconds `ms` gives its parameters (times the search can rank without noise)."""
+    the milliseconds `ms` gives its parameters (times the search can rank without noise), or the
+    next of a list of them, over and over."""
 
     class _Tagged:
         def __init__(self, mod, name):
@@ -316,7 +318,10 @@ class _Scripted(tune.LocalExecutor):
         return self._Tagged(super().load(cfg, artifact), records.params_name(cfg.param_dict))
 
     def timer(self, mod, calls, number):
-        return lambda: self.ms[mod.name]
+        ms = self.ms[mod.name]
+        if isinstance(ms, list):
+            return functools.partial(next, itertools.cycle(ms))
+        return lambda: ms
 
 
 def _chunks(*chunks):
@@ -364,6 +369,16 @@ def test_the_changes_that_beat_the_default_are_tried_together_next(root, jobs):
     result = tune.tune(CFG, SHAPE, trials=4, time_budget=120, rounds=3, space=space, jobs=jobs, executor=_Scripted(CFG, ms))
     assert [records.params_name(t.params) for t in result.trials][-1] == both
     assert result.record["best"]["params"] == records.parse_params_name(both)
+
+
+def test_a_candidate_faster_in_the_median_only_is_not_kept(root):
+    """The re-timing's sign test: the candidate wins 4 of 6 rounds (by 2x), as a candidate no faster
+    than the default would with a chance of 22/64, so the default stays."""
+    (default, cand), space = _chunks(tune.default_params(CFG)["pixel_chunk"], 2)
+    result = tune.tune(CFG, SHAPE, trials=1, time_budget=120, rounds=3, space=space,
+                       executor=_Scripted(CFG, {default: 2.0, cand: [1.0, 1.0, 3.0]}))
+    assert result.record["confirm"]["ratio"] == 0.5 and result.record["confirm"]["faster_rounds"] == [4, 6]
+    assert result.record["best"]["params"] == tune.default_params(CFG)
 
 
 def test_a_resumed_tune_rescales_earlier_times_and_re_times_their_best(root):

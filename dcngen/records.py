@@ -197,9 +197,12 @@ def _finished(rec) -> bool:
     entry without "best" is a tune in progress; one missing other fields was edited by hand)."""
     try:
         n, hw = rec["bucket"]
+        confirm = rec.get("confirm")
+        won, rounds = confirm.get("faster_rounds", (0, 0)) if confirm else (0, 0)
         return (isinstance(rec["config"], str) and int(n) > 0 and int(hw) > 0 and isinstance(rec["best"]["params"], dict)
-                and math.isfinite(float(rec["best"]["ms"])) and math.isfinite(float(rec["default"]["ms"])) and isinstance(rec["candidates"], dict))
-    except (KeyError, TypeError, ValueError):
+                and math.isfinite(float(rec["best"]["ms"])) and math.isfinite(float(rec["default"]["ms"])) and isinstance(rec["candidates"], dict)
+                and (confirm is None or (math.isfinite(float(confirm["ratio"])) and 0 <= int(won) <= int(rounds))))
+    except (KeyError, TypeError, ValueError, AttributeError):
         return False
 
 

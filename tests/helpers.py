@@ -153,4 +153,5 @@ def finished_record(cfg: DCNConfig, bkt, best: dict, ms: float = 1.0) -> dict:
     default = tune.default_params(cfg)
     return {"config": records.config_key(cfg), "generator_version": records.generator_version(), "bucket": list(bkt),
             "shape": [bkt[0], 8, 8], "best": {"params": best, "ms": ms}, "default": {"params": default, "ms": 2 * ms},
-            "candidates": {records.params_name(best): ms, records.params_name(default): 2 * ms}}
+            "candidates": {records.params_name(best): ms, records.params_name(default): 2 * ms},
+            "confirm": {"candidate_ms": ms, "default_ms": 2 * ms, "ratio": 0.5, "faster_rounds": [14, 14]}}

@@ -479,6 +479,10 @@ def test_malformed_records_are_skipped_with_a_warning(root):
     records.update(path, "cpu", records.record_key(CFG, (4, 64)), {**good, "default": {"params": {}, "ms": math.inf}})
     with pytest.warns(RuntimeWarning, match="malformed tuning record"):
         assert records.lookup(CFG, SHAPE) is None
+    for confirm in ({"ratio": "fast"}, {"ratio": 0.9, "faster_rounds": [3]}, "yes"):
+        records.update(path, "cpu", records.record_key(CFG, (4, 64)), {**good, "confirm": confirm})
+        with pytest.warns(RuntimeWarning, match="malformed tuning record"):
+            assert records.lookup(CFG, SHAPE) is None
     with pytest.warns(RuntimeWarning, match="malformed tuning record"):
         assert records.all_records() == []
     # an entry without a result is a tune in progress: skipped without a warning
@@ -486,6 +490,21 @@ def test_malformed_records_are_skipped_with_a_warning(root):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert records.lookup(CFG, SHAPE) is None and records.all_records() == []
+
+
+def test_tune_list_shows_each_records_re_timing(root):
+    from typer.testing import CliRunner
+
+    from dcngen.cli import app
+
+    path = records.path_for("cpu", root)
+    good = finished_record(CFG, (1, 64), {"pixel_chunk": 4, "unroll_points": 2})
+    records.update(path, "cpu", records.record_key(CFG, (1, 64)), good)
+    records.update(path, "cpu", records.record_key(CFG, (2, 64)), {**finished_record(CFG, (2, 64), tune.default_params(CFG)), "confirm": None})
+    result = CliRunner().invoke(app, ["tune", "--list"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if "│ 1,64" in line or "│ 2,64" in line]
+    assert len(rows) == 2 and "0.500 (14/14 rounds)" in rows[0] and rows[1].split("│")[7].strip() == "-"
 
 
 def test_unreadable_record_files_are_skipped_by_lookups_and_refused_by_updates(root):

@@ -217,7 +217,8 @@ def tune(cfg: DCNConfig, shape: Shapes = None, trials: Annotated[int, typer.Opti
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from . import records
-    from .tune import LocalExecutor, RPCExecutor, process_age, tune as run_tune
+    from .executors import LocalExecutor, RPCExecutor
+    from .tune import process_age, tune as run_tune
 
     if list_records:
         table = Table(title=f"tuning records in {', '.join(map(str, records.folders()))}")

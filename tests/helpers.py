@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dcngen import records, reference, tune
+from dcngen import records, reference, search
 from dcngen.compilers import cuda
 from dcngen.config import DCNConfig
 from dcngen.errors import BuildError
@@ -150,7 +150,7 @@ def fresh_config(**kw) -> DCNConfig:
 def finished_record(cfg: DCNConfig, bkt, best: dict, ms: float = 1.0) -> dict:
     """A finished tune's record of cfg at shape bucket `bkt` whose best parameters are `best` (as
     `dcngen tune` writes it; the default half as fast)."""
-    default = tune.default_params(cfg)
+    default = search.default_params(cfg)
     return {"config": records.config_key(cfg), "generator_version": records.generator_version(), "bucket": list(bkt),
             "shape": [bkt[0], 8, 8], "best": {"params": best, "ms": ms}, "default": {"params": default, "ms": 2 * ms},
             "candidates": {records.params_name(best): ms, records.params_name(default): 2 * ms},

@@ -14,7 +14,7 @@ import torch
 from filelock import FileLock
 
 import dcngen.ops
-from dcngen import autotune, records, reference, tune
+from dcngen import autotune, records, reference, search, tune
 from dcngen.config import DCNConfig
 from dcngen.errors import DCNGenError
 from dcngen.verify import TOLERANCE, rel_err
@@ -92,7 +92,7 @@ def test_tuning_needs_nothing_of_the_callers_context(tunes, context):
 def _write_record(shape) -> None:
     """A finished tune's record of CFG's bucket of `shape` (as another process would write it)."""
     bkt = records.bucket(shape)
-    records.update(records.path_for(CFG.target), CFG.target, records.record_key(CFG, bkt), finished_record(CFG, bkt, tune.default_params(CFG)))
+    records.update(records.path_for(CFG.target), CFG.target, records.record_key(CFG, bkt), finished_record(CFG, bkt, search.default_params(CFG)))
 
 
 def test_a_record_of_the_bucket_is_used_and_a_nearby_ones_is_not_enough(tunes):

@@ -192,7 +192,7 @@ def test_clean_removes_only_what_dcngen_wrote_and_not_what_is_being_built(cache)
 def test_parameters_equal_to_the_defaults_share_the_defaults_artifact(cache):
     """Naming the default parameters explicitly (as tune does for its baseline) gives the same
     kernel, so the same artifact, not a second build of it."""
-    from dcngen.tune import default_params
+    from dcngen.search import default_params
 
     cfg = fresh_config()
     implicit, explicit = generate(cfg), generate(cfg.replace(params=default_params(cfg)))

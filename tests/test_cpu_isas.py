@@ -151,7 +151,7 @@ def test_vector_width_follows_the_channel_row():
     """AVX-512 targets prefer 512-bit vectors, except where a group's channel row is longer than one
     512-bit vector of the accumulation type and ends in a partial one; `vector_bits` overrides it,
     tune searches it, and targets without AVX-512 have no such parameter."""
-    from dcngen.tune import space_for
+    from dcngen.search import space_for
 
     def width(c, dtype="float32", **kw):
         source = generate(DCNConfig(group_channels=c, dtype=dtype, target="cpu:x86-64-v4", **kw))
@@ -178,7 +178,7 @@ def test_default_accumulator_rows_fit_a_quarter_of_the_vector_registers():
     """As many float32 accumulator rows (4, 2 or 1) as fit a quarter of the level's register file:
     AVX2's 16 x 256 bits, AVX-512's 32 x 512 bits, half of it where 256-bit vectors are preferred
     (C20, C28, C36). Target 'cpu' plans for the best level this CPU runs (-march=native uses it)."""
-    from dcngen.tune import default_params
+    from dcngen.search import default_params
 
     rows = lambda c, isa: default_params(DCNConfig(group_channels=c, target=f"cpu:{isa}"))["accumulators"]  # noqa: E731
     assert [rows(c, "x86-64-v3") for c in (8, 16, 32)] == [4, 2, 1]

@@ -19,7 +19,7 @@ import warnings
 import pytest
 import torch
 
-from dcngen import kernels, records, tune
+from dcngen import executors, kernels, records, search, tune
 from dcngen.config import DCNConfig
 from dcngen.errors import DCNGenError
 from dcngen.generators import generate, template_cpu
@@ -120,24 +120,24 @@ def test_record_warnings_name_the_callers_line(root):
     assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)]
 
 def test_search_space_and_candidate_order():
-    space = tune.space_for(CFG)
-    default = tune.default_params(CFG)
-    order = list(tune.candidates(CFG, space, default))
+    space = search.space_for(CFG)
+    default = search.default_params(CFG)
+    order = list(search.candidates(CFG, space, default))
     assert order[0] == default
     assert len({records.params_name(p) for p in order}) == len(order) == math.prod(len(v) for v in space.values.values())
     for cfg in (CFG.replace(target="cuda:sm_90"), CFG.replace(backend="tvm")):
-        sp = tune.space_for(cfg)
-        assert set(sp.values) <= set(tune.default_params(cfg)) | {"min_blocks"}
+        sp = search.space_for(cfg)
+        assert set(sp.values) <= set(search.default_params(cfg)) | {"min_blocks"}
 
 
 def test_candidates_that_give_the_same_kernel_are_timed_once():
     """Another kernel's knob while that kernel is off (the tiled forward's warps with fwd_mma=0)
     leaves the source unchanged: that candidate is skipped."""
     cfg = CFG.replace(target="cuda:sm_90", dtype="float16", group_channels=32)
-    space = tune.space_for(cfg)
-    default = tune.default_params(cfg)
+    space = search.space_for(cfg)
+    default = search.default_params(cfg)
     assert default["fwd_mma"] == 0 and len(space.values["fwd_mma_warps"]) > 1
-    first = list(itertools.islice(tune.candidates(cfg, space, default), 60))
+    first = list(itertools.islice(search.candidates(cfg, space, default), 60))
     varied = [{k for k, v in p.items() if v != default[k]} for p in first]
     assert {"fwd_mma"} in varied and {"fwd_mma_warps"} not in varied and {"fwd_halo"} not in varied
     sources = [generate(cfg.replace(params=tuple(p.items()))) for p in first]
@@ -148,11 +148,11 @@ def test_cuda_searches_try_the_other_kernels_first():
     """Right after the default: each other forward and backward kernel, then each pair of them (so a
     short tune reaches them all, the tiled tensor-core forward too, which takes two parameters)."""
     cfg = CFG.replace(target="cuda:sm_90", dtype="float16", group_channels=32)
-    space, default = tune.space_for(cfg), tune.default_params(cfg)
-    changed = [{k: v for k, v in p.items() if v != default[k]} for p in itertools.islice(tune.candidates(cfg, space, default), 19)]
-    kernels = [*tune.CUDA_FORWARD_KERNELS, *tune.CUDA_BACKWARD_KERNELS]
+    space, default = search.space_for(cfg), search.default_params(cfg)
+    changed = [{k: v for k, v in p.items() if v != default[k]} for p in itertools.islice(search.candidates(cfg, space, default), 19)]
+    kernels = [*search.CUDA_FORWARD_KERNELS, *search.CUDA_BACKWARD_KERNELS]
     assert changed[:8] == [{}, *kernels]
-    assert changed[8:18] == [{**f, **b} for f in tune.CUDA_FORWARD_KERNELS for b in tune.CUDA_BACKWARD_KERNELS]
+    assert changed[8:18] == [{**f, **b} for f in search.CUDA_FORWARD_KERNELS for b in search.CUDA_BACKWARD_KERNELS]
     assert len(changed[18]) == 1 and changed[18] not in kernels  # then one parameter at a time
 
 
@@ -175,8 +175,8 @@ def _sign_error_generator(monkeypatch, bad_chunk: int):
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_wrong_candidate_is_rejected_and_never_chosen(root, monkeypatch, jobs):
     _sign_error_generator(monkeypatch, bad_chunk=2)
-    default = tune.default_params(CFG)
-    space = tune.Space({"pixel_chunk": (2, 4), "unroll_points": (default["unroll_points"],)}, passes=("forward",))
+    default = search.default_params(CFG)
+    space = search.Space({"pixel_chunk": (2, 4), "unroll_points": (default["unroll_points"],)}, passes=("forward",))
     result = tune.tune(CFG, SHAPE, trials=5, time_budget=120, rounds=3, space=space, jobs=jobs)
     cands = result.record["candidates"]
     bad = records.params_name({**default, "pixel_chunk": 2})
@@ -218,8 +218,8 @@ def test_candidates_build_in_parallel_but_never_while_one_is_timed(root, monkeyp
 
     monkeypatch.setattr(dcngen.build, "build", slow_build)
     monkeypatch.setattr(tune._Measure, "load", load)
-    default = tune.default_params(CFG)
-    space = tune.Space({"pixel_chunk": (1, 2, 4, 8), "unroll_points": (default["unroll_points"],)}, passes=("forward",))
+    default = search.default_params(CFG)
+    space = search.Space({"pixel_chunk": (1, 2, 4, 8), "unroll_points": (default["unroll_points"],)}, passes=("forward",))
     result = tune.tune(CFG, SHAPE, trials=3, time_budget=120, rounds=3, space=space, jobs=3)
     assert len(result.trials) == 3 and all(t.failure is None for t in result.trials)
     running = {"build": 0, "load": 0}
@@ -252,7 +252,7 @@ def test_check_finds_elements_a_candidate_leaves_unwritten():
             if self.skip == "padding":  # leaves the packed gradient's padding channels as they were
                 grad_offset[..., CFG.min_offset_mask_channels :] = kept
 
-    executor = tune.LocalExecutor(CFG)
+    executor = executors.LocalExecutor(CFG)
     assert max(tune.check(CFG, executor, real).values()) < 1e-5
     assert tune.check(CFG, executor, Skipping("output"))["output"] == math.inf
     from dcngen.generators import backward_zeroes_padding
@@ -263,8 +263,8 @@ def test_check_finds_elements_a_candidate_leaves_unwritten():
 
 def test_an_interrupted_retune_keeps_the_last_result(root):
     """While a re-tune runs, and after it is interrupted, the record keeps the last finished run's best."""
-    default = tune.default_params(CFG)
-    space = tune.Space({"pixel_chunk": (2, 4, 8), "unroll_points": (default["unroll_points"],)}, passes=("forward",))
+    default = search.default_params(CFG)
+    space = search.Space({"pixel_chunk": (2, 4, 8), "unroll_points": (default["unroll_points"],)}, passes=("forward",))
     first = tune.tune(CFG, SHAPE, trials=1, time_budget=120, rounds=3, space=space)
     seen = []
 
@@ -283,19 +283,19 @@ def test_an_interrupted_retune_keeps_the_last_result(root):
 def test_records_are_filed_under_the_machine_that_timed_them(root):
     """An executor on another machine (RPC) names it: the record goes to that machine's file."""
 
-    class Elsewhere(tune.LocalExecutor):
+    class Elsewhere(executors.LocalExecutor):
         def machine(self, target):
             return {"cpu": "Remote CPU 9000", "cores": 64}
 
-    default = tune.default_params(CFG)
-    space = tune.Space({"pixel_chunk": (2,), "unroll_points": (default["unroll_points"],)}, passes=("forward",))
+    default = search.default_params(CFG)
+    space = search.Space({"pixel_chunk": (2,), "unroll_points": (default["unroll_points"],)}, passes=("forward",))
     result = tune.tune(CFG, SHAPE, trials=1, time_budget=120, rounds=3, space=space, executor=Elsewhere(CFG))
     assert result.path.name == "cpu-remote-cpu-9000-64c.json"
     assert records.load(result.path)["machine"] == {"cpu": "Remote CPU 9000", "cores": 64}
     assert records.lookup(CFG, SHAPE) is None  # not this machine's
 
 
-class _Scripted(tune.LocalExecutor):
+class _Scripted(executors.LocalExecutor):
     """Builds, loads and checks the real kernels here, but every timing sample of a candidate takes
     the milliseconds `ms` gives its parameters (times the search can rank without noise), or the
     next of a list of them, over and over."""
@@ -326,13 +326,13 @@ class _Scripted(tune.LocalExecutor):
 
 def _chunks(*chunks):
     """Parameter names of CFG's default with these pixel_chunk values, and a forward-only space of them."""
-    default = tune.default_params(CFG)
+    default = search.default_params(CFG)
     names = [records.params_name({**default, "pixel_chunk": c}) for c in chunks]
-    return names, tune.Space({"pixel_chunk": chunks, "unroll_points": (default["unroll_points"],)}, passes=("forward",))
+    return names, search.Space({"pixel_chunk": chunks, "unroll_points": (default["unroll_points"],)}, passes=("forward",))
 
 
 def test_the_fastest_candidate_wins_if_its_re_timing_beats_the_default(root):
-    (default, fast, slower, slowest), space = _chunks(tune.default_params(CFG)["pixel_chunk"], 2, 4, 8)
+    (default, fast, slower, slowest), space = _chunks(search.default_params(CFG)["pixel_chunk"], 2, 4, 8)
     result = tune.tune(CFG, SHAPE, trials=3, time_budget=120, rounds=3, space=space,
                        executor=_Scripted(CFG, {default: 2.0, fast: 1.0, slower: 1.5, slowest: 3.0}))
     assert result.record["candidates"] == {default: 2.0, fast: 1.0, slower: 1.5, slowest: 3.0}
@@ -347,21 +347,21 @@ def test_changes_that_beat_the_default_are_combined_best_first():
         name(): 10.0, name(a=2): 8.0, name(b=2): 9.0, name(a=3): 8.5, name(c=2, d=2): 9.5,
         name(d=3): 9.9, name(c=3): 11.0, name(b=3): "failed: verify", name(a=2, b=2): 8.2,
     }
-    assert tune.combined_changes(default, measured) == [
+    assert search.combined_changes(default, measured) == [
         # a=2 with b=2 (a=3 contradicts a=2; a=2 b=2 adds nothing), then c=2 d=2 (d=3 then contradicts)
         {**default, "a": 2, "b": 2}, {**default, "a": 2, "b": 2, "c": 2, "d": 2},
     ]
-    assert tune.combined_changes(default, {name(): 10.0, name(a=2): 9.0, name(b=2): 11.0}) == []
-    assert tune.combined_changes(default, {name(a=2): 9.0, name(b=2): 8.0}) == []  # no default time yet
+    assert search.combined_changes(default, {name(): 10.0, name(a=2): 9.0, name(b=2): 11.0}) == []
+    assert search.combined_changes(default, {name(a=2): 9.0, name(b=2): 8.0}) == []  # no default time yet
 
 
 @pytest.mark.parametrize("jobs", [1, 4])
 def test_the_changes_that_beat_the_default_are_tried_together_next(root, jobs):
     """After one parameter at a time, the search combines the changes that won; with several builds
     a batch, it waits for their times before choosing (the batch ends where the order turns)."""
-    default = tune.default_params(CFG)
+    default = search.default_params(CFG)
     other = {k: next(v for v in (1, 2) if v != default[k]) for k in ("pixel_chunk", "unroll_points", "accumulators")}
-    space = tune.Space({k: (default[k], v) for k, v in other.items()}, passes=("forward",))
+    space = search.Space({k: (default[k], v) for k, v in other.items()}, passes=("forward",))
     ms = {records.params_name({**default, **dict(zip(other, combo))}): 4.5 for combo in itertools.product(*space.values.values())}
     name = lambda *changed: records.params_name({**default, **{k: other[k] for k in changed}})  # noqa: E731
     both = name("pixel_chunk", "unroll_points")
@@ -374,25 +374,25 @@ def test_the_changes_that_beat_the_default_are_tried_together_next(root, jobs):
 def test_a_candidate_faster_in_the_median_only_is_not_kept(root):
     """The re-timing's sign test: the candidate wins 4 of 6 rounds (by 2x), as a candidate no faster
     than the default would with a chance of 22/64, so the default stays."""
-    (default, cand), space = _chunks(tune.default_params(CFG)["pixel_chunk"], 2)
+    (default, cand), space = _chunks(search.default_params(CFG)["pixel_chunk"], 2)
     result = tune.tune(CFG, SHAPE, trials=1, time_budget=120, rounds=3, space=space,
                        executor=_Scripted(CFG, {default: 2.0, cand: [1.0, 1.0, 3.0]}))
     assert result.record["confirm"]["ratio"] == 0.5 and result.record["confirm"]["faster_rounds"] == [4, 6]
-    assert result.record["best"]["params"] == tune.default_params(CFG)
+    assert result.record["best"]["params"] == search.default_params(CFG)
 
 
 def test_a_resumed_tune_rescales_earlier_times_and_re_times_their_best(root):
     """Earlier times are scaled by today's default / the earlier run's (the machine's load changed);
     the best of them is kept only if it still beats the default when re-timed now. A record timed
     over other passes is not resumed."""
-    (default, cand), space = _chunks(tune.default_params(CFG)["pixel_chunk"], 2)
+    (default, cand), space = _chunks(search.default_params(CFG)["pixel_chunk"], 2)
     path, key = records.path_for("cpu", root), records.record_key(CFG, records.bucket(SHAPE))
     earlier = {**finished_record(CFG, records.bucket(SHAPE), records.parse_params_name(cand), ms=10.0), "passes": ["forward"]}
     records.update(path, "cpu", key, {**earlier, "candidates": {default: 20.0, cand: 10.0}})
     executor = _Scripted(CFG, {default: 2.0, cand: 3.0})  # today: the default 10x faster, the candidate slower than it
     result = tune.tune(CFG, SHAPE, trials=0, time_budget=120, rounds=3, space=space, executor=executor)
     assert result.record["candidates"] == {default: 2.0, cand: 1.0}  # 10.0 * 2.0 / 20.0
-    assert result.record["confirm"]["ratio"] == 1.5 and result.record["best"]["params"] == tune.default_params(CFG)
+    assert result.record["confirm"]["ratio"] == 1.5 and result.record["best"]["params"] == search.default_params(CFG)
     records.update(path, "cpu", key, {**earlier, "passes": ["forward", "backward"]})
     again = tune.tune(CFG, SHAPE, trials=1, time_budget=120, rounds=3, space=space, executor=executor)
     assert [records.params_name(t.params) for t in again.trials] == [cand] and again.record["candidates"][cand] == 3.0
@@ -408,7 +408,7 @@ def test_build_failure_scores_inf(root, monkeypatch):
         return src
 
     monkeypatch.setattr(template_cpu, "generate", generate)
-    space = tune.Space({"pixel_chunk": (4,), "unroll_points": (tune.default_params(CFG)["unroll_points"],)}, passes=("forward",))
+    space = search.Space({"pixel_chunk": (4,), "unroll_points": (search.default_params(CFG)["unroll_points"],)}, passes=("forward",))
     result = tune.tune(CFG, SHAPE, trials=2, time_budget=120, rounds=3, space=space)
     failed = [t for t in result.trials if t.failure]
     assert failed and failed[0].failure.startswith("build:") and failed[0].ms == float("inf")
@@ -425,25 +425,25 @@ def test_rpc_loopback_measures_on_the_server(root, monkeypatch):
         executor = None
         for _ in range(50):  # the server registers with the tracker asynchronously
             try:
-                executor = tune.RPCExecutor(CFG, f"127.0.0.1:{tracker.port}", "dcngen-test", session_timeout=120)
+                executor = executors.RPCExecutor(CFG, f"127.0.0.1:{tracker.port}", "dcngen-test", session_timeout=120)
                 break
             except Exception:
                 time.sleep(0.2)
         assert executor is not None, "the RPC server never registered with the tracker"
         # a key no server registered under, a port with no tracker: errors at once, not a wait
         with pytest.raises(DCNGenError, match="no server under the key 'other' .its servers' keys: dcngen-test"):
-            tune.RPCExecutor(CFG, f"127.0.0.1:{tracker.port}", "other")
+            executors.RPCExecutor(CFG, f"127.0.0.1:{tracker.port}", "other")
         with socket.socket() as unused:
             unused.bind(("127.0.0.1", 0))
             with pytest.raises(DCNGenError, match="cannot reach the RPC tracker"):
-                tune.RPCExecutor(CFG, f"127.0.0.1:{unused.getsockname()[1]}", "dcngen-test")
+                executors.RPCExecutor(CFG, f"127.0.0.1:{unused.getsockname()[1]}", "dcngen-test")
         _sign_error_generator(monkeypatch, bad_chunk=2)
-        space = tune.Space({"pixel_chunk": (2,), "unroll_points": (tune.default_params(CFG)["unroll_points"],)}, passes=("forward", "backward"))
+        space = search.Space({"pixel_chunk": (2,), "unroll_points": (search.default_params(CFG)["unroll_points"],)}, passes=("forward", "backward"))
         result = tune.tune(CFG, SHAPE, trials=3, time_budget=120, rounds=3, space=space, executor=executor)
         executor.close()
         rec = result.record
         assert rec["executor"].startswith("rpc dcngen-test@")
-        bad = records.params_name({**tune.default_params(CFG), "pixel_chunk": 2})
+        bad = records.params_name({**search.default_params(CFG), "pixel_chunk": 2})
         assert rec["candidates"][bad].startswith("failed: verify")  # checked on the server, not here
         assert isinstance(rec["default"]["ms"], float) and rec["default"]["ms"] > 0
     finally:
@@ -492,16 +492,18 @@ def test_malformed_records_are_skipped_with_a_warning(root):
         assert records.lookup(CFG, SHAPE) is None and records.all_records() == []
 
 
-def test_tune_list_shows_each_records_re_timing(root):
+def test_tune_list_shows_each_records_re_timing(root, monkeypatch):
     from typer.testing import CliRunner
 
-    from dcngen.cli import app
+    from dcngen import cli
+
+    monkeypatch.setattr(cli.console, "_width", 300)  # the table's cells whole, whatever the terminal
 
     path = records.path_for("cpu", root)
     good = finished_record(CFG, (1, 64), {"pixel_chunk": 4, "unroll_points": 2})
     records.update(path, "cpu", records.record_key(CFG, (1, 64)), good)
-    records.update(path, "cpu", records.record_key(CFG, (2, 64)), {**finished_record(CFG, (2, 64), tune.default_params(CFG)), "confirm": None})
-    result = CliRunner().invoke(app, ["tune", "--list"], env={"COLUMNS": "300"})
+    records.update(path, "cpu", records.record_key(CFG, (2, 64)), {**finished_record(CFG, (2, 64), search.default_params(CFG)), "confirm": None})
+    result = CliRunner().invoke(cli.app, ["tune", "--list"])
     assert result.exit_code == 0, result.output
     rows = [line for line in result.output.splitlines() if "│ 1,64" in line or "│ 2,64" in line]
     assert len(rows) == 2 and "0.500 (14/14 rounds)" in rows[0] and rows[1].split("│")[7].strip() == "-"

@@ -64,9 +64,11 @@ def main() -> None:
           f"({len(record['candidates'])} candidates timed, {record.get('failed', 0)} failed)")
     print(f"  tuned   {records.params_name(tuned)}: {c.candidate_ms:.3f} ms")
     print(f"  default {records.params_name(default)}: {c.baseline_ms:.3f} ms")
-    confirm = record.get("confirm")
-    if tuned == default:
-        print("  the tune kept the default" + (f" (its best other candidate, re-timed: {confirm['ratio']:.3f} of the default's time)" if confirm else ""))
+    if record.get("confirm"):
+        who = "the tune kept the default; its best other candidate" if tuned == default else "the tune's choice"
+        print(f"  {who}, re-timed against the default: {records.retimed(record)}")
+    else:
+        print("  the tune kept the default: no other candidate beat it")
     print(f"  default / tuned, median of {args.rounds} paired ratios: {c.speedup:.3f}")
 
 if __name__ == "__main__":

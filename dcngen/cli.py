@@ -226,7 +226,7 @@ def tune(cfg: DCNConfig, shape: Shapes = None, trials: Annotated[int, typer.Opti
             table.add_column(col)
         for fp, r in records.all_records():
             table.add_row(fp, r["config"], ",".join(map(str, r["bucket"])), records.params_name(r["best"]["params"]),
-                          f"{r['best']['ms']:.3f}", f"{r['default']['ms']:.3f}", _retimed(r), str(len(r["candidates"])), str(r.get("failed", 0)))
+                          f"{r['best']['ms']:.3f}", f"{r['default']['ms']:.3f}", records.retimed(r), str(len(r["candidates"])), str(r.get("failed", 0)))
         console.print(table)
         return
     if cfg.params:
@@ -254,20 +254,10 @@ def tune(cfg: DCNConfig, shape: Shapes = None, trials: Annotated[int, typer.Opti
             r = result.record
             console.print(f"[green]{n}x{h}x{w}[/]: best {records.params_name(r['best']['params'])} {r['best']['ms']:.3f} ms, "
                           f"default {records.params_name(r['default']['params'])} {r['default']['ms']:.3f} ms, "
-                          f"best other candidate re-timed: {_retimed(r)}, "
+                          f"best other candidate re-timed: {records.retimed(r)}, "
                           f"{len(result.trials)} new candidates ({r['failed']} failed in all) -> {result.path}", highlight=False)
     finally:
         executor.close()
-
-
-def _retimed(record: dict) -> str:
-    """The re-timing of a record's best other candidate: its time / the default's, and the paired
-    rounds it won ("-" where no candidate beat the default in the search)."""
-    confirm = record.get("confirm")
-    if not confirm:
-        return "-"
-    won = confirm.get("faster_rounds")
-    return f"{confirm['ratio']:.3f}" + (f" ({won[0]}/{won[1]} rounds)" if won else "")
 
 
 @app.command("list")

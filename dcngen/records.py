@@ -206,6 +206,17 @@ def _finished(rec) -> bool:
         return False
 
 
+def retimed(record: dict) -> str:
+    """The re-timing of a finished record's best other candidate, as text: its time / the default's
+    and the paired rounds it won, e.g. `0.973 (12/14 rounds)`; `-` where no candidate beat the
+    default in the search."""
+    confirm = record.get("confirm")
+    if not confirm:
+        return "-"
+    won = confirm.get("faster_rounds")
+    return f"{confirm['ratio']:.3f}" + (f" ({won[0]}/{won[1]} rounds)" if won else "")
+
+
 def _usable(rec, key: str, path: Path) -> bool:
     """_finished(rec); a record with a result but not well formed is skipped with a warning."""
     if not isinstance(rec, dict) or "best" not in rec:

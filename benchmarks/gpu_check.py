@@ -316,8 +316,8 @@ def parameter_sweep(mods: dict) -> None:
     props = torch.cuda.get_device_properties(0)
     peak = peak_bandwidth(props.name)
     log("## Parameter candidates vs the defaults (paired, alternated; ratio = candidate / default)\n")
-    log("| shape | dtype | pass | params | default us | candidate us | ratio | candidate % floor | check |")
-    log("|---|---|---|---|---|---|---|---|---|")
+    log("| shape | dtype | pass | params | default us | candidate us | ratio | rounds won | candidate % floor | check |")
+    log("|---|---|---|---|---|---|---|---|---|---|")
     for name, kw, (n, h, w) in BENCH[:2] + [b for b in BENCH if b[0] in LINE_BOUND_SWEEP]:
         sweep = LINE_BOUND_SWEEP.get(name, SWEEP)
         for dt in BENCH_DTYPES:
@@ -342,11 +342,11 @@ def parameter_sweep(mods: dict) -> None:
             for what, candidates in sweep.items():
                 for params in (c for c in candidates if applies({**kw, "params": c}, dt)):
                     if time.time() - START > 270:
-                        log(f"| {name} | {dt} | {what} | {params} | skipped (time budget) |||||")
+                        log(f"| {name} | {dt} | {what} | {params} | skipped (time budget) ||||||")
                         continue
                     mod = mods.get(cuda_cfg(dtype=dt, **{**kw, "params": params}))
                     if isinstance(mod, Exception) or mod is None:
-                        log(f"| {name} | {dt} | {what} | {params} | build failed |||||")
+                        log(f"| {name} | {dt} | {what} | {params} | build failed ||||||")
                         continue
                     try:
                         for t in (out, gx, gom):
@@ -361,10 +361,11 @@ def parameter_sweep(mods: dict) -> None:
                         c = compare(lambda: run(mod, what), lambda: run(mods[base], what), rounds=7, warmup=0,
                                     timer=lambda fn: cuda_time(fn, warmup=1, reps=5))
                     except Exception as e:  # noqa: BLE001  (the other rows still run)
-                        failed(f"sweep {name} {dt} {params}", e, f"| {name} | {dt} | {what} | {params} | error: {str(e).splitlines()[0][:80]} |||||")
+                        failed(f"sweep {name} {dt} {params}", e, f"| {name} | {dt} | {what} | {params} | error: {str(e).splitlines()[0][:80]} ||||||")
                         continue
                     pct = f"{100 * floor_bytes[what] / peak / (c.candidate_ms * 1e-3):.0f}%" if peak else "n/a"
-                    log(f"| {name} | {dt} | {what} | {params} | {c.baseline_ms * 1e3:.1f} | {c.candidate_ms * 1e3:.1f} | {1 / c.speedup:.3f} | {pct} | "
+                    log(f"| {name} | {dt} | {what} | {params} | {c.baseline_ms * 1e3:.1f} | {c.candidate_ms * 1e3:.1f} | {1 / c.speedup:.3f} | "
+                        f"{c.candidate_faster}/{c.rounds} | {pct} | "
                         f"{'ok' if ok else 'FAIL'} {err:.1e} |")
     log("")
 

@@ -49,11 +49,12 @@ def space_for(cfg: DCNConfig) -> Space:
         from .generators.template_cpu import wide_vectors
 
         # pixel_chunk, unroll_points and accumulators shape the forward only (the backward runs one
-        # task per (image, group)); on AVX-512 targets the vector width GCC prefers shapes both passes
+        # task per (image, group)); on AVX-512 targets so does vector_bits, the vector width GCC
+        # prefers, and bwd_vector_bits the backward's
         unroll = tuple(sorted({1, 2, 3, 4, p} & set(range(1, 65))))
         values = {"pixel_chunk": _pow2_upto(1, 4096), "unroll_points": unroll, "accumulators": (1, 2, 4)}
         if wide_vectors(cfg):
-            return Space({**values, "vector_bits": (256, 512)})
+            return Space({**values, "vector_bits": (256, 512), "bwd_vector_bits": (256, 512)})
         return Space(values, passes=("forward",))
     if cfg.backend == "template":
         # the knobs the H100 sweeps found to matter (benchmarks/RESULTS.md), around the defaults

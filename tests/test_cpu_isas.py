@@ -149,8 +149,9 @@ def test_template_compiles_for_aarch64(tmp_path, op, dtype, c):
 
 def test_vector_width_follows_the_channel_row():
     """AVX-512 targets prefer 512-bit vectors, except where a group's channel row is longer than one
-    512-bit vector of the accumulation type and ends in a partial one; `vector_bits` overrides it,
-    tune searches it, and targets without AVX-512 have no such parameter."""
+    512-bit vector of the accumulation type and ends in a partial one; `vector_bits` overrides it
+    (`bwd_vector_bits` the backward's alone), tune searches both, and targets without AVX-512 have no
+    such parameters."""
     from dcngen.search import space_for
 
     def width(c, dtype="float32", **kw):
@@ -169,9 +170,32 @@ def test_vector_width_follows_the_channel_row():
     assert not any(f.startswith("-mprefer-vector-width") for f in generate(v3).flags)
     assert space_for(DCNConfig(target="cpu:x86-64-v4")).values["vector_bits"] == (256, 512)
     assert "vector_bits" not in space_for(v3).values
+    # the backward's own width: by default (and with vector_bits alone) the unit's; else its entry's attribute
+    attribute = 'target("prefer-vector-width='
+    backward = lambda **params: generate(DCNConfig(target="cpu:x86-64-v4", params=params))  # noqa: E731
+    assert dict(backward().params)["bwd_vector_bits"] == 512 and attribute not in backward().text
+    assert dict(backward(vector_bits=256).params)["bwd_vector_bits"] == 256 and attribute not in backward(vector_bits=256).text
+    source = backward(bwd_vector_bits=256)
+    assert "-mprefer-vector-width=512" in source.flags and attribute + '256")))\nvoid dcn_backward(' in source.text
+    with pytest.raises(ConfigError, match="bwd_vector_bits=384 must be 256 or 512"):
+        backward(bwd_vector_bits=384)
+    with pytest.raises(ConfigError, match="bwd_vector_bits applies to targets with AVX-512 only"):
+        generate(v3.replace(params={"bwd_vector_bits": 256}))
+    assert space_for(DCNConfig(target="cpu:x86-64-v4")).values["bwd_vector_bits"] == (256, 512)
     # the vector width shapes the backward too, so an AVX-512 target's candidates are timed over both passes
     assert space_for(DCNConfig(target="cpu:x86-64-v4")).passes == ("forward", "backward")
     assert space_for(v3).passes == ("forward",)
+
+
+@pytest.mark.parametrize("vector_bits, bwd_vector_bits", [(512, 256), (256, 512)])
+def test_the_backward_with_its_own_vector_width_matches_the_reference(vector_bits, bwd_vector_bits):
+    if "x86-64-v4" not in RUNNABLE:
+        pytest.skip(f"this CPU lacks {', '.join(missing_features('x86-64-v4'))}")
+    for op, dtype, c in (("dcnv4", "float32", 16), ("dcnv3", "bfloat16", 20)):
+        cfg = DCNConfig(op=op, group=2, group_channels=c, dtype=dtype, target="cpu:x86-64-v4",
+                        params={"vector_bits": vector_bits, "bwd_vector_bits": bwd_vector_bits})
+        errors = verify_kernel(cfg, load(build(generate(cfg))), 2, 9, 11)
+        assert max(errors.values()) < TOLERANCE[dtype], (cfg.key, errors)
 
 
 def test_default_accumulator_rows_fit_a_quarter_of_the_vector_registers():

@@ -33,7 +33,9 @@ def default_vector_bits(cfg: DCNConfig) -> int:
     loop there with a slow partial vector. 256-bit vectors, paired on a Zen 4 (benchmarks/RESULTS.md):
     float32 C20/C28/C36/C40/C52 forward 0.64-0.78x the time (C24 0.96x), backward 0.87-0.97x;
     float64 C12-C28 forward 0.76-0.91x (C10 1.06x); 16-bit C20/C28 backward 0.77-0.85x (float16 C28
-    forward 1.10x). `dcngen tune` tries both."""
+    forward 1.10x). The backward can take its own (`bwd_vector_bits`: the backward's entry function
+    gets it as a target attribute), which went either way by up to 8 % per config, with no rule
+    found; `dcngen tune` tries both widths for each pass."""
     lanes = 8 if cfg.dtype == "float64" else 16  # accumulation-type values per 512-bit vector
     c = cfg.group_channels
     return 256 if c > lanes and c % lanes else 512
@@ -60,16 +62,23 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
     accumulators = next(a for a in (4, 2, 1) if a == 1 or a * row_bytes <= budget)
     params = {"pixel_chunk": 4096, "unroll_points": cfg.num_points if cfg.num_points <= 16 else 1, "accumulators": accumulators}
     if vector_bits:
-        params["vector_bits"] = vector_bits
+        params["vector_bits"] = params["bwd_vector_bits"] = vector_bits
     return params
+
+
+VECTOR_WIDTHS = ("vector_bits", "bwd_vector_bits")  # the unit's (the forward's), the backward's
 
 
 def generate(cfg: DCNConfig) -> KernelSource:
     wide = wide_vectors(cfg)
-    if "vector_bits" in cfg.param_dict and not wide:
-        raise ConfigError("params", f"vector_bits applies to targets with AVX-512 only; {cfg.target} has none")
-    params = resolve_params(cfg, default_params(cfg), {**PARAM_BOUNDS, "vector_bits": (256, 512)} if wide else PARAM_BOUNDS)
-    if wide and params["vector_bits"] not in (256, 512):
-        raise ConfigError("params", f"vector_bits={params['vector_bits']} must be 256 or 512")
+    for name in VECTOR_WIDTHS:
+        if name in cfg.param_dict and not wide:
+            raise ConfigError("params", f"{name} applies to targets with AVX-512 only; {cfg.target} has none")
+    params = resolve_params(cfg, default_params(cfg), {**PARAM_BOUNDS, **{n: (256, 512) for n in VECTOR_WIDTHS}} if wide else PARAM_BOUNDS)
+    if wide and "bwd_vector_bits" not in cfg.param_dict:
+        params["bwd_vector_bits"] = params["vector_bits"]  # an explicit vector_bits sets both passes'
+    for name in VECTOR_WIDTHS if wide else ():
+        if params[name] not in (256, 512):
+            raise ConfigError("params", f"{name}={params[name]} must be 256 or 512")
     text = render("cpu/dcn.cc.j2", cfg, scalar_type=SCALAR_TYPE[cfg.dtype], params=params)
     return KernelSource(config=cfg, language="cpp", text=text, flags=flags(cfg, params), params=tuple(sorted(params.items())))

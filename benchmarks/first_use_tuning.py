@@ -71,5 +71,6 @@ def main() -> None:
         print("  the tune kept the default: no other candidate beat it")
     print(f"  default / tuned, median of {args.rounds} paired ratios: {c.speedup:.3f}")
 
+
 if __name__ == "__main__":
     main()

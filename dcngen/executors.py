@@ -112,7 +112,6 @@ class RPCExecutor:
             raise DCNGenError(f"no RPC session for key {key!r} from tracker {tracker}: {e}") from None
         self.dev = self.session.cuda(0) if cfg.is_cuda else self.session.cpu(0)
         self.where = f"rpc {key}@{tracker}"
-        self._put: dict[int, tuple[torch.Tensor, object]] = {}
 
     def machine(self, target: str) -> dict:
         """What the timings are filed under: the server's GPU, by name and architecture, for a CUDA
@@ -136,10 +135,7 @@ class RPCExecutor:
     def put(self, t: torch.Tensor):
         import tvm
 
-        hit = self._put.get(id(t))  # aliased tensors (DCNv4's packed offset/mask) stay one remote tensor
-        if hit is None or hit[0] is not t:
-            hit = self._put[id(t)] = (t, tvm.runtime.tensor(t.contiguous().numpy(), device=self.dev))
-        return hit[1]
+        return tvm.runtime.tensor(t.contiguous().numpy(), device=self.dev)
 
     def get(self, t) -> torch.Tensor:
         return torch.from_numpy(t.numpy())
@@ -149,5 +145,4 @@ class RPCExecutor:
         return lambda: sum(f(*args).mean for f, args in evals) * 1e3
 
     def close(self) -> None:
-        self._put.clear()
         self.session = None

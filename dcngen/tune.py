@@ -51,7 +51,9 @@ def _kernel_args(cfg: DCNConfig, executor, n: int, h: int, w: int, seed: int = 0
     x, off, mask = (inputs[0], inputs[1], inputs[1]) if cfg.op == "dcnv4" else inputs
     out, gx, goff, gmask = poisoned_outputs(cfg, inputs)
     host = (x, off, mask, out, problem.grad_out.to(dtype), gx, goff, gmask)
-    dev = [executor.put(t) for t in host]
+    # one device tensor per host tensor: DCNv4's offset and mask (and their gradients) stay one buffer
+    placed = {id(t): executor.put(t) for t in host}
+    dev = [placed[id(t)] for t in host]
     fwd = (dev[0], dev[1], dev[2], dev[3])
     bwd = (dev[0], dev[1], dev[2], dev[4], dev[5], dev[6], dev[7])
     return problem, inputs, fwd, bwd, dev

@@ -261,6 +261,19 @@ def test_check_finds_elements_a_candidate_leaves_unwritten():
     assert tune.check(CFG, executor, Skipping("padding"))["grad_offset_mask"] == math.inf
 
 
+def test_check_keeps_dcnv4s_packed_tensor_one_buffer_on_a_copying_executor():
+    """DCNv4's kernels take the packed offset_mask (and its gradient) as both the offset and the mask
+    argument. An executor that copies each tensor it is given (a GPU's) must still see one buffer,
+    or the mask gradients land in a copy that the check never reads."""
+
+    class Copying(executors.LocalExecutor):
+        def put(self, t):
+            return t.clone()
+
+    real = kernels.kernel_for(CFG)
+    assert max(tune.check(CFG, Copying(CFG), real).values()) < 1e-5
+
+
 def test_an_interrupted_retune_keeps_the_last_result(root):
     """While a re-tune runs, and after it is interrupted, the record keeps the last finished run's best."""
     default = search.default_params(CFG)

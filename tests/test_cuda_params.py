@@ -175,6 +175,23 @@ def test_input_gradient_atomics_in_the_storage_dtype_for_float16_only():
         "float16": 1, "bfloat16": 0, "float32": 0, "float64": 0}
 
 
+@pytest.mark.parametrize("dtype, params, bwd_vec, bwd_pixels", [
+    ("bfloat16", {}, 4, 8),  # fp32 accumulator: 4 channels (16 bytes of atomics), not the forward's 8
+    ("bfloat16", {"atomic_dtype": 1}, 8, 16),  # bf16 atomics: 8 channels, the block following
+    ("float16", {}, 8, 16),  # half2 atomics by default
+    ("float16", {"atomic_dtype": 0}, 4, 8),
+    ("bfloat16", {"atomic_dtype": 1, "bwd_vec": 2}, 2, 4),  # a width that is set is kept
+    ("float32", {}, 4, 8),
+])
+def test_backward_vector_width_is_16_bytes_of_its_atomics(dtype, params, bwd_vec, bwd_pixels):
+    """The backward's default width makes a lane's input-gradient atomics one 16-byte reduction a
+    corner in the accumulator's type (fp32 unless atomic_dtype=1), so a warp's cover whole sectors."""
+    launch, geometry = launch_params(cfg(dtype, 32, params=params))
+    assert launch["vec"] == 16 // cfg(dtype).itemsize
+    assert (launch["bwd_vec"], launch["bwd_pixels"]) == (bwd_vec, bwd_pixels)
+    assert geometry["bwd_threads"] == 256
+
+
 @pytest.mark.parametrize("kernel", ["mma", "fwd_mma", "bwd_mma"])
 def test_tensor_cores_from_sm_80(kernel):
     """sm_80 is the first architecture of the tensor-core kernels (sm_75 is refused)."""

@@ -2,7 +2,9 @@
 kernels' layouts come from cuda_tiles).
 
 Parameters (cfg.params; defaults from `default_params`):
-  vec / bwd_vec        channels per thread, forward / backward (power of two)
+  vec / bwd_vec        channels per thread, forward / backward (power of two); default: 16 bytes
+                       of the input (forward) and of the input gradient's atomics (backward: 4
+                       channels where they go through the fp32 accumulator, e.g. bf16)
   pixels / bwd_pixels  output pixels per block; threads per block = pixels * G * lanes, where
                        lanes = next_pow2(ceil(C / vec)) threads share one (pixel, group); default:
                        about 256 threads for the vec in use (the default one or the one set). The
@@ -157,10 +159,10 @@ def lanes(cfg: DCNConfig, vec: int) -> int:
     return next_pow2(-(-cfg.group_channels // vec))
 
 
-def _default_vec(cfg: DCNConfig) -> int:
-    """16-byte vectors where the group channels allow, never more than 32 lanes per group, and
-    wider where a pixel's G groups of lanes would not fit a block (up to MAX_VEC_BYTES)."""
-    size = cfg.itemsize
+def _default_vec(cfg: DCNConfig, size: int) -> int:
+    """16-byte vectors of `size`-byte elements where the group channels allow, never more than 32
+    lanes per group, and wider where a pixel's G groups of lanes would not fit a block (up to
+    MAX_VEC_BYTES)."""
     c = cfg.group_channels
     vec = min(16 // size, c & -c)  # largest power of two dividing C, capped at 16 bytes
     while lanes(cfg, vec) > MAX_LANES or (cfg.group * lanes(cfg, vec) > MAX_THREADS and 2 * vec * size <= MAX_VEC_BYTES):
@@ -192,14 +194,31 @@ def _bwd_tile_shape(cfg: DCNConfig, vec: int) -> dict[str, int]:
     return {"bwd_tile_h": h, "bwd_tile_w": w, "bwd_tile_threads": _tile_threads(h, w, lanes(cfg, vec))}
 
 
+def _gradient_element_bytes(cfg: DCNConfig, atomic_dtype: int) -> int:
+    """Bytes an input-gradient element takes in the backward's atomics: the storage dtype's with
+    atomic_dtype 1 (fp16/bf16), else the fp32 (fp64) accumulator's."""
+    return cfg.itemsize if atomic_dtype else max(cfg.itemsize, acc_bytes(cfg))
+
+
+def _default_bwd_vec(cfg: DCNConfig, atomic_dtype: int) -> int:
+    """The backward's channels per thread: 16-byte vectors of the input gradient's atomics, one
+    reduction a corner, a warp's reductions covering whole 32-byte sectors. bf16 with its fp32
+    accumulator: 4 channels, not the forward's 8, whose two reductions a corner each half-fill
+    their sectors (the likely cause: at G4 C32 on an H200, forward + backward took 1.7x the time,
+    benchmarks/RESULTS.md)."""
+    return _default_vec(cfg, _gradient_element_bytes(cfg, atomic_dtype))
+
+
 def default_params(cfg: DCNConfig) -> dict[str, int]:
-    vec = _default_vec(cfg)
+    vec = _default_vec(cfg, cfg.itemsize)
     pixels = _block_pixels(cfg, vec)
+    atomic_dtype = 1 if cfg.dtype == "float16" else 0
+    bwd_vec = _default_bwd_vec(cfg, atomic_dtype)
     return {
         "vec": vec,
         "pixels": pixels,
-        "bwd_vec": vec,
-        "bwd_pixels": pixels,
+        "bwd_vec": bwd_vec,
+        "bwd_pixels": _block_pixels(cfg, bwd_vec),
         # corner loads in flight per thread: 4 x batch vectors of vec elements (~48 registers of
         # raw corners at 16-byte vectors and a batch of 3)
         "unroll": 0,  # 0: automatic (from the final vec), see _auto_batches
@@ -214,9 +233,9 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
         "share": 0,
         "share_round": 0,  # 0: automatic, see _share_round
         # fp16: half2 vector atomics into grad_x; bf16 keeps the fp32 accumulator (8-bit mantissa)
-        "atomic_dtype": 1 if cfg.dtype == "float16" else 0,
+        "atomic_dtype": atomic_dtype,
         "bwd_tile": 0,
-        **_bwd_tile_shape(cfg, vec),
+        **_bwd_tile_shape(cfg, bwd_vec),
         # the region covers offsets up to +-2 (before offset_scale) around the kernel footprint
         "bwd_halo": max(1, math.ceil(2 * abs(cfg.offset_scale))),
         "mma": 0,
@@ -241,13 +260,18 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
 
 def _follow_set_vectors(cfg: DCNConfig, params: dict[str, int]) -> None:
     """Where cfg.params set a vector width but not the block sized by it, size the block for the
-    width set, as default_params does for the default width; likewise the tiled forward's block,
-    for the tile and the lanes a pixel (fwd_tile_mma) in use."""
+    width set, as default_params does for the default width (an atomic_dtype set moves the default
+    backward width with it); likewise the tiled forward's block, for the tile and the lanes a pixel
+    (fwd_tile_mma) in use."""
     given = cfg.param_dict
+    moved = {name for name in ("vec", "bwd_vec") if name in given}
+    if "atomic_dtype" in given and "bwd_vec" not in given:
+        params["bwd_vec"] = _default_bwd_vec(cfg, params["atomic_dtype"])
+        moved.add("bwd_vec")
     for prefix in ("", "bwd_"):
-        if f"{prefix}vec" in given and f"{prefix}pixels" not in given:
+        if f"{prefix}vec" in moved and f"{prefix}pixels" not in given:
             params[f"{prefix}pixels"] = _block_pixels(cfg, params[f"{prefix}vec"])
-    if "bwd_vec" in given and "bwd_tile_threads" not in given:
+    if "bwd_vec" in moved and "bwd_tile_threads" not in given:
         params["bwd_tile_threads"] = _tile_threads(params["bwd_tile_h"], params["bwd_tile_w"], lanes(cfg, params["bwd_vec"]))
     if "fwd_tile_threads" not in given:
         params["fwd_tile_threads"] = _tile_threads(params["fwd_tile_h"], params["fwd_tile_w"], fwd_tile_lanes(cfg, bool(params["fwd_tile_mma"])))

@@ -8,11 +8,11 @@
 set -u
 out="${OUT:-device-out}"
 mkdir -p "$out/records"
-pip install -q --no-deps --target /tmp/site .whl/*.whl > /dev/null 2>&1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl > /dev/null 2>&1
 export PYTHONPATH="/tmp/site:$PWD" TVM_FFI_DISABLE_TORCH_C_DLPACK=1 DCNGEN_CACHE=/tmp/dcache DCNGEN_RECORDS="$out/records"
 # the Python API rather than the CLI: the machine need not have typer and rich
 for dtype in float16 float32 bfloat16; do
-  timeout 95 python - "$dtype" > "$out/tune-$dtype.log" 2>&1 <<'EOF'
+  timeout 95 python3 - "$dtype" > "$out/tune-$dtype.log" 2>&1 <<'EOF'
 import sys
 from dcngen import records
 from dcngen.config import DCNConfig

@@ -202,12 +202,13 @@ BENCH = [
     ("N64 7x7 G4 C32", dict(group=4, group_channels=32, offset_scale=2.0), (64, 7, 7)),
     ("N1 25x40 G4 C32", dict(group=4, group_channels=32, offset_scale=2.0), (1, 25, 40)),
 ]
-BENCH_DTYPES = ("float16", "float32")
+BENCH_DTYPES = ("float16", "float32", "bfloat16")
 # the first shape again with small offsets, within +-1 at offset_scale 1 (every sample within 1 px of
 # its kernel position): where the tiled kernels' regions are smallest; fp16 only
 SMALL_OFFSETS = ("N64 56x56 G4 C32, offsets +-1 x 1", dict(group=4, group_channels=32, offset_scale=1.0), (64, 56, 56), 1)
-# parameter sets timed on every benchmark shape: the defaults, and the tensor-core kernels where they apply
-BENCH_PARAMS = ({}, {"fwd_mma": 1, "bwd_mma": 1})
+# parameter sets timed on every benchmark shape: the defaults, and the tensor-core backward where it applies (the
+# H200's tunes kept it; no opt-in forward beat the default there, benchmarks/RESULTS.md)
+BENCH_PARAMS = ({}, {"bwd_mma": 1})
 
 
 def build_all(cfgs: list[DCNConfig]) -> dict:

@@ -21,7 +21,7 @@ from dcngen.tune import process_age, tune
 cfg = DCNConfig(op="dcnv4", group=4, group_channels=32, kernel_size=3, padding=1, dtype=sys.argv[1], target="cuda")
 result = tune(cfg, (64, 56, 56), trials=64, time_budget=85 - process_age(), jobs=16)
 r = result.record
-print(f"64x56x56: best {records.params_name(r['best']['params'])} {r['best']['ms']:.3f} ms, "
+print(f"64x56x56: best {records.best_changes(r)} {r['best']['ms']:.3f} ms, "
       f"default {r['default']['ms']:.3f} ms, {len(result.trials)} new candidates ({r['failed']} failed) -> {result.path}")
 EOF
   echo "tune $dtype: exit $? ($(grep -m1 -E '^64x56x56:' "$out/tune-$dtype.log"))"

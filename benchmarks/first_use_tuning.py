@@ -62,8 +62,8 @@ def main() -> None:
     c = compare(step(tuned), step(default), rounds=args.rounds, device=device.type)
     print(f"{cfg.key} at {args.shape}, budget {args.budget:g} s: first call {first_call:.1f} s "
           f"({len(record['candidates'])} candidates timed, {record.get('failed', 0)} failed)")
-    print(f"  tuned   {records.params_name(tuned)}: {c.candidate_ms:.3f} ms")
-    print(f"  default {records.params_name(default)}: {c.baseline_ms:.3f} ms")
+    print(f"  tuned   {records.best_changes(record)}: {c.candidate_ms:.3f} ms")
+    print(f"  default: {c.baseline_ms:.3f} ms")
     if record.get("confirm"):
         who = "the tune kept the default; its best other candidate" if tuned == default else "the tune's choice"
         print(f"  {who}, re-timed against the default: {records.retimed(record)}")

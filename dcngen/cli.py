@@ -222,10 +222,10 @@ def tune(cfg: DCNConfig, shape: Shapes = None, trials: Annotated[int, typer.Opti
 
     if list_records:
         table = Table(title=f"tuning records in {', '.join(map(str, records.folders()))}")
-        for col in ("machine", "config", "bucket N,HW", "best params", "best ms", "default ms", "re-timed", "measured", "failed"):
+        for col in ("machine", "config", "bucket N,HW", "best: changes from the default", "best ms", "default ms", "re-timed", "measured", "failed"):
             table.add_column(col)
         for fp, r in records.all_records():
-            table.add_row(fp, r["config"], ",".join(map(str, r["bucket"])), records.params_name(r["best"]["params"]),
+            table.add_row(fp, r["config"], ",".join(map(str, r["bucket"])), records.best_changes(r),
                           f"{r['best']['ms']:.3f}", f"{r['default']['ms']:.3f}", records.retimed(r), str(len(r["candidates"])), str(r.get("failed", 0)))
         console.print(table)
         return
@@ -252,8 +252,8 @@ def tune(cfg: DCNConfig, shape: Shapes = None, trials: Annotated[int, typer.Opti
                 result = run_tune(cfg, (n, h, w), trials=trials, time_budget=time_budget / len(shapes), executor=executor,
                                   seed=seed, jobs=jobs or os.cpu_count() or 1, progress=report)
             r = result.record
-            console.print(f"[green]{n}x{h}x{w}[/]: best {records.params_name(r['best']['params'])} {r['best']['ms']:.3f} ms, "
-                          f"default {records.params_name(r['default']['params'])} {r['default']['ms']:.3f} ms, "
+            console.print(f"[green]{n}x{h}x{w}[/]: best {records.best_changes(r)} {r['best']['ms']:.3f} ms, "
+                          f"default {r['default']['ms']:.3f} ms, "
                           f"best other candidate re-timed: {records.retimed(r)}, "
                           f"{len(result.trials)} new candidates ({r['failed']} failed in all) -> {result.path}", highlight=False)
     finally:

@@ -206,6 +206,13 @@ def _finished(rec) -> bool:
         return False
 
 
+def best_changes(record: dict) -> str:
+    """A finished record's best parameters that differ from its default's, as text (`bwd_mma=1`), or
+    `defaults` where the tune kept them: a CUDA config has over 30 parameters."""
+    default = record["default"]["params"]
+    return params_name({k: v for k, v in record["best"]["params"].items() if default.get(k) != v}) or "defaults"
+
+
 def retimed(record: dict) -> str:
     """The re-timing of a finished record's best other candidate, as text: its time / the default's
     and the paired rounds it won, e.g. `0.973 (12/14 rounds)`; `-` where no candidate beat the

@@ -520,6 +520,8 @@ def test_tune_list_shows_each_records_re_timing(root, monkeypatch):
     assert result.exit_code == 0, result.output
     rows = [line for line in result.output.splitlines() if "│ 1,64" in line or "│ 2,64" in line]
     assert len(rows) == 2 and "0.500 (14/14 rounds)" in rows[0] and rows[1].split("│")[7].strip() == "-"
+    # the best's changes from the default, not all of its parameters
+    assert rows[0].split("│")[4].strip() == "pixel_chunk=4,unroll_points=2" and rows[1].split("│")[4].strip() == "defaults"
 
 
 def test_unreadable_record_files_are_skipped_by_lookups_and_refused_by_updates(root):

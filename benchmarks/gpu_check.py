@@ -342,7 +342,7 @@ def parameter_sweep(mods: dict) -> None:
             floor_bytes = {"fwd": (x.numel() + om.numel() + out.numel()) * es, "bwd": (2 * x.numel() + 2 * om.numel() + go.numel()) * es}
             for what, candidates in sweep.items():
                 for params in (c for c in candidates if applies({**kw, "params": c}, dt)):
-                    if time.time() - START > 270:
+                    if time.time() - START > 255:
                         log(f"| {name} | {dt} | {what} | {params} | skipped (time budget) ||||||")
                         continue
                     mod = mods.get(cuda_cfg(dtype=dt, **{**kw, "params": params}))

@@ -182,7 +182,8 @@ SWEEP = {
             {"stage": 1}, {"fwd_mma": 1}, {"fwd_mma": 1, "fwd_mma_warps": 4}, {"fwd_mma": 1, "fwd_halo": 2}, {"fwd_mma": 1, "fwd_mma_tiles": 4},
             {"mma": 1}, {"share": 1}, {"share": 1, "pixels": 16}, {"share": 1, "share_round": 9}, {"pixels": 16}],
     "bwd": [{"bwd_tile": 1}, {"bwd_tile": 1, "bwd_vec": 1}, {"bwd_tile": 1, "bwd_tile_h": 16, "bwd_tile_w": 16, "bwd_tile_threads": 512},
-            {"bwd_mma": 1}, {"bwd_mma": 1, "bwd_mma_warps": 8}, {"bwd_mma": 1, "bwd_mma_w": 16}, {"bwd_mma": 1, "bwd_mma_h": 4, "bwd_mma_w": 8},
+            {"bwd_mma": 1}, {"bwd_mma": 1, "bwd_mma_warps": 8}, {"bwd_mma": 1, "bwd_halo": 2}, {"bwd_mma": 1, "bwd_mma_warps": 8, "bwd_halo": 2},
+            {"bwd_mma": 1, "bwd_mma_w": 16}, {"bwd_mma": 1, "bwd_mma_h": 4, "bwd_mma_w": 8},
             {"bwd_stage": 0, "bwd_unroll": 3, "bwd_min_blocks": 2}],
 }
 

@@ -141,6 +141,10 @@ CHECKS = [
     ("v4 vec4 px7", dict(group=4, group_channels=32, params={"vec": 4, "pixels": 7, "bwd_pixels": 5}), (3, 7, 9)),
     ("v4 G80 C16", dict(group=80, group_channels=16), (1, 6, 7)),
     ("v4 deterministic", dict(group=4, group_channels=32, params={"deterministic": 1}), (2, 13, 17)),
+    # each sample blended in the storage type (half_blend): packed 16-bit FMAs, a channel tail, shared taps
+    ("v4 half-blend bench-like", dict(group=4, group_channels=32, offset_scale=2.0, params={"half_blend": 1}), (2, 13, 17)),
+    ("v3 half-blend 5x5 C20 share staged", dict(op="dcnv3", group=2, group_channels=20, kernel_size=5, padding=2,
+                                                params={"half_blend": 1, "share": 1, "stage": 1, "vec": 8}), (1, 11, 10)),
     # points located once per (pixel, group): rounds of taps in shared memory, an idle lane (C24)
     ("v4 share bench-like", dict(group=4, group_channels=32, offset_scale=2.0, params={"share": 1}), (2, 13, 17)),
     ("v3 share 5x5 C24 staged", dict(op="dcnv3", group=3, group_channels=24, kernel_size=5, padding=2, params={"share": 1, "stage": 1}), (1, 11, 10)),
@@ -178,7 +182,7 @@ CHECK_DTYPES = ("float32", "float16", "bfloat16")
 # parameter candidates timed against the defaults on the first two benchmark shapes, per pass (the
 # likeliest winners first: rows past the time budget are skipped)
 SWEEP = {
-    "fwd": [{"fwd_tile": 1, "fwd_tile_mma": 1}, {"fwd_tile": 1}, {"fwd_tile": 1, "fwd_tile_mma": 1, "fwd_tile_h": 16}, {"fwd_tile": 1, "fwd_tile_h": 16},
+    "fwd": [{"half_blend": 1}, {"half_blend": 1, "stage": 1}, {"fwd_tile": 1, "fwd_tile_mma": 1}, {"fwd_tile": 1}, {"fwd_tile": 1, "fwd_tile_mma": 1, "fwd_tile_h": 16}, {"fwd_tile": 1, "fwd_tile_h": 16},
             {"stage": 1}, {"fwd_mma": 1}, {"fwd_mma": 1, "fwd_mma_warps": 4}, {"fwd_mma": 1, "fwd_halo": 2}, {"fwd_mma": 1, "fwd_mma_tiles": 4},
             {"mma": 1}, {"share": 1}, {"share": 1, "pixels": 16}, {"share": 1, "share_round": 9}, {"pixels": 16}],
     "bwd": [{"bwd_tile": 1}, {"bwd_tile": 1, "bwd_vec": 1}, {"bwd_tile": 1, "bwd_tile_h": 16, "bwd_tile_w": 16, "bwd_tile_threads": 512},
@@ -191,7 +195,7 @@ SWEEP = {
 # whole 128-byte line pass and the forward is near the bound of one line a cycle (benchmarks/l1_traffic.py:
 # 85 us against 90.8 us measured on the H100); staged offsets take that bound to 68 us, the tiled
 # SIMT forward (its region's rows read free of bank conflicts) to 51 us
-LINE_BOUND_SWEEP = {"N1 200x320 G8 C16": {"fwd": [{"stage": 1}, {"fwd_tile": 1}, {"fwd_tile": 1, "fwd_tile_mma": 1}]}}
+LINE_BOUND_SWEEP = {"N1 200x320 G8 C16": {"fwd": [{"stage": 1}, {"fwd_tile": 1}, {"fwd_tile": 1, "fwd_tile_mma": 1}, {"half_blend": 1}]}}
 
 # benchmark shapes: (name, config, (N, H, W))
 BENCH = [

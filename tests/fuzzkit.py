@@ -142,8 +142,8 @@ def simt_pool(count: int, seed: int = 0) -> list[DCNConfig]:
     """`count` seeded random CUDA configs of the per-point (SIMT) kernels, every dtype, each launch
     parameter drawn with probability 1/5 (vector widths, blocks, point batches, offset staging,
     shared point locations, atomics, register caps, the deterministic mode, the tiled backward and
-    its tile and halo, the tiled forward and its tile and halo; draws the tiled forward cannot run
-    are drawn again); for the SIMT emulator."""
+    its tile and halo, the tiled forward and its tile and halo, the 16-bit blend; draws the
+    generator rejects are drawn again); for the SIMT emulator."""
     def draw(rng: random.Random, i: int) -> DCNConfig:
         base = random_config(rng, dtype=DTYPES[i % len(DTYPES)], op=("dcnv4", "dcnv3")[(i // 4) % 2])
         params: dict[str, int] = {}
@@ -151,7 +151,8 @@ def simt_pool(count: int, seed: int = 0) -> list[DCNConfig]:
                        {"pixels": rng.randint(1, 9)}, {"bwd_pixels": rng.randint(1, 9)}, {"unroll": rng.randint(1, 5)},
                        {"bwd_unroll": rng.randint(1, 4)}, {"stage": 1}, {"bwd_stage": 0}, {"atomic_dtype": rng.choice((0, 1))},
                        {"bwd_tile": 1, "bwd_tile_h": rng.choice((2, 4, 8, 16))}, {"bwd_halo": rng.randint(0, 4)}, {"min_blocks": rng.randint(1, 3)},
-                       {"share": 1}, {"fwd_tile": 1, "fwd_tile_h": rng.choice((2, 4, 8)), "fwd_tile_w": rng.choice((4, 8, 16)), "fwd_halo": rng.randint(0, 3)}):
+                       {"share": 1}, {"fwd_tile": 1, "fwd_tile_h": rng.choice((2, 4, 8)), "fwd_tile_w": rng.choice((4, 8, 16)), "fwd_halo": rng.randint(0, 3)},
+                       {"half_blend": 1}):
             if rng.random() < 0.2:
                 params.update(choice)
         return base.replace(target=rng.choice(("cuda:sm_80", "cuda:sm_90")), params=params)

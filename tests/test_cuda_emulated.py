@@ -49,6 +49,10 @@ CASES = {
                                                        offset_scale=0.5, params={"share": 1, "vec": 1}),
     "shared-fp32-tail-short-rounds": cuda(group=2, group_channels=20, params={"share": 1, "vec": 8, "unroll": 2, "share_round": 4}),
     "shared-fp64-7x7": cuda(group=1, group_channels=16, dtype="float64", kernel_size=7, padding=3, params={"share": 1}),
+    # the forward with each sample blended in the storage type (half_blend=1): packed 16-bit FMAs
+    "half-blend-fp16": cuda(group=4, group_channels=32, dtype="float16", params={"half_blend": 1}),
+    "half-blend-v3-bf16-5x5-c20-shared-staged": cuda(op="dcnv3", group=2, group_channels=20, dtype="bfloat16", kernel_size=5, padding=2,
+                                                     params={"half_blend": 1, "share": 1, "stage": 1, "vec": 8}),
     # the tiled backward (bwd_tile=1): fixed-point sums in shared memory, global fallbacks
     "tiled-fp16": cuda(group=4, group_channels=32, dtype="float16", params={"bwd_tile": 1}),
     "tiled-fp32-4x4-tiles": cuda(group=2, group_channels=16, params={"bwd_tile": 1, "bwd_tile_h": 4, "bwd_tile_w": 4, "bwd_tile_threads": 64}),

@@ -192,6 +192,25 @@ def test_backward_vector_width_is_16_bytes_of_its_atomics(dtype, params, bwd_vec
     assert geometry["bwd_threads"] == 256
 
 
+@pytest.mark.parametrize("dtype, params, match", [
+    ("float32", {"half_blend": 1}, "16-bit storage type; float32 has none"),
+    ("float64", {"half_blend": 1}, "float64 has none"),
+    ("float16", {"half_blend": 1, "fwd_tile": 1}, "per-point forward's; fwd_tile=1"),
+    ("bfloat16", {"half_blend": 1, "mma": 1}, "per-point forward's; mma=1"),
+    ("float16", {"half_blend": 1, "vec": 1}, "pairs of channels; vec=1"),
+])
+def test_half_blend_refuses_what_it_cannot_blend(dtype, params, match):
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        launch_params(cfg(dtype, params=params))
+
+
+def test_half_blend_is_never_tuned():
+    """It trades precision for speed: the user's choice, not the search's."""
+    from dcngen import search
+
+    assert "half_blend" not in search.space_for(cfg("float16")).values
+
+
 @pytest.mark.parametrize("kernel", ["mma", "fwd_mma", "bwd_mma"])
 def test_tensor_cores_from_sm_80(kernel):
     """sm_80 is the first architecture of the tensor-core kernels (sm_75 is refused)."""

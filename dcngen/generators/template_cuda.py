@@ -69,6 +69,11 @@ Parameters (cfg.params; defaults from `default_params`):
                        x bilinear weight, scaled by a power of two per pixel and split into two
                        16-bit parts: about fp32 precision); fp32 accumulators. Pixels whose product
                        is not finite are recomputed per point
+  half_blend           1 (fp16/bf16, the per-point forward): each sample's four corners blended in
+                       the storage type (packed 16-bit FMAs of the corners by their weights x the
+                       mask, rounded to the dtype), the blend added to fp32 sums: 0.72-0.77x the
+                       loop's instructions (sm_90), but a sample's blend rounds to the dtype (fp16:
+                       2^-11 of it) and overflows fp16 where its partial sums pass 65504. Never tuned
   bwd_mma              1: tiled backward on tensor cores (fp16/bf16, group_channels % 16 == 0,
                        sm_80+): a block stages a bwd_mma_h x bwd_mma_w output tile's input region
                        and grad_out in shared memory, sums the tile's coefficients (mask x bilinear
@@ -135,6 +140,7 @@ PARAM_BOUNDS = {
     "fwd_tile_w": (1, 64),
     "fwd_tile_threads": (32, 1024),
     "fwd_tile_mma": (0, 1),
+    "half_blend": (0, 1),
 }
 MAX_THREADS = 1024
 MAX_LANES = 32  # threads per (pixel, group): one warp, so its reductions are shuffles
@@ -255,6 +261,7 @@ def default_params(cfg: DCNConfig) -> dict[str, int]:
         "fwd_tile_w": 16,
         "fwd_tile_threads": _tile_threads(8, 16, fwd_tile_lanes(cfg)),
         "fwd_tile_mma": 0,
+        "half_blend": 0,
     }
 
 
@@ -381,6 +388,14 @@ def _check(cfg: DCNConfig, params: dict[str, int]) -> dict:
     if cfg.group_channels > widest:
         raise ConfigError("group_channels", f"{cfg.group_channels} channels per group is more than the CUDA kernels take in {cfg.dtype}: "
                           f"at most {widest} ({MAX_LANES} threads of {MAX_VEC_BYTES // size} channels); the CPU kernels take any number")
+    if params["half_blend"]:
+        if cfg.dtype not in ("float16", "bfloat16"):
+            raise ConfigError("params", f"half_blend=1 blends in a 16-bit storage type; {cfg.dtype} has none (use float16/bfloat16)")
+        tiled = [name for name in ("mma", "fwd_mma", "fwd_tile") if params[name]]
+        if tiled:
+            raise ConfigError("params", f"half_blend=1 is the per-point forward's; {tiled[0]}=1 runs another forward (drop one)")
+        if params["vec"] % 2:
+            raise ConfigError("params", f"half_blend=1 blends pairs of channels; vec={params['vec']} has none (vec >= 2)")
     geometry = {}
     for prefix in ("", "bwd_"):
         vec, pixels = params[f"{prefix}vec"], params[f"{prefix}pixels"]

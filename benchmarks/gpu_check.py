@@ -182,7 +182,8 @@ CHECK_DTYPES = ("float32", "float16", "bfloat16")
 # parameter candidates timed against the defaults on the first two benchmark shapes, per pass (the
 # likeliest winners first: rows past the time budget are skipped)
 SWEEP = {
-    "fwd": [{"half_blend": 1}, {"half_blend": 1, "stage": 1}, {"fwd_tile": 1, "fwd_tile_mma": 1}, {"fwd_tile": 1}, {"fwd_tile": 1, "fwd_tile_mma": 1, "fwd_tile_h": 16}, {"fwd_tile": 1, "fwd_tile_h": 16},
+    "fwd": [{"half_blend": 1}, {"half_blend": 1, "stage": 1},
+            {"fwd_tile": 1, "fwd_tile_mma": 1}, {"fwd_tile": 1}, {"fwd_tile": 1, "fwd_tile_mma": 1, "fwd_tile_h": 16}, {"fwd_tile": 1, "fwd_tile_h": 16},
             {"stage": 1}, {"fwd_mma": 1}, {"fwd_mma": 1, "fwd_mma_warps": 4}, {"fwd_mma": 1, "fwd_halo": 2}, {"fwd_mma": 1, "fwd_mma_tiles": 4},
             {"mma": 1}, {"share": 1}, {"share": 1, "pixels": 16}, {"share": 1, "share_round": 9}, {"pixels": 16}],
     "bwd": [{"bwd_tile": 1}, {"bwd_tile": 1, "bwd_vec": 1}, {"bwd_tile": 1, "bwd_tile_h": 16, "bwd_tile_w": 16, "bwd_tile_threads": 512},

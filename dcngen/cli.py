@@ -127,12 +127,28 @@ def build(cfg: DCNConfig, shape: Annotated[Optional[str], typer.Option("--shape"
     console.print(str(art.path), highlight=False, soft_wrap=True)
     console.print(f"compiled by {art.meta.get('compiler', 'an unrecorded compiler')}", highlight=False, soft_wrap=True)  # a prebuilt library's may differ from $CXX
     if art.meta.get("ptxas"):  # nvcc's per-kernel resource report
-        table = Table(title="ptxas")
-        for col in ("kernel", "arch", "registers", "spills st/ld B", "smem B"):
-            table.add_column(col, no_wrap=True)
-        for k in art.meta["ptxas"]:
-            table.add_row(k.get("instance", k["kernel"]), k["arch"], str(k["registers"]), f"{k['spill_stores']}/{k['spill_loads']}", str(k["shared"]))
-        console.print(table)
+        console.print(_ptxas_table(art.meta))
+
+
+def _ptxas_table(meta: dict) -> Table:
+    """An artifact's ptxas report, a kernel a row, with its block and theoretical occupancy where the
+    template generator recorded its launch geometry."""
+    from .cuda_archs import LIMITS, resident_warps
+    from .generators.template_cuda import kernel_block
+
+    table = Table(title="ptxas")
+    for col in ("kernel", "arch", "registers", "spills st/ld B", "smem B", "threads", "warps / SM (limit)"):
+        table.add_column(col, no_wrap=True)
+    for k in meta["ptxas"]:
+        block = kernel_block(k["kernel"], meta["launch"]) if meta.get("launch") else None
+        smem = k["shared"] + (block[1] if block else 0)
+        occupancy = "-"
+        if block and k["arch"] in LIMITS:
+            warps, limit = resident_warps(k["arch"], block[0], k["registers"], smem)
+            occupancy = f"{warps} ({limit})"
+        table.add_row(k.get("instance", k["kernel"]), k["arch"], str(k["registers"]), f"{k['spill_stores']}/{k['spill_loads']}", str(smem),
+                      str(block[0]) if block else "-", occupancy)
+    return table
 
 
 @app.command()

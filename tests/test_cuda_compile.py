@@ -164,6 +164,8 @@ def test_cli_build_prints_the_register_report(tmp_path, monkeypatch):
     rows = [line for line in result.output.splitlines() if line.startswith("│") and "sm_80" in line]
     assert any("dcn_forward_kernel<true>" in r for r in rows) and any("dcn_backward_kernel" in r for r in rows), result.output
     assert all(" 0/0 " in r for r in rows), result.output  # spill stores / loads
+    forward = next(r for r in rows if "dcn_forward_kernel<true>" in r)
+    assert "(registers)" in forward or "(threads)" in forward, result.output  # its theoretical occupancy and what limits it
 
 
 def test_default_geometry():

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from dcngen.config import DCNConfig
-from dcngen.cuda_archs import KB, LIMITS, SMEM_RESERVED_PER_BLOCK
+from dcngen.cuda_archs import KB, LIMITS, SMEM_RESERVED_PER_BLOCK, resident_warps
 from dcngen.errors import ConfigError
 from dcngen.generators import generate
 from dcngen.generators.cuda_tiles import LayoutTooLarge, bwd_mma_geometry, fwd_mma_geometry
@@ -23,11 +23,25 @@ def cfg(dtype="float16", c=32, k=3, g=4, target="cuda:sm_90", **kw) -> DCNConfig
 def test_architecture_limits_are_the_programming_guides():
     """Shared memory a block may opt in to, per SM, and resident threads per SM (CUDA C++
     Programming Guide, compute-capability table), and the 1 KB the runtime reserves per block."""
-    table = {arch: (lim.smem_per_block // KB, lim.smem_per_sm // KB, lim.threads_per_sm) for arch, lim in LIMITS.items()}
-    assert table == {"sm_75": (64, 64, 1024), "sm_80": (163, 164, 2048), "sm_86": (99, 100, 1536), "sm_87": (163, 164, 1536),
-                     "sm_89": (99, 100, 1536), "sm_90": (227, 228, 2048), "sm_100": (227, 228, 2048), "sm_103": (227, 228, 2048),
-                     "sm_120": (99, 100, 1536)}
+    table = {arch: (lim.smem_per_block // KB, lim.smem_per_sm // KB, lim.threads_per_sm, lim.blocks_per_sm) for arch, lim in LIMITS.items()}
+    assert table == {"sm_75": (64, 64, 1024, 16), "sm_80": (163, 164, 2048, 32), "sm_86": (99, 100, 1536, 16), "sm_87": (163, 164, 1536, 16),
+                     "sm_89": (99, 100, 1536, 24), "sm_90": (227, 228, 2048, 32), "sm_100": (227, 228, 2048, 32), "sm_103": (227, 228, 2048, 32),
+                     "sm_120": (99, 100, 1536, 24)}
     assert SMEM_RESERVED_PER_BLOCK == 1024
+
+
+@pytest.mark.parametrize("arch, threads, registers, smem, warps, limit", [
+    # as the H200's Nsight Compute counted them (waves of blocks) for fp16 G4 C32 at N64 56x56
+    ("sm_90", 256, 63, 0, 32, "registers"),  # the default forward: 4 blocks
+    ("sm_90", 256, 80, 57408, 24, "registers"),  # fwd_tile: 3 blocks
+    ("sm_90", 128, 123, 102816, 8, "shared memory"),  # bwd_mma: 2 blocks
+    ("sm_90", 64, 96, 98064, 4, "shared memory"),  # fwd_mma: 2 blocks
+    ("sm_86", 32, 16, 0, 16, "blocks"),
+    ("sm_86", 1024, 32, 0, 32, "threads"),
+])
+def test_theoretical_occupancy(arch, threads, registers, smem, warps, limit):
+    """Registers go to a warp 256 at a time; each block keeps 1 KB of shared memory besides its own."""
+    assert resident_warps(arch, threads, registers, smem) == (warps, limit)
 
 
 @pytest.mark.parametrize("dtype, c, g, vec, lanes", [

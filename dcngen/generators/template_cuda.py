@@ -464,6 +464,22 @@ def launch_params(cfg: DCNConfig) -> tuple[dict[str, int], dict]:
     return params, geometry
 
 
+def kernel_block(kernel: str, launch: dict) -> tuple[int, int] | None:
+    """A kernel's threads and dynamic shared memory (bytes) per block, at most (the launchers halve
+    the per-point kernels' blocks for small outputs), from launch_params' geometry (an artifact's
+    meta "launch"); None for the helper kernels (conversion, bounds)."""
+    per_point = {"dcn_forward_kernel": "fwd_threads", "dcn_backward_kernel": "bwd_threads"}
+    staged = {"dcn_forward_tiled_kernel": "fwd_tile", "dcn_forward_tile_mma_kernel": "fwd_tile", "dcn_forward_tiled_mma_kernel": "fwd_mma",
+              "dcn_backward_tiled_kernel": "bwd_tile", "dcn_backward_mma_kernel": "bwd_mma"}
+    if kernel in per_point:
+        return launch[per_point[kernel]], 0
+    if kernel == "dcn_forward_mma_kernel":
+        return 32 * launch["mma"]["warps"], 0  # its staging is static shared memory
+    if kernel in staged:
+        return launch[staged[kernel]]["threads"], launch[staged[kernel]]["smem_bytes"]
+    return None
+
+
 def entry_align(cfg: DCNConfig, forward_vec: int, backward_vec: int, grad_vec: int) -> dict[str, int]:
     """The byte alignment the tvm-ffi entry points (cuda/ffi_entry.h.j2) require of x and out, of x
     and grad_out, and of the gradients: their vector accesses of `*_vec` elements, at most 16 bytes."""

@@ -155,10 +155,11 @@ def test_builder_artifact(tmp_path, monkeypatch):
 def test_cli_build_prints_the_register_report(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
+    from dcngen import cli
     from dcngen.cli import app
 
     monkeypatch.setenv("DCNGEN_CACHE", str(tmp_path))
-    monkeypatch.setenv("COLUMNS", "120")
+    monkeypatch.setattr(cli.console, "_width", 300)  # the table's cells whole, whatever the terminal (pytest-xdist's workers have none)
     result = CliRunner().invoke(app, ["build", "--target", "cuda:sm_80", "--dtype", "bfloat16", "--group-channels", "16"])
     assert result.exit_code == 0, result.output
     rows = [line for line in result.output.splitlines() if line.startswith("│") and "sm_80" in line]

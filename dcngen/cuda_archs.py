@@ -10,10 +10,8 @@ from dataclasses import dataclass
 
 KB = 1024
 REGISTERS_PER_SM = 65536  # 32-bit registers, every supported architecture
-SMEM_RESERVED_PER_BLOCK = 1 * KB  # shared memory the runtime keeps per resident block (sm_80+)
-
-
 REGISTER_UNIT = 256  # registers a warp is given at a time
+SMEM_RESERVED_PER_BLOCK = 1 * KB  # shared memory the runtime keeps per resident block (sm_80+)
 
 
 @dataclass(frozen=True)

@@ -340,7 +340,7 @@ def _share_round(cfg: DCNConfig, params: dict[str, int]) -> None:
     """share_round 0 -> the round of whole batches that takes the fewest locations per lane
     (ceil(round / lanes) a round), of equals the one of fewest rounds, within SHARE_BYTES (else one
     batch); a round set is checked."""
-    if not params["share"] or params["mma"] or params["fwd_mma"] or params["fwd_tile"]:  # the per-point forward's only
+    if not params["share"] or _other_forward(params):  # the per-point forward's only
         params["share_round"] = 0
         return
     points, batch, n_lanes = cfg.num_points, min(params["unroll"], cfg.num_points), lanes(cfg, params["vec"])
@@ -381,6 +381,13 @@ def forward_spills(ptxas: list[dict]) -> bool:
     return any(k["kernel"] == "dcn_forward_kernel" and (k["spill_stores"] or k["spill_loads"]) for k in ptxas)
 
 
+def _other_forward(params: dict[str, int]) -> str | None:
+    """The parameter that runs a forward other than the per-point one (the tensor-core or the tiled
+    forwards, in the order cuda/dcn.cu.j2 picks them; fwd_tile_mma runs within fwd_tile), None where
+    the per-point forward runs."""
+    return next((name for name in ("mma", "fwd_mma", "fwd_tile") if params[name]), None)
+
+
 def _check(cfg: DCNConfig, params: dict[str, int]) -> dict:
     """Reject parameter combinations the shell cannot run; returns the launch geometry."""
     size = cfg.itemsize
@@ -391,9 +398,9 @@ def _check(cfg: DCNConfig, params: dict[str, int]) -> dict:
     if params["half_blend"]:
         if cfg.dtype not in ("float16", "bfloat16"):
             raise ConfigError("params", f"half_blend=1 blends in a 16-bit storage type; {cfg.dtype} has none (use float16/bfloat16)")
-        tiled = [name for name in ("mma", "fwd_mma", "fwd_tile") if params[name]]
-        if tiled:
-            raise ConfigError("params", f"half_blend=1 is the per-point forward's; {tiled[0]}=1 runs another forward (drop one)")
+        other = _other_forward(params)
+        if other:
+            raise ConfigError("params", f"half_blend=1 is the per-point forward's; {other}=1 runs another forward (drop one)")
         if params["vec"] % 2:
             raise ConfigError("params", f"half_blend=1 blends pairs of channels; vec={params['vec']} has none (vec >= 2)")
     geometry = {}
@@ -422,7 +429,7 @@ def _check_register_caps(cfg: DCNConfig, params: dict[str, int], geometry: dict)
     than the target's SM holds: ptxas would ignore it, so the parameter would silently do nothing."""
     limit = LIMITS[cfg.arch].threads_per_sm
     caps = []
-    if not (params["mma"] or params["fwd_mma"] or params["fwd_tile"]):
+    if not _other_forward(params):
         caps.append(("min_blocks", geometry["fwd_threads"]))
     if not (params["bwd_tile"] or params["bwd_mma"]):
         caps.append(("bwd_min_blocks", geometry["bwd_threads"]))
@@ -496,7 +503,7 @@ def generate(cfg: DCNConfig, *, emulate: bool = False) -> KernelSource:
         raise ConfigError("target", f"the CUDA template needs a cuda target, got {cfg.target!r}")
     params, geometry = launch_params(cfg)
     # the tensor-core and tiled kernels copy x (and fwd_mma, fwd_tile store out) in 16-byte pieces
-    fwd_vec = 16 if params["mma"] or params["fwd_mma"] or params["fwd_tile"] else params["vec"]
+    fwd_vec = 16 if _other_forward(params) else params["vec"]
     bwd_vec = 16 if params["bwd_mma"] else params["bwd_vec"]
     text = render(
         "cuda/dcn.cu.j2",

@@ -111,6 +111,11 @@ def parse_params_name(name: str) -> dict[str, int]:
     return {k: int(v) for k, _, v in (item.partition("=") for item in name.split(",") if item)}
 
 
+def changes(params: dict, default: dict) -> dict:
+    """The parameters of `params` whose values differ from `default`'s."""
+    return {k: v for k, v in params.items() if default.get(k) != v}
+
+
 def folders(root: Path | None = None) -> tuple[Path, ...]:
     """The record folders, in lookup order: `root` alone where given, else `settings.records_dirs()`."""
     return (Path(root),) if root else records_dirs()
@@ -209,8 +214,7 @@ def _finished(rec) -> bool:
 def best_changes(record: dict) -> str:
     """A finished record's best parameters that differ from its default's, as text (`bwd_mma=1`), or
     `defaults` where the tune kept them: a CUDA config has over 30 parameters."""
-    default = record["default"]["params"]
-    return params_name({k: v for k, v in record["best"]["params"].items() if default.get(k) != v}) or "defaults"
+    return params_name(changes(record["best"]["params"], record["default"]["params"])) or "defaults"
 
 
 def retimed(record: dict) -> str:

@@ -120,7 +120,7 @@ def combined_changes(default: dict, measured: Mapping[str, object]) -> list[dict
     combined, merged, out = {}, 0, []
     for _, name in better:
         params = records.parse_params_name(name)
-        change = {k: v for k, v in params.items() if default.get(k) != v}
+        change = records.changes(params, default)
         if any(combined.get(k, v) != v for k, v in change.items()) or change.items() <= combined.items():
             continue  # contradicts the combination, or adds nothing to it
         combined.update(change)
